@@ -1,0 +1,42 @@
+// Validation of user-given names and the key layout built from them.
+//
+// Keys: tensors CF "tag\0file\0param", files CF "tag\0file", tags CF "tag".
+// Names never contain NUL, so one tag (and one file in it) is a contiguous
+// prefix range.
+#ifndef CKPTKV_STORE_NAMES_H_
+#define CKPTKV_STORE_NAMES_H_
+
+#include <string>
+#include <string_view>
+
+#include "store/status.h"
+
+namespace ckptkv {
+
+inline constexpr size_t kMaxTagLength = 255;
+inline constexpr size_t kMaxFileLength = 1024;
+inline constexpr size_t kMaxParamLength = 8192;
+
+// A tag: 1..255 bytes, printable, no '/', '\\' or NUL, not "." or "..".
+Status ValidateTag(std::string_view tag);
+// A file: 1..1024 bytes, relative '/'-separated path, no empty, "." or ".."
+// component, no NUL or control characters.
+Status ValidateFile(std::string_view file);
+// A param path: 1..8192 bytes, no NUL.
+Status ValidateParam(std::string_view param);
+
+std::string TagPrefix(std::string_view tag);                          // "tag\0"
+std::string FileKey(std::string_view tag, std::string_view file);     // "tag\0file"
+std::string TensorPrefix(std::string_view tag, std::string_view file);  // "tag\0file\0"
+std::string TensorKey(std::string_view tag, std::string_view file, std::string_view param);
+// The first key after every key that starts with `prefix`.
+std::string PrefixEnd(std::string prefix);
+// Splits "a\0b\0c" into parts; false if the count differs from `n`.
+bool SplitKey(std::string_view key, size_t n, std::string_view* parts);
+
+// Shows a name in a message: quoted, with control bytes escaped.
+std::string Quote(std::string_view name);
+
+}  // namespace ckptkv
+
+#endif  // CKPTKV_STORE_NAMES_H_

@@ -1,0 +1,1187 @@
+#include "store/store.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/env.h>
+#include <rocksdb/file_system.h>
+#include <rocksdb/filter_policy.h>
+#include <rocksdb/options.h>
+#include <rocksdb/slice.h>
+#include <rocksdb/table.h>
+#include <rocksdb/write_batch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <cstring>
+#include <map>
+#include <set>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "store/file_lock.h"
+#include "store/kill_point.h"
+#include "store/names.h"
+#include "store/thread_pool.h"
+
+namespace ckptkv {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kCfMeta = "meta";
+constexpr const char* kCfBlocks = "blocks";
+constexpr const char* kCfIndex = "index";
+constexpr const char* kCfTensors = "tensors";
+constexpr const char* kCfFiles = "files";
+constexpr const char* kCfTags = "tags";
+constexpr const char* kHeaderKey = "header";
+constexpr const char* kLatestKey = "latest";
+constexpr const char* kNextSequenceKey = "next_sequence";
+// Blocks fetched by one MultiGet when reading a tensor.
+constexpr size_t kReadBatch = 8;
+
+// Index value: raw length u32, stored length u32, codec u8 (little-endian).
+constexpr size_t kIndexValueSize = 9;
+
+std::string EncodeIndexValue(uint32_t raw, uint32_t stored, Codec codec) {
+  std::string v(kIndexValueSize, '\0');
+  for (int i = 0; i < 4; ++i) {
+    v[i] = static_cast<char>(raw >> (8 * i));
+    v[4 + i] = static_cast<char>(stored >> (8 * i));
+  }
+  v[8] = static_cast<char>(codec);
+  return v;
+}
+
+bool DecodeIndexValue(const rocksdb::Slice& v, uint32_t* raw, uint32_t* stored) {
+  if (v.size() != kIndexValueSize) return false;
+  uint32_t r = 0, s = 0;
+  for (int i = 0; i < 4; ++i) {
+    r |= static_cast<uint32_t>(static_cast<uint8_t>(v[i])) << (8 * i);
+    s |= static_cast<uint32_t>(static_cast<uint8_t>(v[4 + i])) << (8 * i);
+  }
+  *raw = r;
+  *stored = s;
+  return static_cast<uint8_t>(v[8]) <= static_cast<uint8_t>(Codec::kZstd);
+}
+
+std::string EncodeU64(uint64_t x) {
+  std::string v(8, '\0');
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<char>(x >> (8 * i));
+  return v;
+}
+
+bool DecodeU64(const std::string& v, uint64_t* x) {
+  if (v.size() != 8) return false;
+  uint64_t r = 0;
+  for (int i = 0; i < 8; ++i) r |= static_cast<uint64_t>(static_cast<uint8_t>(v[i])) << (8 * i);
+  *x = r;
+  return true;
+}
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+Status FromRocks(const rocksdb::Status& s, const std::string& what) {
+  if (s.ok()) return Status::OK();
+  if (s.IsNotFound()) return Status::NotFound(what + ": " + s.ToString());
+  if (s.IsCorruption()) return Status::Corruption(what + ": " + s.ToString());
+  if (s.IsInvalidArgument()) return Status::InvalidArgument(what + ": " + s.ToString());
+  return Status::IOError(what + ": " + s.ToString());
+}
+
+Digest FromFb(const fb::Digest128& d) { return Digest{d.lo(), d.hi()}; }
+
+std::string JoinNames(const std::vector<std::string>& names, size_t max = 20) {
+  if (names.empty()) return "(none)";
+  std::string out;
+  for (size_t i = 0; i < names.size() && i < max; ++i) {
+    if (i) out += ", ";
+    out += names[i];
+  }
+  if (names.size() > max) out += ", ... (" + std::to_string(names.size()) + " in all)";
+  return out;
+}
+
+uint64_t DirBytes(const std::string& dir) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (auto it = fs::recursive_directory_iterator(dir, ec); !ec && it != fs::end(it);
+       it.increment(ec)) {
+    std::error_code ec2;
+    if (it->is_regular_file(ec2)) total += it->file_size(ec2);
+  }
+  return total;
+}
+
+// Builds the StateTree-independent parts of a TensorRecord.
+std::string BuildTensorRecord(const TensorMeta& meta, uint64_t byte_length, uint32_t chunk_size,
+                              const std::vector<Digest>& chunks, const uint8_t* inline_data,
+                              Digest digest) {
+  flatbuffers::FlatBufferBuilder b(256 + chunks.size() * 16);
+  auto shape = b.CreateVector(meta.shape);
+  flatbuffers::Offset<flatbuffers::Vector<const fb::Digest128*>> chunk_vec;
+  flatbuffers::Offset<flatbuffers::Vector<uint8_t>> inline_vec;
+  if (inline_data != nullptr) {
+    inline_vec = b.CreateVector(inline_data, byte_length);
+  } else {
+    std::vector<fb::Digest128> ds;
+    ds.reserve(chunks.size());
+    for (const auto& d : chunks) ds.emplace_back(d.lo, d.hi);
+    chunk_vec = b.CreateVectorOfStructs(ds);
+  }
+  flatbuffers::Offset<fb::Placement> placement;
+  if (meta.placement) {
+    placement = fb::CreatePlacement(b, b.CreateVector(meta.placement->global_shape),
+                                    b.CreateVector(meta.placement->offsets),
+                                    meta.placement->flat_group, meta.placement->flat_offset,
+                                    meta.placement->flat_numel);
+  }
+  fb::TensorRecordBuilder rb(b);
+  rb.add_dtype(meta.dtype);
+  rb.add_shape(shape);
+  rb.add_byte_length(byte_length);
+  rb.add_chunk_size(chunk_size);
+  if (inline_data != nullptr) {
+    rb.add_inline_data(inline_vec);
+  } else {
+    rb.add_chunks(chunk_vec);
+  }
+  fb::Digest128 fd(digest.lo, digest.hi);
+  rb.add_digest(&fd);
+  rb.add_requires_grad(meta.requires_grad);
+  if (meta.placement) rb.add_placement(placement);
+  b.Finish(rb.Finish());
+  return std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
+}
+
+// Whole-tensor digest: XXH3-128 over the concatenated chunk digests.
+Digest DigestOfChunks(const std::vector<Digest>& chunks) {
+  std::string buf;
+  buf.reserve(chunks.size() * 16);
+  for (const auto& d : chunks) buf += d.Key();
+  return Digest::Of(buf.data(), buf.size());
+}
+
+// Semantic checks a verified TensorRecord must also pass.
+Status CheckTensorRecord(const fb::TensorRecord& r, const std::string& where) {
+  size_t esize = DTypeSize(r.dtype());
+  if (esize == 0) return Status::Corruption(where + ": unknown dtype code " + std::to_string(static_cast<int>(r.dtype())));
+  uint64_t numel = 1;
+  if (r.shape()) {
+    for (int64_t d : *r.shape()) {
+      if (d < 0) return Status::Corruption(where + ": negative dimension in shape");
+      numel *= static_cast<uint64_t>(d);
+    }
+  }
+  if (numel * esize != r.byte_length()) {
+    return Status::Corruption(where + ": shape and dtype give " + std::to_string(numel * esize) +
+                              " bytes but the record says " + std::to_string(r.byte_length()));
+  }
+  if (r.inline_data()) {
+    if (r.inline_data()->size() != r.byte_length()) {
+      return Status::Corruption(where + ": inline data length does not match byte_length");
+    }
+  } else if (r.byte_length() > 0) {
+    if (r.chunk_size() == 0 || !r.chunks()) {
+      return Status::Corruption(where + ": record has neither inline data nor chunks");
+    }
+    uint64_t expect = (r.byte_length() + r.chunk_size() - 1) / r.chunk_size();
+    if (r.chunks()->size() != expect) {
+      return Status::Corruption(where + ": record lists " + std::to_string(r.chunks()->size()) +
+                                " chunks, " + std::to_string(expect) + " expected");
+    }
+  }
+  if (!r.digest()) return Status::Corruption(where + ": record has no digest");
+  return Status::OK();
+}
+
+TagInfo ToTagInfo(const fb::CommitRecord& r) {
+  TagInfo t;
+  t.tag = r.tag() ? r.tag()->str() : "";
+  t.committed_at_ms = r.committed_at_ms();
+  t.sequence = r.sequence();
+  if (r.files()) {
+    for (const auto* f : *r.files()) t.files.push_back(f->str());
+  }
+  t.tensors = r.tensors();
+  t.logical_bytes = r.logical_bytes();
+  t.new_bytes = r.new_bytes();
+  t.new_blocks = r.new_blocks();
+  t.stored_new_bytes = r.stored_new_bytes();
+  t.parent_tag = r.parent_tag() ? r.parent_tag()->str() : "";
+  if (const auto* l = r.layout()) t.layout = Layout{l->tp(), l->pp(), l->dp(), l->zero_stage()};
+  return t;
+}
+
+std::string BuildCommitRecord(const TagInfo& t) {
+  flatbuffers::FlatBufferBuilder b(512);
+  auto tag = b.CreateString(t.tag);
+  auto files = b.CreateVectorOfStrings(t.files);
+  auto parent = b.CreateString(t.parent_tag);
+  flatbuffers::Offset<fb::ParallelLayout> layout;
+  if (t.layout) {
+    layout = fb::CreateParallelLayout(b, t.layout->tp, t.layout->pp, t.layout->dp,
+                                      t.layout->zero_stage);
+  }
+  fb::CommitRecordBuilder cb(b);
+  cb.add_tag(tag);
+  cb.add_committed_at_ms(t.committed_at_ms);
+  cb.add_sequence(t.sequence);
+  cb.add_files(files);
+  cb.add_tensors(t.tensors);
+  cb.add_logical_bytes(t.logical_bytes);
+  cb.add_new_bytes(t.new_bytes);
+  cb.add_new_blocks(t.new_blocks);
+  cb.add_stored_new_bytes(t.stored_new_bytes);
+  cb.add_parent_tag(parent);
+  if (t.layout) cb.add_layout(layout);
+  b.Finish(cb.Finish());
+  return std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
+}
+
+}  // namespace
+
+void WriteStats::Add(const WriteStats& o) {
+  logical_bytes += o.logical_bytes;
+  chunks += o.chunks;
+  new_blocks += o.new_blocks;
+  new_bytes += o.new_bytes;
+  stored_new_bytes += o.stored_new_bytes;
+}
+
+// ---------------------------------------------------------------------------
+
+struct PendingFile {
+  std::string tree;  // empty until PutFile
+  std::map<std::string, std::string> tensors;  // param -> TensorRecord bytes
+};
+
+struct PendingTag {
+  bool overwrite = false;
+  std::string parent;
+  std::map<std::string, PendingFile> files;
+  std::unordered_set<Digest, DigestHash> pinned;  // every digest referenced
+  WriteStats stats;
+};
+
+class Store::Impl {
+ public:
+  std::string dir_;
+  StoreOptions options_;
+  std::unique_ptr<FileLock> lock_;
+  std::unique_ptr<rocksdb::Env> env_;
+  std::unique_ptr<rocksdb::DB> db_;
+  std::vector<rocksdb::ColumnFamilyHandle*> handles_;
+  rocksdb::ColumnFamilyHandle* meta_ = nullptr;
+  rocksdb::ColumnFamilyHandle* blocks_ = nullptr;
+  rocksdb::ColumnFamilyHandle* index_ = nullptr;
+  rocksdb::ColumnFamilyHandle* tensors_ = nullptr;
+  rocksdb::ColumnFamilyHandle* files_ = nullptr;
+  rocksdb::ColumnFamilyHandle* tags_ = nullptr;
+  uint32_t chunk_size_ = 0;
+  uint32_t inline_threshold_ = 0;
+  Codec codec_ = Codec::kRaw;
+  std::unique_ptr<ThreadPool> pool_;
+
+  mutable std::mutex mu_;  // guards pending_, next_sequence_
+  std::map<std::string, PendingTag> pending_;
+  uint64_t next_sequence_ = 1;
+  // Set when blocks were written without the WAL and not yet flushed.
+  std::atomic<bool> unflushed_blocks_{false};
+  std::mutex commit_mu_;  // one commit / delete / gc at a time
+
+  ~Impl() {
+    if (db_) {
+      for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
+      db_->Close();
+      db_.reset();
+    }
+  }
+
+  Status Open();
+  Status CheckIsStore();
+  Status LoadOrCreateHeader();
+  Status WritableCheck(const char* op) const {
+    if (options_.read_only) {
+      return Status::FailedPrecondition(std::string(op) + " needs a writable store; '" + dir_ +
+                                        "' was opened read-only");
+    }
+    return Status::OK();
+  }
+  Status GetValue(rocksdb::ColumnFamilyHandle* cf, const std::string& key, std::string* value,
+                  const std::string& what) const {
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), cf, key, value);
+    if (s.IsNotFound()) return Status::NotFound(what);
+    return FromRocks(s, what);
+  }
+  Result<bool> HasBlock(const Digest& d) const {
+    std::string v;
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), index_, d.Key(), &v);
+    if (s.IsNotFound()) return false;
+    if (!s.ok()) return FromRocks(s, "index lookup of block " + d.Hex());
+    return true;
+  }
+  Status WriteChunk(PendingTag* pending, const uint8_t* data, size_t len, Digest* out,
+                    WriteStats* stats);
+  Result<std::string> LatestTagUnlocked() const;
+  Result<std::optional<TagInfo>> FindTag(const std::string& tag) const;
+  Status TagNotFound(const std::string& tag) const;
+  Status MarkLive(std::unordered_set<Digest, DigestHash>* live) const;
+  void VerifyTag(const std::string& tag, VerifyReport* report,
+                 std::unordered_map<Digest, std::string, DigestHash>* checked) const;
+};
+
+Status Store::Impl::CheckIsStore() {
+  std::error_code ec;
+  if (!fs::exists(dir_, ec)) {
+    if (!options_.create_if_missing || options_.read_only) {
+      return Status::NotFound("store '" + dir_ + "' does not exist");
+    }
+    fs::create_directories(dir_, ec);
+    if (ec) return Status::IOError("cannot create store directory '" + dir_ + "': " + ec.message());
+    return Status::OK();
+  }
+  if (!fs::is_directory(dir_, ec)) {
+    return Status::InvalidArgument("'" + dir_ +
+                                   "' is not a directory; a store is a directory made by ckptkv");
+  }
+  bool empty = fs::is_empty(dir_, ec);
+  if (empty) {
+    if (options_.read_only) return Status::NotFound("store '" + dir_ + "' is empty");
+    return Status::OK();
+  }
+  if (!fs::exists(fs::path(dir_) / "CURRENT", ec)) {
+    return Status::InvalidArgument(
+        "'" + dir_ + "' is not a ckptkv store: it is a non-empty directory without a database; "
+        "give a new or empty directory, or one created by ckptkv");
+  }
+  std::vector<std::string> cfs;
+  rocksdb::Status s = rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), dir_, &cfs);
+  if (!s.ok()) {
+    return Status::InvalidArgument("'" + dir_ + "' is not a readable ckptkv store: " + s.ToString());
+  }
+  for (const char* want : {kCfMeta, kCfBlocks, kCfIndex, kCfTensors, kCfFiles, kCfTags}) {
+    if (std::find(cfs.begin(), cfs.end(), want) == cfs.end()) {
+      return Status::InvalidArgument("'" + dir_ +
+                                     "' is a RocksDB database but not a ckptkv store (no '" + want +
+                                     "' column family)");
+    }
+  }
+  return Status::OK();
+}
+
+Status Store::Impl::Open() {
+  RETURN_IF_ERROR(CheckIsStore());
+  if (!options_.read_only) {
+    ASSIGN_OR_RETURN(lock_, FileLock::Acquire(dir_));
+  }
+
+  rocksdb::DBOptions dbo;
+  dbo.create_if_missing = true;
+  dbo.create_missing_column_families = true;
+  // Blocks may skip the WAL: flushing every column family together keeps
+  // `blocks` and `index` consistent with each other after a crash.
+  dbo.atomic_flush = true;
+  dbo.max_background_jobs = 4;
+  dbo.bytes_per_sync = 8 << 20;
+  dbo.wal_bytes_per_sync = 8 << 20;
+  dbo.keep_log_file_num = 4;
+  dbo.max_total_wal_size = 1ull << 30;
+  dbo.avoid_flush_during_shutdown = false;
+  if (options_.file_system) {
+    env_ = rocksdb::NewCompositeEnv(options_.file_system);
+    dbo.env = env_.get();
+  }
+
+  rocksdb::BlockBasedTableOptions small_table;
+  small_table.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
+  rocksdb::ColumnFamilyOptions small;
+  small.table_factory.reset(rocksdb::NewBlockBasedTableFactory(small_table));
+  small.write_buffer_size = 16 << 20;
+  small.compression = rocksdb::kNoCompression;
+
+  rocksdb::ColumnFamilyOptions blocks = small;
+  blocks.write_buffer_size = 64 << 20;
+  blocks.max_write_buffer_number = 4;
+  blocks.enable_blob_files = true;
+  blocks.min_blob_size = 4096;
+  blocks.blob_file_size = 256 << 20;
+  blocks.blob_compression_type = rocksdb::kNoCompression;
+  blocks.enable_blob_garbage_collection = true;
+  blocks.blob_garbage_collection_age_cutoff = 0.25;
+
+  std::vector<rocksdb::ColumnFamilyDescriptor> descs = {
+      {rocksdb::kDefaultColumnFamilyName, small}, {kCfMeta, small},   {kCfBlocks, blocks},
+      {kCfIndex, small},                          {kCfTensors, small}, {kCfFiles, small},
+      {kCfTags, small}};
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s;
+  if (options_.read_only) {
+    s = rocksdb::DB::OpenForReadOnly(dbo, dir_, descs, &handles_, &raw);
+  } else {
+    s = rocksdb::DB::Open(dbo, dir_, descs, &handles_, &raw);
+  }
+  if (!s.ok()) return FromRocks(s, "opening store '" + dir_ + "'");
+  db_.reset(raw);
+  meta_ = handles_[1];
+  blocks_ = handles_[2];
+  index_ = handles_[3];
+  tensors_ = handles_[4];
+  files_ = handles_[5];
+  tags_ = handles_[6];
+  RETURN_IF_ERROR(LoadOrCreateHeader());
+  pool_ = std::make_unique<ThreadPool>(options_.threads);
+  return Status::OK();
+}
+
+Status Store::Impl::LoadOrCreateHeader() {
+  std::string bytes;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), meta_, kHeaderKey, &bytes);
+  if (s.IsNotFound()) {
+    if (options_.read_only) {
+      return Status::InvalidArgument("'" + dir_ + "' has no ckptkv header; it is not a ckptkv store");
+    }
+    if (options_.chunk_size < 4096 || options_.chunk_size > (256u << 20)) {
+      return Status::InvalidArgument("chunk size " + std::to_string(options_.chunk_size) +
+                                     " is out of range; valid: 4096 to 268435456 bytes");
+    }
+    if (options_.inline_threshold > options_.chunk_size) {
+      return Status::InvalidArgument("inline threshold must not exceed the chunk size");
+    }
+    flatbuffers::FlatBufferBuilder b;
+    auto alg = b.CreateString(kHashAlgorithm);
+    b.Finish(fb::CreateStoreHeader(b, kFormatVersion, alg, options_.chunk_size,
+                                   options_.inline_threshold,
+                                   static_cast<uint8_t>(options_.codec), NowMs()));
+    rocksdb::WriteBatch batch;
+    batch.Put(meta_, kHeaderKey,
+              rocksdb::Slice(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize()));
+    batch.Put(meta_, kNextSequenceKey, EncodeU64(1));
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "writing store header"));
+    chunk_size_ = options_.chunk_size;
+    inline_threshold_ = options_.inline_threshold;
+    codec_ = options_.codec;
+    next_sequence_ = 1;
+    return Status::OK();
+  }
+  RETURN_IF_ERROR(FromRocks(s, "reading store header"));
+  const fb::StoreHeader* h = VerifiedStoreHeader(bytes);
+  if (h == nullptr) return Status::Corruption("store header (meta/header) fails verification");
+  if (h->format_version() > kFormatVersion) {
+    return Status::NotSupported("store '" + dir_ + "' has format version " +
+                                std::to_string(h->format_version()) +
+                                "; this ckptkv reads versions up to " +
+                                std::to_string(kFormatVersion));
+  }
+  if (!h->hash_algorithm() || h->hash_algorithm()->str() != kHashAlgorithm) {
+    return Status::NotSupported("store uses an unknown hash algorithm");
+  }
+  if (h->chunk_size() == 0 || h->codec() > static_cast<uint8_t>(Codec::kZstd)) {
+    return Status::Corruption("store header has an invalid chunk size or codec");
+  }
+  chunk_size_ = h->chunk_size();
+  inline_threshold_ = h->inline_threshold();
+  codec_ = static_cast<Codec>(h->codec());
+  std::string seq;
+  s = db_->Get(rocksdb::ReadOptions(), meta_, kNextSequenceKey, &seq);
+  if (!s.ok() || !DecodeU64(seq, &next_sequence_)) {
+    return Status::Corruption("store meta/next_sequence is missing or malformed");
+  }
+  return Status::OK();
+}
+
+Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Store::~Store() = default;
+
+Result<std::unique_ptr<Store>> Store::Open(const std::string& dir, const StoreOptions& options) {
+  if (dir.empty()) return Status::InvalidArgument("store directory is empty; give a path");
+  auto impl = std::make_unique<Impl>();
+  impl->dir_ = dir;
+  impl->options_ = options;
+  RETURN_IF_ERROR(impl->Open());
+  return std::unique_ptr<Store>(new Store(std::move(impl)));
+}
+
+const std::string& Store::dir() const { return impl_->dir_; }
+uint32_t Store::chunk_size() const { return impl_->chunk_size_; }
+uint32_t Store::inline_threshold() const { return impl_->inline_threshold_; }
+bool Store::read_only() const { return impl_->options_.read_only; }
+uint64_t Store::DiskBytes() const { return DirBytes(impl_->dir_); }
+
+// --- Writing ----------------------------------------------------------------
+
+Result<std::optional<TagInfo>> Store::Impl::FindTag(const std::string& tag) const {
+  std::string bytes;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), tags_, tag, &bytes);
+  if (s.IsNotFound()) return std::optional<TagInfo>();
+  RETURN_IF_ERROR(FromRocks(s, "reading tag " + Quote(tag)));
+  const fb::CommitRecord* r = VerifiedCommitRecord(bytes);
+  if (r == nullptr) {
+    return Status::Corruption("commit record of tag " + Quote(tag) + " (tags/" + tag +
+                              ") fails verification");
+  }
+  return std::optional<TagInfo>(ToTagInfo(*r));
+}
+
+Result<std::string> Store::Impl::LatestTagUnlocked() const {
+  std::string v;
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), meta_, kLatestKey, &v);
+  if (s.IsNotFound()) return std::string();
+  RETURN_IF_ERROR(FromRocks(s, "reading latest"));
+  return v;
+}
+
+Status Store::BeginTag(const std::string& tag, bool overwrite) {
+  RETURN_IF_ERROR(impl_->WritableCheck("create"));
+  RETURN_IF_ERROR(ValidateTag(tag));
+  ASSIGN_OR_RETURN(auto existing, impl_->FindTag(tag));
+  if (existing && !overwrite) {
+    return Status::AlreadyExists("tag " + Quote(tag) + " is already committed (sequence " +
+                                 std::to_string(existing->sequence) +
+                                 "); delete it first or save with overwrite enabled");
+  }
+  ASSIGN_OR_RETURN(std::string parent, impl_->LatestTagUnlocked());
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  PendingTag& p = impl_->pending_[tag];
+  p = PendingTag();
+  p.overwrite = overwrite;
+  p.parent = parent;
+  return Status::OK();
+}
+
+bool Store::IsPending(const std::string& tag) const {
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  return impl_->pending_.count(tag) > 0;
+}
+
+Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t len, Digest* out,
+                               WriteStats* stats) {
+  Digest d = Digest::Of(data, len);
+  *out = d;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!pending->pinned.insert(d).second) return Status::OK();  // already handled in this tag
+  }
+  ASSIGN_OR_RETURN(bool have, HasBlock(d));
+  if (have) return Status::OK();
+  std::string value = EncodeBlock(codec_, data, len);
+  rocksdb::WriteBatch batch;
+  std::string key = d.Key();
+  batch.Put(blocks_, key, value);
+  batch.Put(index_, key,
+            EncodeIndexValue(static_cast<uint32_t>(len), static_cast<uint32_t>(value.size()),
+                             static_cast<Codec>(value[0])));
+  rocksdb::WriteOptions wo;
+  if (options_.block_durability == BlockDurability::kFlush) {
+    wo.disableWAL = true;
+    unflushed_blocks_ = true;
+  }
+  RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "writing block " + d.Hex()));
+  stats->new_blocks += 1;
+  stats->new_bytes += len;
+  stats->stored_new_bytes += value.size();
+  return Status::OK();
+}
+
+Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& file,
+                                    const std::string& param, const TensorMeta& meta,
+                                    const ByteSource& bytes) {
+  RETURN_IF_ERROR(ValidateFile(file));
+  RETURN_IF_ERROR(ValidateParam(param));
+  PendingTag* pending;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu_);
+    auto it = impl_->pending_.find(tag);
+    if (it == impl_->pending_.end()) {
+      return Status::FailedPrecondition("save into tag " + Quote(tag) +
+                                        " without create; call create(" + Quote(tag) + ") first");
+    }
+    pending = &it->second;
+  }
+  const std::string where = tag + "/" + file + ":" + param;
+  uint64_t esize = DTypeSize(meta.dtype);
+  uint64_t numel = 1;
+  for (int64_t d : meta.shape) {
+    if (d < 0) return Status::InvalidArgument(where + ": negative dimension in shape");
+    numel *= static_cast<uint64_t>(d);
+  }
+  if (numel * esize != bytes.length) {
+    return Status::InvalidArgument(where + ": shape and dtype give " + std::to_string(numel * esize) +
+                                   " bytes but " + std::to_string(bytes.length) + " were given");
+  }
+  if (bytes.data == nullptr && !bytes.fill && bytes.length > 0) {
+    return Status::InvalidArgument(where + ": no bytes given");
+  }
+
+  WriteStats stats;
+  stats.logical_bytes = bytes.length;
+  std::string record;
+  const uint64_t len = bytes.length;
+  if (len <= impl_->inline_threshold_) {
+    std::string buf(len, '\0');
+    if (len) {
+      if (bytes.data) {
+        std::memcpy(buf.data(), bytes.data, len);
+      } else {
+        RETURN_IF_ERROR(bytes.fill(0, len, reinterpret_cast<uint8_t*>(buf.data())));
+      }
+    }
+    const auto* p = reinterpret_cast<const uint8_t*>(buf.data());
+    record = BuildTensorRecord(meta, len, impl_->chunk_size_, {}, p, Digest::Of(p, len));
+  } else {
+    const uint64_t cs = impl_->chunk_size_;
+    const size_t n = (len + cs - 1) / cs;
+    std::vector<Digest> digests(n);
+    std::vector<Status> errors(n);
+    std::vector<WriteStats> per(n);
+    auto chunk_len = [&](size_t i) { return std::min<uint64_t>(cs, len - i * cs); };
+    if (bytes.data) {
+      impl_->pool_->ParallelFor(n, [&](size_t i) {
+        errors[i] = impl_->WriteChunk(pending, bytes.data + i * cs, chunk_len(i), &digests[i], &per[i]);
+      });
+    } else {
+      // Stage a window of chunks on the host, then hash and write them.
+      const size_t window = std::max<size_t>(2, impl_->pool_->size() * 2);
+      std::vector<std::string> staging(std::min(window, n));
+      for (size_t base = 0; base < n; base += window) {
+        size_t m = std::min(window, n - base);
+        for (size_t k = 0; k < m; ++k) {
+          staging[k].resize(chunk_len(base + k));
+          RETURN_IF_ERROR(bytes.fill((base + k) * cs, chunk_len(base + k),
+                                     reinterpret_cast<uint8_t*>(staging[k].data())));
+        }
+        impl_->pool_->ParallelFor(m, [&](size_t k) {
+          size_t i = base + k;
+          errors[i] = impl_->WriteChunk(pending, reinterpret_cast<const uint8_t*>(staging[k].data()),
+                                        chunk_len(i), &digests[i], &per[i]);
+        });
+      }
+    }
+    for (size_t i = 0; i < n; ++i) {
+      RETURN_IF_ERROR(errors[i].WithContext(where));
+      stats.Add(per[i]);
+    }
+    stats.chunks = n;
+    record = BuildTensorRecord(meta, len, impl_->chunk_size_, digests, nullptr,
+                               DigestOfChunks(digests));
+  }
+  KillPoint("save.after_blocks");
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  pending->files[file].tensors[param] = std::move(record);
+  pending->stats.Add(stats);
+  return stats;
+}
+
+Status Store::PutFile(const std::string& tag, const std::string& file, std::string state_tree) {
+  RETURN_IF_ERROR(ValidateFile(file));
+  if (VerifiedStateTree(state_tree) == nullptr) {
+    return Status::InvalidArgument("state tree of " + tag + "/" + file + " is not a valid record");
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  auto it = impl_->pending_.find(tag);
+  if (it == impl_->pending_.end()) {
+    return Status::FailedPrecondition("save into tag " + Quote(tag) +
+                                      " without create; call create(" + Quote(tag) + ") first");
+  }
+  it->second.files[file].tree = std::move(state_tree);
+  return Status::OK();
+}
+
+Status Store::ClearFile(const std::string& tag, const std::string& file) {
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  auto it = impl_->pending_.find(tag);
+  if (it == impl_->pending_.end()) {
+    return Status::FailedPrecondition("tag " + Quote(tag) + " is not being saved");
+  }
+  it->second.files.erase(file);
+  return Status::OK();
+}
+
+void Store::AbortTag(const std::string& tag) {
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  impl_->pending_.erase(tag);
+}
+
+Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& options) {
+  RETURN_IF_ERROR(impl_->WritableCheck("commit"));
+  std::lock_guard<std::mutex> commit_lock(impl_->commit_mu_);
+  PendingTag pending;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu_);
+    auto it = impl_->pending_.find(tag);
+    if (it == impl_->pending_.end()) {
+      return Status::FailedPrecondition("commit of tag " + Quote(tag) +
+                                        " without create; call create(" + Quote(tag) +
+                                        ") and save its files first");
+    }
+    for (const auto& [file, pf] : it->second.files) {
+      if (pf.tree.empty()) {
+        return Status::FailedPrecondition("file " + Quote(file) + " of tag " + Quote(tag) +
+                                          " has tensors but no state tree");
+      }
+    }
+    pending = it->second;  // copy: stays pending if the commit fails
+  }
+  bool overwrite = options.overwrite || pending.overwrite;
+  ASSIGN_OR_RETURN(auto existing, impl_->FindTag(tag));
+  if (existing && !overwrite) {
+    return Status::AlreadyExists("tag " + Quote(tag) + " is already committed (sequence " +
+                                 std::to_string(existing->sequence) +
+                                 "); delete it first or commit with overwrite enabled");
+  }
+
+  // Durability barrier: blocks written without the WAL reach their files.
+  if (impl_->unflushed_blocks_.exchange(false)) {
+    rocksdb::FlushOptions fo;
+    fo.wait = true;
+    fo.allow_write_stall = true;
+    rocksdb::Status s = impl_->db_->Flush(fo, {impl_->blocks_, impl_->index_});
+    if (!s.ok()) {
+      impl_->unflushed_blocks_ = true;
+      return FromRocks(s, "flushing blocks before committing tag " + Quote(tag));
+    }
+  }
+  KillPoint("commit.before_batch");
+
+  TagInfo info;
+  info.tag = tag;
+  info.committed_at_ms = NowMs();
+  info.parent_tag = pending.parent;
+  info.layout = options.layout;
+  info.new_bytes = pending.stats.new_bytes;
+  info.new_blocks = pending.stats.new_blocks;
+  info.stored_new_bytes = pending.stats.stored_new_bytes;
+  info.logical_bytes = pending.stats.logical_bytes;
+
+  rocksdb::WriteBatch batch;
+  if (existing) {
+    std::string prefix = TagPrefix(tag);
+    std::string end = PrefixEnd(prefix);
+    batch.DeleteRange(impl_->tensors_, prefix, end);
+    batch.DeleteRange(impl_->files_, prefix, end);
+  }
+  for (const auto& [file, pf] : pending.files) {
+    info.files.push_back(file);
+    batch.Put(impl_->files_, FileKey(tag, file), pf.tree);
+    for (const auto& [param, rec] : pf.tensors) {
+      batch.Put(impl_->tensors_, TensorKey(tag, file, param), rec);
+      info.tensors += 1;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu_);
+    info.sequence = impl_->next_sequence_;
+  }
+  batch.Put(impl_->tags_, tag, BuildCommitRecord(info));
+  batch.Put(impl_->meta_, kNextSequenceKey, EncodeU64(info.sequence + 1));
+  if (options.set_latest) batch.Put(impl_->meta_, kLatestKey, tag);
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  RETURN_IF_ERROR(FromRocks(impl_->db_->Write(wo, &batch), "committing tag " + Quote(tag)));
+  KillPoint("commit.after_batch");
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  impl_->next_sequence_ = info.sequence + 1;
+  impl_->pending_.erase(tag);
+  return info;
+}
+
+// --- Reading ----------------------------------------------------------------
+
+Status Store::Impl::TagNotFound(const std::string& tag) const {
+  std::vector<std::string> names;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), tags_));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) names.push_back(it->key().ToString());
+  return Status::NotFound("tag " + Quote(tag) + " does not exist in store '" + dir_ +
+                          "'; committed tags: " + JoinNames(names));
+}
+
+Result<std::vector<TagInfo>> Store::ListTags() const {
+  std::vector<TagInfo> out;
+  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    const fb::CommitRecord* r = VerifiedCommitRecord(it->value().ToStringView());
+    if (r == nullptr) {
+      return Status::Corruption("commit record tags/" + it->key().ToString() + " fails verification");
+    }
+    out.push_back(ToTagInfo(*r));
+  }
+  RETURN_IF_ERROR(FromRocks(it->status(), "listing tags"));
+  std::sort(out.begin(), out.end(),
+            [](const TagInfo& a, const TagInfo& b) { return a.sequence < b.sequence; });
+  return out;
+}
+
+Result<TagInfo> Store::GetTag(const std::string& tag) const {
+  RETURN_IF_ERROR(ValidateTag(tag));
+  ASSIGN_OR_RETURN(auto found, impl_->FindTag(tag));
+  if (!found) return impl_->TagNotFound(tag);
+  return *found;
+}
+
+Result<std::optional<std::string>> Store::Latest() const {
+  ASSIGN_OR_RETURN(std::string latest, impl_->LatestTagUnlocked());
+  if (latest.empty()) return std::optional<std::string>();
+  return std::optional<std::string>(latest);
+}
+
+Result<std::vector<std::string>> Store::ListFiles(const std::string& tag) const {
+  ASSIGN_OR_RETURN(TagInfo info, GetTag(tag));
+  return info.files;
+}
+
+Result<std::string> Store::GetFileTree(const std::string& tag, const std::string& file) const {
+  std::string bytes;
+  rocksdb::Status s = impl_->db_->Get(rocksdb::ReadOptions(), impl_->files_, FileKey(tag, file), &bytes);
+  if (s.IsNotFound()) {
+    ASSIGN_OR_RETURN(TagInfo info, GetTag(tag));
+    return Status::NotFound("file " + Quote(file) + " does not exist in tag " + Quote(tag) +
+                            "; its files: " + JoinNames(info.files));
+  }
+  RETURN_IF_ERROR(FromRocks(s, "reading " + tag + "/" + file));
+  if (VerifiedStateTree(bytes) == nullptr) {
+    return Status::Corruption("state tree of " + tag + "/" + file + " (files key " + Quote(tag) +
+                              "\\0" + Quote(file) + ") fails verification");
+  }
+  return bytes;
+}
+
+Result<std::vector<std::string>> Store::ListParams(const std::string& tag,
+                                                   const std::string& file) const {
+  std::vector<std::string> out;
+  std::string prefix = TensorPrefix(tag, file);
+  std::string end = PrefixEnd(prefix);
+  rocksdb::ReadOptions ro;
+  rocksdb::Slice upper(end);
+  ro.iterate_upper_bound = &upper;
+  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(ro, impl_->tensors_));
+  for (it->Seek(prefix); it->Valid(); it->Next()) {
+    out.push_back(it->key().ToString().substr(prefix.size()));
+  }
+  RETURN_IF_ERROR(FromRocks(it->status(), "listing tensors of " + tag + "/" + file));
+  return out;
+}
+
+Result<TensorRecordRef> Store::GetTensorRecord(const std::string& tag, const std::string& file,
+                                               const std::string& param) const {
+  std::string bytes;
+  const std::string where = tag + "/" + file + ":" + param;
+  rocksdb::Status s =
+      impl_->db_->Get(rocksdb::ReadOptions(), impl_->tensors_, TensorKey(tag, file, param), &bytes);
+  if (s.IsNotFound()) {
+    RETURN_IF_ERROR(GetFileTree(tag, file).status());
+    ASSIGN_OR_RETURN(auto params, ListParams(tag, file));
+    return Status::NotFound("parameter " + Quote(param) + " does not exist in " + tag + "/" + file +
+                            "; its parameters: " + JoinNames(params));
+  }
+  RETURN_IF_ERROR(FromRocks(s, "reading " + where));
+  const fb::TensorRecord* r = VerifiedTensorRecord(bytes);
+  if (r == nullptr) return Status::Corruption("tensor record " + where + " fails verification");
+  RETURN_IF_ERROR(CheckTensorRecord(*r, "tensor record " + where));
+  return TensorRecordRef(std::move(bytes));
+}
+
+Status Store::ReadTensor(const fb::TensorRecord& r, uint8_t* dst, uint64_t len,
+                         const std::string& where) const {
+  RETURN_IF_ERROR(CheckTensorRecord(r, where));
+  if (len != r.byte_length()) {
+    return Status::InvalidArgument(where + ": destination holds " + std::to_string(len) +
+                                   " bytes, tensor has " + std::to_string(r.byte_length()));
+  }
+  if (r.inline_data()) {
+    if (Digest::Of(r.inline_data()->data(), len) != FromFb(*r.digest())) {
+      return Status::Corruption(where + ": inline bytes do not match the record digest");
+    }
+    if (len) std::memcpy(dst, r.inline_data()->data(), len);
+    return Status::OK();
+  }
+  if (len == 0) return Status::OK();
+  const uint64_t cs = r.chunk_size();
+  const auto& chunks = *r.chunks();
+  const size_t n = chunks.size();
+  const size_t batches = (n + kReadBatch - 1) / kReadBatch;
+  std::vector<Status> errors(batches);
+  impl_->pool_->ParallelFor(batches, [&](size_t bi) {
+    size_t first = bi * kReadBatch;
+    size_t m = std::min(kReadBatch, n - first);
+    std::vector<std::string> keys(m);
+    std::vector<rocksdb::Slice> slices(m);
+    for (size_t k = 0; k < m; ++k) {
+      keys[k] = FromFb(*chunks[first + k]).Key();
+      slices[k] = keys[k];
+    }
+    std::vector<rocksdb::PinnableSlice> values(m);
+    std::vector<rocksdb::Status> statuses(m);
+    impl_->db_->MultiGet(rocksdb::ReadOptions(), impl_->blocks_, m, slices.data(), values.data(),
+                         statuses.data());
+    for (size_t k = 0; k < m; ++k) {
+      size_t i = first + k;
+      Digest d = FromFb(*chunks[i]);
+      uint64_t clen = std::min<uint64_t>(cs, len - i * cs);
+      if (statuses[k].IsNotFound()) {
+        errors[bi] = Status::Corruption(where + ": block " + d.Hex() + " (chunk " +
+                                        std::to_string(i) + ") is missing from the store");
+        return;
+      }
+      if (!statuses[k].ok()) {
+        errors[bi] = FromRocks(statuses[k], where + ": reading block " + d.Hex());
+        if (statuses[k].IsCorruption()) errors[bi] = Status::Corruption(errors[bi].message());
+        return;
+      }
+      uint8_t* out = dst + i * cs;
+      Status s = DecodeBlock(values[k].ToStringView(), out, clen);
+      if (!s.ok()) {
+        errors[bi] = s.WithContext(where + ": block " + d.Hex());
+        return;
+      }
+      if (Digest::Of(out, clen) != d) {
+        errors[bi] = Status::Corruption(where + ": block " + d.Hex() + " (chunk " +
+                                        std::to_string(i) + ") does not match its digest");
+        return;
+      }
+    }
+  });
+  for (auto& e : errors) RETURN_IF_ERROR(e);
+  if (DigestOfChunks([&] {
+        std::vector<Digest> ds;
+        ds.reserve(n);
+        for (const auto* c : chunks) ds.push_back(FromFb(*c));
+        return ds;
+      }()) != FromFb(*r.digest())) {
+    return Status::Corruption(where + ": chunk list does not match the record digest");
+  }
+  return Status::OK();
+}
+
+// --- Maintenance --------------------------------------------------------------
+
+Status Store::DeleteTag(const std::string& tag) {
+  RETURN_IF_ERROR(impl_->WritableCheck("delete"));
+  RETURN_IF_ERROR(ValidateTag(tag));
+  std::lock_guard<std::mutex> commit_lock(impl_->commit_mu_);
+  ASSIGN_OR_RETURN(auto found, impl_->FindTag(tag));
+  if (!found) return impl_->TagNotFound(tag);
+  rocksdb::WriteBatch batch;
+  std::string prefix = TagPrefix(tag);
+  std::string end = PrefixEnd(prefix);
+  batch.DeleteRange(impl_->tensors_, prefix, end);
+  batch.DeleteRange(impl_->files_, prefix, end);
+  batch.Delete(impl_->tags_, tag);
+  ASSIGN_OR_RETURN(std::string latest, impl_->LatestTagUnlocked());
+  if (latest == tag) {
+    ASSIGN_OR_RETURN(auto tags, ListTags());
+    const TagInfo* newest = nullptr;
+    for (const auto& t : tags) {
+      if (t.tag != tag) newest = &t;
+    }
+    if (newest) {
+      batch.Put(impl_->meta_, kLatestKey, newest->tag);
+    } else {
+      batch.Delete(impl_->meta_, kLatestKey);
+    }
+  }
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  return FromRocks(impl_->db_->Write(wo, &batch), "deleting tag " + Quote(tag));
+}
+
+Status Store::SetLatest(const std::string& tag) {
+  RETURN_IF_ERROR(impl_->WritableCheck("set latest"));
+  RETURN_IF_ERROR(GetTag(tag).status());
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  return FromRocks(impl_->db_->Put(wo, impl_->meta_, kLatestKey, tag), "setting latest");
+}
+
+Status Store::Impl::MarkLive(std::unordered_set<Digest, DigestHash>* live) const {
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), tensors_));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    const fb::TensorRecord* r = VerifiedTensorRecord(it->value().ToStringView());
+    if (r == nullptr) {
+      // Refuse to sweep on a damaged catalog: it could free live blocks.
+      std::string_view parts[3];
+      SplitKey(it->key().ToStringView(), 3, parts);
+      return Status::Corruption("tensor record " + std::string(parts[0]) + "/" +
+                                std::string(parts[1]) + ":" + std::string(parts[2]) +
+                                " fails verification; gc refuses to run (see verify)");
+    }
+    if (r->chunks()) {
+      for (const auto* c : *r->chunks()) live->insert(FromFb(*c));
+    }
+  }
+  RETURN_IF_ERROR(FromRocks(it->status(), "scanning tensor records"));
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [tag, p] : pending_) live->insert(p.pinned.begin(), p.pinned.end());
+  return Status::OK();
+}
+
+Result<GcStats> Store::Gc(bool dry_run) {
+  if (!dry_run) RETURN_IF_ERROR(impl_->WritableCheck("gc"));
+  std::lock_guard<std::mutex> commit_lock(impl_->commit_mu_);
+  GcStats stats;
+  stats.disk_bytes_before = DiskBytes();
+  std::unordered_set<Digest, DigestHash> live;
+  RETURN_IF_ERROR(impl_->MarkLive(&live));
+  rocksdb::WriteBatch batch;
+  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->index_));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    stats.blocks_scanned++;
+    Digest d;
+    uint32_t raw = 0, stored = 0;
+    bool good = Digest::FromKey(it->key().ToStringView(), &d) &&
+                DecodeIndexValue(it->value(), &raw, &stored);
+    if (good && live.count(d)) {
+      stats.blocks_live++;
+      continue;
+    }
+    stats.blocks_removed++;
+    stats.bytes_removed += raw;
+    stats.stored_bytes_removed += stored;
+    if (!dry_run) {
+      batch.Delete(impl_->index_, it->key());
+      batch.Delete(impl_->blocks_, it->key());
+    }
+  }
+  RETURN_IF_ERROR(FromRocks(it->status(), "scanning the block index"));
+  it.reset();
+  if (dry_run || stats.blocks_removed == 0) {
+    stats.disk_bytes_after = stats.disk_bytes_before;
+    return stats;
+  }
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  RETURN_IF_ERROR(FromRocks(impl_->db_->Write(wo, &batch), "deleting unreferenced blocks"));
+  // Rewrite the block tables so that blob files holding only dead blocks go.
+  rocksdb::FlushOptions fo;
+  RETURN_IF_ERROR(FromRocks(impl_->db_->Flush(fo, {impl_->blocks_, impl_->index_}), "gc flush"));
+  rocksdb::CompactRangeOptions co;
+  co.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
+  co.blob_garbage_collection_policy = rocksdb::BlobGarbageCollectionPolicy::kForce;
+  co.blob_garbage_collection_age_cutoff = 1.0;
+  RETURN_IF_ERROR(FromRocks(impl_->db_->CompactRange(co, impl_->blocks_, nullptr, nullptr),
+                            "gc compaction of blocks"));
+  RETURN_IF_ERROR(FromRocks(impl_->db_->CompactRange(co, impl_->index_, nullptr, nullptr),
+                            "gc compaction of index"));
+  stats.disk_bytes_after = DiskBytes();
+  return stats;
+}
+
+void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report,
+                            std::unordered_map<Digest, std::string, DigestHash>* checked) const {
+  auto problem = [&](std::string file, std::string param, std::string digest, std::string what) {
+    report->problems.push_back(
+        VerifyProblem{tag, std::move(file), std::move(param), std::move(digest), std::move(what)});
+  };
+  auto info_or = FindTag(tag);
+  if (!info_or.ok()) {
+    problem("", "", "", info_or.status().ToString());
+    return;
+  }
+  report->tags++;
+  std::string prefix = TagPrefix(tag);
+  std::string end = PrefixEnd(prefix);
+  rocksdb::ReadOptions ro;
+  rocksdb::Slice upper(end);
+  ro.iterate_upper_bound = &upper;
+
+  // Files: every listed file has a verified tree.
+  std::set<std::string> files_seen;
+  std::unique_ptr<rocksdb::Iterator> fit(db_->NewIterator(ro, files_));
+  for (fit->Seek(prefix); fit->Valid(); fit->Next()) {
+    std::string file = fit->key().ToString().substr(prefix.size());
+    files_seen.insert(file);
+    report->files++;
+    if (VerifiedStateTree(fit->value().ToStringView()) == nullptr) {
+      problem(file, "", "", "state tree fails verification");
+    }
+  }
+  if (info_or.value()) {
+    for (const auto& f : info_or.value()->files) {
+      if (!files_seen.count(f)) problem(f, "", "", "file listed by the commit record is missing");
+    }
+  }
+
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, tensors_));
+  std::vector<uint8_t> buf;
+  for (it->Seek(prefix); it->Valid(); it->Next()) {
+    std::string_view parts[3];
+    SplitKey(it->key().ToStringView(), 3, parts);
+    std::string file(parts[1]), param(parts[2]);
+    report->tensors++;
+    const fb::TensorRecord* r = VerifiedTensorRecord(it->value().ToStringView());
+    if (r == nullptr) {
+      problem(file, param, "", "tensor record fails verification");
+      continue;
+    }
+    Status s = CheckTensorRecord(*r, "record");
+    if (!s.ok()) {
+      problem(file, param, "", s.message());
+      continue;
+    }
+    if (r->inline_data()) {
+      if (Digest::Of(r->inline_data()->data(), r->inline_data()->size()) != FromFb(*r->digest())) {
+        problem(file, param, "", "inline bytes do not match the record digest");
+      }
+      continue;
+    }
+    if (!r->chunks()) continue;
+    const uint64_t cs = r->chunk_size();
+    for (size_t i = 0; i < r->chunks()->size(); ++i) {
+      Digest d = FromFb(*r->chunks()->Get(i));
+      uint64_t clen = std::min<uint64_t>(cs, r->byte_length() - i * cs);
+      auto c = checked->find(d);
+      if (c == checked->end()) {
+        std::string what;
+        std::string value;
+        rocksdb::Status rs = db_->Get(rocksdb::ReadOptions(), blocks_, d.Key(), &value);
+        std::string idx;
+        rocksdb::Status is = db_->Get(rocksdb::ReadOptions(), index_, d.Key(), &idx);
+        if (rs.IsNotFound()) {
+          what = "block is missing";
+        } else if (!rs.ok()) {
+          what = "block cannot be read: " + rs.ToString();
+        } else {
+          buf.resize(clen);
+          Status ds = DecodeBlock(value, buf.data(), clen);
+          if (!ds.ok()) {
+            what = ds.message();
+          } else if (Digest::Of(buf.data(), clen) != d) {
+            what = "block bytes do not match their digest";
+          } else if (!is.ok()) {
+            what = "block has no index entry";
+          }
+          report->blocks_checked++;
+          report->bytes_checked += clen;
+        }
+        c = checked->emplace(d, what).first;
+      }
+      if (!c->second.empty()) problem(file, param, d.Hex(), c->second + " (chunk " + std::to_string(i) + ")");
+    }
+  }
+  if (!it->status().ok()) problem("", "", "", "scan failed: " + it->status().ToString());
+}
+
+Result<VerifyReport> Store::Verify(const std::optional<std::string>& tag) const {
+  VerifyReport report;
+  std::unordered_map<Digest, std::string, DigestHash> checked;
+  if (tag) {
+    RETURN_IF_ERROR(GetTag(*tag).status());
+    impl_->VerifyTag(*tag, &report, &checked);
+    return report;
+  }
+  std::vector<std::string> names;
+  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) names.push_back(it->key().ToString());
+  for (const auto& t : names) impl_->VerifyTag(t, &report, &checked);
+  return report;
+}
+
+}  // namespace ckptkv

@@ -1,0 +1,223 @@
+// Store: a content-addressed checkpoint store on RocksDB.
+//
+// A store is a directory holding one RocksDB database with the column
+// families `meta`, `blocks`, `index`, `tensors`, `files` and `tags`
+// (docs/format.md). Tensor bytes are cut into fixed-size chunks aligned to
+// the start of each tensor; a chunk is stored once, keyed by the XXH3-128
+// digest of its bytes. A tag becomes visible only through CommitTag, which
+// writes every record of the tag in one synced WriteBatch: after a crash a
+// tag is either wholly there or not there.
+//
+// Writing: BeginTag, then PutTensor / PutFile for each file, then CommitTag
+// (or AbortTag). Blocks are written by PutTensor, before the commit; they
+// are made durable before the commit batch is written. Blocks of a tag that
+// is never committed are garbage that Gc reclaims.
+//
+// Thread-safety: every method may be called from several threads; the
+// calls for one pending tag must not race with each other. One process at a
+// time may open a store for writing (Open fails with Busy otherwise).
+#ifndef CKPTKV_STORE_STORE_H_
+#define CKPTKV_STORE_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "schema/records.h"
+#include "store/block_codec.h"
+#include "store/digest.h"
+#include "store/status.h"
+
+namespace rocksdb {
+class FileSystem;
+}
+
+namespace ckptkv {
+
+// Where the bytes of new blocks are made durable before a commit.
+enum class BlockDurability {
+  kFlush,  // blocks skip the WAL; the commit flushes them to blob files first
+  kWal,    // blocks go through the WAL; the commit's synced write covers them
+};
+
+struct StoreOptions {
+  bool create_if_missing = true;
+  // Opens without the write lock; every writing call fails.
+  bool read_only = false;
+  // Settings of a new store (an existing store keeps its own).
+  uint32_t chunk_size = 1u << 20;
+  uint32_t inline_threshold = 4096;
+  Codec codec = Codec::kRaw;
+  BlockDurability block_durability = BlockDurability::kFlush;
+  // Hashing / encoding workers; 0 = min(4, hardware threads).
+  size_t threads = 0;
+  // Replaces the local file system (tests inject faults through it).
+  std::shared_ptr<rocksdb::FileSystem> file_system;
+};
+
+struct Placement {
+  std::vector<int64_t> global_shape;
+  std::vector<int64_t> offsets;
+  int32_t flat_group = -1;
+  int64_t flat_offset = 0;
+  int64_t flat_numel = 0;
+};
+
+struct TensorMeta {
+  fb::DType dtype = fb::DType::Float32;
+  std::vector<int64_t> shape;
+  bool requires_grad = false;
+  std::optional<Placement> placement;
+};
+
+// The bytes of one tensor: host memory, or a callback that copies
+// [offset, offset+len) into a host buffer (e.g. from a GPU).
+struct ByteSource {
+  uint64_t length = 0;
+  const uint8_t* data = nullptr;
+  std::function<Status(uint64_t offset, uint64_t len, uint8_t* dst)> fill;
+};
+
+struct WriteStats {
+  uint64_t logical_bytes = 0;     // bytes of the tensors written
+  uint64_t chunks = 0;            // chunks hashed
+  uint64_t new_blocks = 0;        // chunks not already in the store
+  uint64_t new_bytes = 0;         // their raw bytes
+  uint64_t stored_new_bytes = 0;  // their encoded bytes
+  void Add(const WriteStats& o);
+};
+
+struct Layout {
+  int32_t tp = 0, pp = 0, dp = 0, zero_stage = -1;
+};
+
+struct CommitOptions {
+  bool overwrite = false;   // replace a committed tag of the same name
+  bool set_latest = true;   // point `latest` at this tag
+  std::optional<Layout> layout;
+};
+
+struct TagInfo {
+  std::string tag;
+  int64_t committed_at_ms = 0;
+  uint64_t sequence = 0;
+  std::vector<std::string> files;
+  uint64_t tensors = 0;
+  uint64_t logical_bytes = 0;
+  uint64_t new_bytes = 0;
+  uint64_t new_blocks = 0;
+  uint64_t stored_new_bytes = 0;
+  std::string parent_tag;
+  std::optional<Layout> layout;
+};
+
+// A verified record and the bytes it lives in.
+class TensorRecordRef {
+ public:
+  TensorRecordRef() = default;
+  explicit TensorRecordRef(std::string bytes) : bytes_(std::move(bytes)) {}
+  const fb::TensorRecord* get() const { return flatbuffers::GetRoot<fb::TensorRecord>(bytes_.data()); }
+  const fb::TensorRecord* operator->() const { return get(); }
+  const std::string& bytes() const { return bytes_; }
+
+ private:
+  std::string bytes_;
+};
+
+struct GcStats {
+  uint64_t blocks_scanned = 0;
+  uint64_t blocks_live = 0;
+  uint64_t blocks_removed = 0;
+  uint64_t bytes_removed = 0;         // raw bytes of removed blocks
+  uint64_t stored_bytes_removed = 0;  // encoded bytes of removed blocks
+  uint64_t disk_bytes_before = 0;
+  uint64_t disk_bytes_after = 0;      // same as before for a dry run
+};
+
+struct VerifyProblem {
+  std::string tag, file, param;
+  std::string digest;  // hex, empty for record-level problems
+  std::string what;
+};
+
+struct VerifyReport {
+  uint64_t tags = 0, files = 0, tensors = 0;
+  uint64_t blocks_checked = 0, bytes_checked = 0;
+  std::vector<VerifyProblem> problems;
+  bool ok() const { return problems.empty(); }
+};
+
+class Store {
+ public:
+  // Opens (or creates) the store in `dir`. Errors: InvalidArgument when dir
+  // is not a ckptkv store, Busy when another process holds it, NotSupported
+  // for a newer format version.
+  static Result<std::unique_ptr<Store>> Open(const std::string& dir, const StoreOptions& options);
+  ~Store();
+  Store(const Store&) = delete;
+  Store& operator=(const Store&) = delete;
+
+  const std::string& dir() const;
+  uint32_t chunk_size() const;
+  uint32_t inline_threshold() const;
+  bool read_only() const;
+
+  // --- Writing a tag --------------------------------------------------
+  // Starts a pending tag. Fails if the tag is committed and !overwrite.
+  Status BeginTag(const std::string& tag, bool overwrite = false);
+  bool IsPending(const std::string& tag) const;
+  // Stores a tensor's blocks and stages its record. Returns what it cost.
+  Result<WriteStats> PutTensor(const std::string& tag, const std::string& file,
+                               const std::string& param, const TensorMeta& meta,
+                               const ByteSource& bytes);
+  // Stages the state tree of a file. Replaces an earlier PutFile of the same
+  // file in this pending tag, together with its tensors.
+  Status PutFile(const std::string& tag, const std::string& file, std::string state_tree);
+  // Drops the staged records of `file` (before re-saving it).
+  Status ClearFile(const std::string& tag, const std::string& file);
+  // Makes the pending tag visible atomically and durably.
+  Result<TagInfo> CommitTag(const std::string& tag, const CommitOptions& options);
+  // Forgets a pending tag; its new blocks become garbage for Gc.
+  void AbortTag(const std::string& tag);
+
+  // --- Reading ----------------------------------------------------------
+  Result<std::vector<TagInfo>> ListTags() const;  // ordered by commit sequence
+  Result<TagInfo> GetTag(const std::string& tag) const;
+  // The tag `latest` points at, if any.
+  Result<std::optional<std::string>> Latest() const;
+  Result<std::vector<std::string>> ListFiles(const std::string& tag) const;
+  // The verified StateTree bytes of a committed file.
+  Result<std::string> GetFileTree(const std::string& tag, const std::string& file) const;
+  Result<std::vector<std::string>> ListParams(const std::string& tag, const std::string& file) const;
+  Result<TensorRecordRef> GetTensorRecord(const std::string& tag, const std::string& file,
+                                          const std::string& param) const;
+  // Reads all bytes of a tensor into dst (record.byte_length bytes), checking
+  // every chunk against its digest. `where` names the tensor in errors.
+  Status ReadTensor(const fb::TensorRecord& record, uint8_t* dst, uint64_t len,
+                    const std::string& where) const;
+
+  // --- Maintenance ------------------------------------------------------
+  // Removes a committed tag in one batch; moves `latest` to the newest
+  // remaining tag if it pointed at this one.
+  Status DeleteTag(const std::string& tag);
+  Status SetLatest(const std::string& tag);
+  // Mark and sweep of blocks no committed or pending tag references.
+  Result<GcStats> Gc(bool dry_run = false);
+  // Re-hashes every block the tag (or every tag) references.
+  Result<VerifyReport> Verify(const std::optional<std::string>& tag = std::nullopt) const;
+  // Bytes of the store's files on disk.
+  uint64_t DiskBytes() const;
+
+  class Impl;
+
+ private:
+  explicit Store(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ckptkv
+
+#endif  // CKPTKV_STORE_STORE_H_
