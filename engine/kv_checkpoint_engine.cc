@@ -1,0 +1,290 @@
+#include "engine/kv_checkpoint_engine.h"
+
+#include <ATen/Context.h>
+#include <ATen/Functions.h>
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "engine/state_codec.h"
+#include "store/names.h"
+
+namespace ckptkv {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string Normal(const std::string& p) {
+  std::string s = fs::path(p).lexically_normal().string();
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  return s;
+}
+
+bool StartsWith(const std::string& s, const std::string& prefix) {
+  return s.size() > prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
+}
+
+// Runs LibTorch code and turns its exceptions into our Status.
+template <typename F>
+Status Guard(const std::string& where, F&& f) {
+  try {
+    return f();
+  } catch (const StatusError& e) {
+    return e.status();
+  } catch (const c10::Error& e) {
+    return Status::InvalidArgument(where + ": " + e.what_without_backtrace());
+  }
+}
+
+Result<WriteStats> SaveTensor(Store& store, const std::string& tag, const std::string& file,
+                              const std::string& param, const at::Tensor& tensor) {
+  const std::string where = tag + "/" + file + ":" + param;
+  ASSIGN_OR_RETURN(fb::DType dtype, ToDType(tensor.scalar_type(), where));
+  TensorMeta meta;
+  meta.dtype = dtype;
+  meta.shape = tensor.sizes().vec();
+  meta.requires_grad = tensor.requires_grad();
+  at::Tensor t = tensor.detach();
+  if (t.is_conj()) t = t.resolve_conj();
+  if (t.is_neg()) t = t.resolve_neg();
+  // A view saves only its own elements: contiguous views point into their
+  // storage; others are copied once.
+  if (!t.is_contiguous()) t = t.contiguous();
+  ByteSource src;
+  src.length = static_cast<uint64_t>(t.numel()) * t.element_size();
+  if (t.device().is_cpu()) {
+    src.data = static_cast<const uint8_t*>(t.data_ptr());
+  } else {
+    // Device tensors are copied to the host one chunk at a time.
+    at::Tensor flat = t.reshape({-1});
+    const int64_t es = t.element_size();
+    const auto options = at::TensorOptions().dtype(t.scalar_type()).device(at::kCPU);
+    src.fill = [flat, es, options, where](uint64_t off, uint64_t len, uint8_t* dst) {
+      return Guard(where, [&] {
+        at::Tensor host = at::from_blob(dst, {static_cast<int64_t>(len) / es}, options);
+        host.copy_(flat.narrow(0, static_cast<int64_t>(off) / es, static_cast<int64_t>(len) / es));
+        return Status::OK();
+      });
+    };
+  }
+  return store.PutTensor(tag, file, param, meta, src);
+}
+
+Result<at::Tensor> LoadTensor(const Store& store, const std::string& tag, const std::string& file,
+                              const std::string& param, const std::string& saved_device,
+                              const MapLocation& map_location) {
+  const std::string where = tag + "/" + file + ":" + param;
+  ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
+  std::vector<int64_t> shape;
+  if (rec->shape()) shape.assign(rec->shape()->begin(), rec->shape()->end());
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(ToScalarType(rec->dtype())));
+  RETURN_IF_ERROR(store.ReadTensor(*rec.get(), static_cast<uint8_t*>(t.data_ptr()),
+                                   static_cast<uint64_t>(t.numel()) * t.element_size(), where));
+  c10::Device target = at::kCPU;
+  if (map_location) {
+    target = *map_location;
+  } else {
+    try {
+      target = c10::Device(saved_device);
+    } catch (const c10::Error&) {
+      return Status::Corruption(where + ": saved device '" + saved_device + "' is not a device");
+    }
+  }
+  if (target.is_cuda() && !at::hasCUDA()) {
+    return Status::InvalidArgument(where + ": tensor was saved from " + saved_device +
+                                   " but CUDA is not available; load with map_location=cpu");
+  }
+  if (!target.is_cpu()) t = t.to(target);
+  if (rec->requires_grad() && t.is_floating_point()) t.set_requires_grad(true);
+  return t;
+}
+
+}  // namespace
+
+KvCheckpointEngine::KvCheckpointEngine(KvEngineConfig config)
+    : CheckpointEngine("KvCheckpointEngine"), config_(std::move(config)) {}
+
+KvCheckpointEngine::~KvCheckpointEngine() {
+  if (store_) {
+    for (const auto& [tag, dir] : save_dirs_) {
+      spdlog::warn("[ckptkv] tag {} was created but never committed; its blocks await gc", tag);
+      store_->AbortTag(tag);
+    }
+  }
+}
+
+Store& KvCheckpointEngine::EnsureStore(const std::string& dir_hint) {
+  if (store_) return *store_;
+  std::string dir = config_.db.empty() ? dir_hint : config_.db;
+  if (dir.empty()) {
+    ThrowIfError(Status::FailedPrecondition(
+        "no store to use: call makedirs(save_dir) / create(save_dir, tag) / open(load_dir), "
+        "or set KvEngineConfig::db"));
+  }
+  store_ = ValueOrThrow(Store::Open(dir, config_.store));
+  return *store_;
+}
+
+KvCheckpointEngine::Target KvCheckpointEngine::ResolvePath(const std::string& path,
+                                                           bool for_load) const {
+  const std::string p = Normal(path);
+  auto try_prefix = [&](const std::string& dir, const std::string& tag, Target* out) {
+    std::string prefix = (dir.empty() ? "" : Normal(dir) + "/") + tag + "/";
+    if (!StartsWith(p, prefix)) return false;
+    *out = Target{tag, p.substr(prefix.size())};
+    return true;
+  };
+  Target t;
+  if (!for_load) {
+    for (const auto& [tag, dir] : save_dirs_) {
+      if (try_prefix(dir, tag, &t)) return t;
+    }
+  } else if (!last_dir_.empty()) {
+    for (const auto& tag : open_tags_) {
+      if (try_prefix(last_dir_, tag, &t)) return t;
+    }
+  }
+  fs::path fp(p);
+  t.file = fp.filename().string();
+  t.tag = fp.parent_path().filename().string();
+  if (t.tag.empty() || t.file.empty()) {
+    ThrowIfError(Status::InvalidArgument("path '" + path +
+                                         "' does not name a file of a tag; expected "
+                                         "<save_dir>/<tag>/<file>"));
+  }
+  return t;
+}
+
+void KvCheckpointEngine::makedirs(const std::string& path, bool exist_ok) {
+  if (path.empty()) ThrowIfError(Status::InvalidArgument("makedirs: path is empty"));
+  if (save_dirs_.empty()) {
+    // DeepSpeed's first call names the save_dir.
+    last_dir_ = Normal(path);
+    EnsureStore(last_dir_);
+    return;
+  }
+  // Later calls name "<save_dir>/<tag>": directories are virtual here.
+  fs::path fp(Normal(path));
+  std::string tag = fp.filename().string();
+  if (!exist_ok && store_ && !save_dirs_.count(tag) && store_->GetTag(tag).ok()) {
+    ThrowIfError(Status::AlreadyExists("makedirs: '" + path + "' exists (tag " + Quote(tag) +
+                                       " is committed)"));
+  }
+}
+
+void KvCheckpointEngine::create(const std::string& tag) {
+  std::string dir = last_dir_;
+  if (dir.empty() && !config_.db.empty()) dir = config_.db;
+  create(dir, tag);
+}
+
+void KvCheckpointEngine::create(const std::string& save_dir, const std::string& tag) {
+  Store& store = EnsureStore(save_dir);
+  if (!save_dir.empty()) last_dir_ = Normal(save_dir);
+  ThrowIfError(store.BeginTag(tag, config_.overwrite));
+  save_dirs_[tag] = last_dir_;
+  spdlog::debug("[ckptkv] create {}", tag);
+}
+
+void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& path) {
+  if (!store_) {
+    ThrowIfError(Status::FailedPrecondition("save of '" + path +
+                                            "' before create; call create(save_dir, tag) first"));
+  }
+  Target target = ResolvePath(path, /*for_load=*/false);
+  if (!store_->IsPending(target.tag)) {
+    ThrowIfError(Status::FailedPrecondition("save of '" + path + "' into tag " +
+                                            Quote(target.tag) + " without create; call create(" +
+                                            Quote(target.tag) + ") first"));
+  }
+  ThrowIfError(ValidateFile(target.file));
+  const std::string where = target.tag + "/" + target.file;
+  EncodedState encoded = ValueOrThrow(EncodeState(state_dict, where));
+  ThrowIfError(store_->ClearFile(target.tag, target.file));
+  SaveReport report;
+  for (const auto& st : encoded.tensors) {
+    WriteStats stats;
+    ThrowIfError(Guard(where, [&] {
+      ASSIGN_OR_RETURN(stats, SaveTensor(*store_, target.tag, target.file, st.param, st.tensor));
+      return Status::OK();
+    }));
+    report.stats.Add(stats);
+    report.tensors++;
+  }
+  ThrowIfError(store_->PutFile(target.tag, target.file, std::move(encoded.tree)));
+  last_save_ = report;
+  spdlog::debug("[ckptkv] saved {}: {} tensors, {} bytes, {} new", where, report.tensors,
+                report.stats.logical_bytes, report.stats.new_bytes);
+}
+
+bool KvCheckpointEngine::commit(const std::string& tag) {
+  CommitInfo info;
+  info.tag = tag;
+  return commit(info);
+}
+
+bool KvCheckpointEngine::commit(const CommitInfo& info) {
+  if (!store_) {
+    ThrowIfError(Status::FailedPrecondition("commit of tag " + Quote(info.tag) +
+                                            " without create; call create(" + Quote(info.tag) +
+                                            ") first"));
+  }
+  CommitOptions options;
+  options.overwrite = config_.overwrite;
+  options.set_latest = info.save_latest;
+  last_commit_ = ValueOrThrow(store_->CommitTag(info.tag, options));
+  save_dirs_.erase(info.tag);
+  spdlog::info("[ckptkv] Checkpoint {} is ready now! ({} files, {} tensors, {} bytes, {} new)",
+               info.tag, last_commit_.files.size(), last_commit_.tensors,
+               last_commit_.logical_bytes, last_commit_.new_bytes);
+  return true;
+}
+
+std::optional<std::string> KvCheckpointEngine::open(const std::string& load_dir,
+                                                    const std::optional<std::string>& tag) {
+  Store& store = EnsureStore(load_dir);
+  if (!load_dir.empty()) last_dir_ = Normal(load_dir);
+  std::string chosen;
+  if (!tag || tag->empty() || *tag == "latest") {
+    auto latest = ValueOrThrow(store.Latest());
+    if (latest) {
+      chosen = *latest;
+    } else {
+      auto tags = ValueOrThrow(store.ListTags());
+      if (tags.empty()) return std::nullopt;
+      chosen = tags.back().tag;
+    }
+  } else {
+    chosen = *tag;
+  }
+  ThrowIfError(store.GetTag(chosen).status());
+  open_tags_.insert(chosen);
+  return chosen;
+}
+
+c10::IValue KvCheckpointEngine::load(const std::string& path, MapLocation map_location) {
+  if (!store_) {
+    fs::path fp(Normal(path));
+    EnsureStore(fp.parent_path().parent_path().string());
+  }
+  Target target = ResolvePath(path, /*for_load=*/true);
+  ThrowIfError(ValidateTag(target.tag));
+  ThrowIfError(ValidateFile(target.file));
+  const std::string where = target.tag + "/" + target.file;
+  std::string tree_bytes = ValueOrThrow(store_->GetFileTree(target.tag, target.file));
+  const fb::StateTree* tree = VerifiedStateTree(tree_bytes);
+  TensorLoader loader = [&](const std::string& param,
+                            const std::string& device) -> Result<at::Tensor> {
+    try {
+      return LoadTensor(*store_, target.tag, target.file, param, device, map_location);
+    } catch (const c10::Error& e) {
+      return Status::InvalidArgument(where + ":" + param + ": " + e.what_without_backtrace());
+    }
+  };
+  return ValueOrThrow(DecodeState(*tree, loader, where));
+}
+
+void KvCheckpointEngine::close(const std::string& tag) { open_tags_.erase(tag); }
+
+}  // namespace ckptkv

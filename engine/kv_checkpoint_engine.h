@@ -1,0 +1,78 @@
+// KvCheckpointEngine: the CheckpointEngine backed by a ckptkv Store.
+//
+// A path "<save_dir>/<tag>/<file>" maps to (tag, file) in the store; file
+// may contain '/' (e.g. "zero/<param>/fp32.pt") when save_dir is known from
+// create(save_dir, tag), otherwise it is the last path component. The rank
+// is part of the file name, as DeepSpeed names files (mp_rank_00_..., ...).
+// The store lives in config.db, or in save_dir / load_dir when db is empty.
+//
+// save writes only the chunks the store does not have yet; commit makes the
+// tag visible in one synced batch and (unless save_latest is false) moves
+// `latest`. Re-committing an existing tag fails with AlreadyExists unless
+// config.overwrite is set, in which case the new tag replaces it atomically.
+#ifndef CKPTKV_ENGINE_KV_CHECKPOINT_ENGINE_H_
+#define CKPTKV_ENGINE_KV_CHECKPOINT_ENGINE_H_
+
+#include <map>
+#include <memory>
+#include <set>
+
+#include "engine/checkpoint_engine.h"
+#include "store/store.h"
+
+namespace ckptkv {
+
+struct KvEngineConfig {
+  std::string db;        // store directory; empty = the save_dir / load_dir given
+  StoreOptions store;    // options for opening (and creating) the store
+  bool overwrite = false;
+};
+
+// What the last save or commit cost.
+struct SaveReport {
+  WriteStats stats;
+  uint64_t tensors = 0;
+};
+
+class KvCheckpointEngine : public CheckpointEngine {
+ public:
+  explicit KvCheckpointEngine(KvEngineConfig config = {});
+  ~KvCheckpointEngine() override;
+
+  using CheckpointEngine::create;
+  void create(const std::string& tag) override;
+  void create(const std::string& save_dir, const std::string& tag) override;
+  void makedirs(const std::string& path, bool exist_ok = false) override;
+  void save(const c10::IValue& state_dict, const std::string& path) override;
+  bool commit(const std::string& tag) override;
+  bool commit(const CommitInfo& info) override;
+  std::optional<std::string> open(const std::string& load_dir,
+                                  const std::optional<std::string>& tag = std::nullopt) override;
+  c10::IValue load(const std::string& path, MapLocation map_location = std::nullopt) override;
+  void close(const std::string& tag) override;
+
+  // The store, once a path or config.db has named it (nullptr before).
+  Store* store() const { return store_.get(); }
+  const SaveReport& last_save() const { return last_save_; }
+  const TagInfo& last_commit() const { return last_commit_; }
+
+ private:
+  struct Target {
+    std::string tag;
+    std::string file;
+  };
+  Store& EnsureStore(const std::string& dir_hint);
+  Target ResolvePath(const std::string& path, bool for_load) const;
+
+  KvEngineConfig config_;
+  std::unique_ptr<Store> store_;
+  std::map<std::string, std::string> save_dirs_;  // pending tag -> save_dir
+  std::string last_dir_;                          // last save_dir / load_dir seen
+  std::set<std::string> open_tags_;
+  SaveReport last_save_;
+  TagInfo last_commit_;
+};
+
+}  // namespace ckptkv
+
+#endif  // CKPTKV_ENGINE_KV_CHECKPOINT_ENGINE_H_

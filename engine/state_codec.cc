@@ -1,0 +1,411 @@
+#include "engine/state_codec.h"
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/List.h>
+#include <ATen/core/jit_type.h>
+
+#include <map>
+#include <tuple>
+#include <unordered_map>
+
+namespace ckptkv {
+namespace {
+
+using flatbuffers::FlatBufferBuilder;
+using flatbuffers::Offset;
+using NodeOffset = Offset<fb::Node>;
+
+// Nesting deeper than this is refused (the verifier allows twice as much).
+constexpr int kMaxNesting = 200;
+
+fb::NodeKind KindOfType(const c10::TypePtr& t) {
+  switch (t->kind()) {
+    case c10::TypeKind::IntType: return fb::NodeKind::Int;
+    case c10::TypeKind::FloatType: return fb::NodeKind::Double;
+    case c10::TypeKind::BoolType: return fb::NodeKind::Bool;
+    case c10::TypeKind::StringType: return fb::NodeKind::String;
+    case c10::TypeKind::TensorType: return fb::NodeKind::Tensor;
+    case c10::TypeKind::ComplexType: return fb::NodeKind::ComplexDouble;
+    case c10::TypeKind::DeviceObjType: return fb::NodeKind::Device;
+    default: return fb::NodeKind::None;  // Any
+  }
+}
+
+c10::TypePtr TypeOfKind(fb::NodeKind k) {
+  switch (k) {
+    case fb::NodeKind::Int: return c10::IntType::get();
+    case fb::NodeKind::Double: return c10::FloatType::get();
+    case fb::NodeKind::Bool: return c10::BoolType::get();
+    case fb::NodeKind::String: return c10::StringType::get();
+    case fb::NodeKind::Tensor: return c10::TensorType::get();
+    case fb::NodeKind::ComplexDouble: return c10::ComplexType::get();
+    case fb::NodeKind::Device: return c10::DeviceObjType::get();
+    default: return c10::AnyType::get();
+  }
+}
+
+std::string EscapeComponent(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  for (char c : s) {
+    if (c == '%') {
+      out += "%25";
+    } else if (c == '/') {
+      out += "%2F";
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+std::string KeyComponent(const c10::IValue& key) {
+  if (key.isString()) return EscapeComponent(key.toStringRef());
+  if (key.isInt()) return std::to_string(key.toInt());
+  if (key.isBool()) return key.toBool() ? "True" : "False";
+  if (key.isDouble()) return std::to_string(key.toDouble());
+  return "key";
+}
+
+class Encoder {
+ public:
+  explicit Encoder(std::string where) : where_(std::move(where)) {}
+
+  Result<EncodedState> Run(const c10::IValue& state) {
+    auto root = Encode(state, "", 0);
+    if (!status_.ok()) return status_;
+    uint64_t logical = 0;
+    for (const auto& t : tensors_) logical += t.tensor.numel() * t.tensor.element_size();
+    b_.Finish(fb::CreateStateTree(b_, root, static_cast<uint32_t>(tensors_.size()), logical));
+    EncodedState out;
+    out.tree.assign(reinterpret_cast<const char*>(b_.GetBufferPointer()), b_.GetSize());
+    out.tensors = std::move(tensors_);
+    return out;
+  }
+
+ private:
+  void Fail(const std::string& path, const std::string& what) {
+    if (status_.ok()) {
+      status_ = Status::InvalidArgument(where_ + ": value at '" + (path.empty() ? "/" : path) +
+                                        "' " + what);
+    }
+  }
+
+  std::string Child(const std::string& path, const std::string& comp) {
+    return path.empty() ? comp : path + "/" + comp;
+  }
+
+  // A unique param path for a tensor at `path` (dict keys may collide
+  // after escaping, e.g. int 0 and string "0").
+  std::string UniqueParam(std::string path) {
+    if (path.empty()) path = "tensor";
+    std::string p = path;
+    for (int n = 1; used_params_.count(p); ++n) p = path + "~" + std::to_string(n);
+    used_params_.insert({p, true});
+    return p;
+  }
+
+  NodeOffset EncodeTensor(const at::Tensor& t, const std::string& path) {
+    if (!t.defined()) {
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::None);
+      return nb.Finish();
+    }
+    if (t.layout() != c10::kStrided) {
+      Fail(path, "is a " + std::string(c10::toString(t.layout())) +
+                     " tensor; only dense (strided) tensors can be saved");
+      return 0;
+    }
+    if (t.is_quantized()) {
+      Fail(path, "is a quantized tensor; dequantize it before saving");
+      return 0;
+    }
+    auto dtype = ToDType(t.scalar_type(), where_ + ":" + path);
+    if (!dtype.ok()) {
+      if (status_.ok()) status_ = dtype.status();
+      return 0;
+    }
+    // Two references to the same tensor view are stored once.
+    auto key = std::make_tuple(t.storage().unsafeGetStorageImpl(), t.storage_offset(),
+                               t.sizes().vec(), t.strides().vec(), t.scalar_type());
+    std::string param;
+    auto it = aliases_.find(key);
+    if (it != aliases_.end() && t.storage().unsafeGetStorageImpl() != nullptr && t.numel() > 0) {
+      param = it->second;
+    } else {
+      param = UniqueParam(path);
+      aliases_[key] = param;
+      tensors_.push_back(StateTensor{param, t});
+    }
+    auto s = b_.CreateString(param);
+    auto dev = b_.CreateString(t.device().str());
+    fb::NodeBuilder nb(b_);
+    nb.add_kind(fb::NodeKind::Tensor);
+    nb.add_s(s);
+    nb.add_device(dev);
+    return nb.Finish();
+  }
+
+  NodeOffset Encode(const c10::IValue& v, const std::string& path, int depth) {
+    if (!status_.ok()) return 0;
+    if (depth > kMaxNesting) {
+      Fail(path, "is nested more than " + std::to_string(kMaxNesting) + " levels deep");
+      return 0;
+    }
+    if (v.isTensor()) return EncodeTensor(v.toTensor(), path);
+    if (v.isNone()) {
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::None);
+      return nb.Finish();
+    }
+    if (v.isBool()) {
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::Bool);
+      nb.add_b(v.toBool());
+      return nb.Finish();
+    }
+    if (v.isInt()) {
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::Int);
+      nb.add_i(v.toInt());
+      return nb.Finish();
+    }
+    if (v.isDouble()) {
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::Double);
+      nb.add_d(v.toDouble());
+      return nb.Finish();
+    }
+    if (v.isComplexDouble()) {
+      auto c = v.toComplexDouble();
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::ComplexDouble);
+      nb.add_d(c.real());
+      nb.add_d_imag(c.imag());
+      return nb.Finish();
+    }
+    if (v.isString()) {
+      auto s = b_.CreateString(v.toStringRef());
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::String);
+      nb.add_s(s);
+      return nb.Finish();
+    }
+    if (v.isDevice()) {
+      auto s = b_.CreateString(v.toDevice().str());
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::Device);
+      nb.add_s(s);
+      return nb.Finish();
+    }
+    if (v.isList()) {
+      auto list = v.toListRef();
+      std::vector<NodeOffset> items;
+      items.reserve(list.size());
+      for (size_t i = 0; i < list.size(); ++i) {
+        items.push_back(Encode(list[i], Child(path, std::to_string(i)), depth + 1));
+      }
+      auto vec = b_.CreateVector(items);
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::List);
+      nb.add_items(vec);
+      nb.add_elem_kind(KindOfType(v.type()->containedType(0)));
+      return nb.Finish();
+    }
+    if (v.isTuple()) {
+      const auto& elems = v.toTupleRef().elements();
+      std::vector<NodeOffset> items;
+      items.reserve(elems.size());
+      for (size_t i = 0; i < elems.size(); ++i) {
+        items.push_back(Encode(elems[i], Child(path, std::to_string(i)), depth + 1));
+      }
+      auto vec = b_.CreateVector(items);
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::Tuple);
+      nb.add_items(vec);
+      return nb.Finish();
+    }
+    if (v.isGenericDict()) {
+      auto dict = v.toGenericDict();
+      std::vector<NodeOffset> keys, items;
+      keys.reserve(dict.size());
+      items.reserve(dict.size());
+      for (const auto& entry : dict) {
+        const c10::IValue& k = entry.key();
+        if (!(k.isString() || k.isInt() || k.isBool() || k.isDouble())) {
+          Fail(path, "is a dict with a " + k.tagKind() +
+                         " key; keys must be str, int, bool or float");
+          return 0;
+        }
+        keys.push_back(Encode(k, path, depth + 1));
+        items.push_back(Encode(entry.value(), Child(path, KeyComponent(k)), depth + 1));
+      }
+      auto kvec = b_.CreateVector(keys);
+      auto ivec = b_.CreateVector(items);
+      fb::NodeBuilder nb(b_);
+      nb.add_kind(fb::NodeKind::Dict);
+      nb.add_keys(kvec);
+      nb.add_items(ivec);
+      nb.add_key_kind(KindOfType(dict.keyType()));
+      nb.add_elem_kind(KindOfType(dict.valueType()));
+      return nb.Finish();
+    }
+    Fail(path, "is of type " + v.tagKind() +
+                   "; storable values are tensors, dicts, lists, tuples, int, float, "
+                   "complex, bool, str, device and None");
+    return 0;
+  }
+
+  std::string where_;
+  Status status_;
+  FlatBufferBuilder b_{4096};
+  std::vector<StateTensor> tensors_;
+  std::map<std::string, bool> used_params_;
+  std::map<std::tuple<const void*, int64_t, std::vector<int64_t>, std::vector<int64_t>,
+                      c10::ScalarType>,
+           std::string>
+      aliases_;
+};
+
+class Decoder {
+ public:
+  Decoder(const TensorLoader& loader, std::string where) : loader_(loader), where_(std::move(where)) {}
+
+  Result<c10::IValue> Decode(const fb::Node* n, int depth) {
+    if (n == nullptr) return Corrupt("missing node");
+    if (depth > 2 * kMaxNesting) return Corrupt("nesting too deep");
+    switch (n->kind()) {
+      case fb::NodeKind::None: return c10::IValue();
+      case fb::NodeKind::Bool: return c10::IValue(n->b());
+      case fb::NodeKind::Int: return c10::IValue(static_cast<int64_t>(n->i()));
+      case fb::NodeKind::Double: return c10::IValue(n->d());
+      case fb::NodeKind::ComplexDouble:
+        return c10::IValue(c10::complex<double>(n->d(), n->d_imag()));
+      case fb::NodeKind::String:
+        if (!n->s()) return Corrupt("string node without a value");
+        return c10::IValue(n->s()->str());
+      case fb::NodeKind::Device:
+        if (!n->s()) return Corrupt("device node without a value");
+        try {
+          return c10::IValue(c10::Device(n->s()->str()));
+        } catch (const c10::Error&) {
+          return Corrupt("device node holds an invalid device string");
+        }
+      case fb::NodeKind::Tensor: {
+        if (!n->s()) return Corrupt("tensor node without a param path");
+        std::string param = n->s()->str();
+        auto it = loaded_.find(param);
+        if (it != loaded_.end()) return c10::IValue(it->second);
+        ASSIGN_OR_RETURN(at::Tensor t, loader_(param, n->device() ? n->device()->str() : "cpu"));
+        loaded_.emplace(param, t);
+        return c10::IValue(t);
+      }
+      case fb::NodeKind::List: {
+        c10::impl::GenericList list(TypeOfKind(n->elem_kind()));
+        if (n->items()) {
+          list.reserve(n->items()->size());
+          for (const auto* c : *n->items()) {
+            ASSIGN_OR_RETURN(c10::IValue v, Decode(c, depth + 1));
+            list.push_back(std::move(v));
+          }
+        }
+        return c10::IValue(list);
+      }
+      case fb::NodeKind::Tuple: {
+        std::vector<c10::IValue> elems;
+        if (n->items()) {
+          for (const auto* c : *n->items()) {
+            ASSIGN_OR_RETURN(c10::IValue v, Decode(c, depth + 1));
+            elems.push_back(std::move(v));
+          }
+        }
+        return c10::IValue(c10::ivalue::Tuple::create(std::move(elems)));
+      }
+      case fb::NodeKind::Dict: {
+        c10::impl::GenericDict dict(TypeOfKind(n->key_kind()), TypeOfKind(n->elem_kind()));
+        size_t nk = n->keys() ? n->keys()->size() : 0;
+        size_t ni = n->items() ? n->items()->size() : 0;
+        if (nk != ni) return Corrupt("dict node has " + std::to_string(nk) + " keys and " +
+                                     std::to_string(ni) + " values");
+        for (size_t i = 0; i < nk; ++i) {
+          ASSIGN_OR_RETURN(c10::IValue k, Decode(n->keys()->Get(i), depth + 1));
+          ASSIGN_OR_RETURN(c10::IValue v, Decode(n->items()->Get(i), depth + 1));
+          dict.insert_or_assign(std::move(k), std::move(v));
+        }
+        return c10::IValue(dict);
+      }
+    }
+    return Corrupt("unknown node kind " + std::to_string(static_cast<int>(n->kind())));
+  }
+
+ private:
+  Status Corrupt(const std::string& what) {
+    return Status::Corruption("state tree of " + where_ + ": " + what);
+  }
+  const TensorLoader& loader_;
+  std::string where_;
+  std::unordered_map<std::string, at::Tensor> loaded_;
+};
+
+}  // namespace
+
+Result<EncodedState> EncodeState(const c10::IValue& state, const std::string& where) {
+  try {
+    return Encoder(where).Run(state);
+  } catch (const c10::Error& e) {
+    return Status::InvalidArgument(where + ": " + e.what_without_backtrace());
+  }
+}
+
+Result<c10::IValue> DecodeState(const fb::StateTree& tree, const TensorLoader& tensor_for,
+                                const std::string& where) {
+  try {
+    Decoder d(tensor_for, where);
+    return d.Decode(tree.root(), 0);
+  } catch (const c10::Error& e) {
+    return Status::Corruption(where + ": cannot rebuild the saved value: " +
+                              e.what_without_backtrace());
+  }
+}
+
+Result<fb::DType> ToDType(c10::ScalarType type, const std::string& where) {
+  switch (type) {
+    case c10::ScalarType::Bool: return fb::DType::Bool;
+    case c10::ScalarType::Byte: return fb::DType::UInt8;
+    case c10::ScalarType::Char: return fb::DType::Int8;
+    case c10::ScalarType::Short: return fb::DType::Int16;
+    case c10::ScalarType::Int: return fb::DType::Int32;
+    case c10::ScalarType::Long: return fb::DType::Int64;
+    case c10::ScalarType::Half: return fb::DType::Float16;
+    case c10::ScalarType::BFloat16: return fb::DType::BFloat16;
+    case c10::ScalarType::Float: return fb::DType::Float32;
+    case c10::ScalarType::Double: return fb::DType::Float64;
+    case c10::ScalarType::ComplexFloat: return fb::DType::ComplexFloat;
+    case c10::ScalarType::ComplexDouble: return fb::DType::ComplexDouble;
+    default:
+      return Status::InvalidArgument(where + ": dtype " + std::string(c10::toString(type)) +
+                                     " cannot be saved; supported: bool, uint8, int8, int16, "
+                                     "int32, int64, float16, bfloat16, float32, float64, "
+                                     "complex64, complex128");
+  }
+}
+
+c10::ScalarType ToScalarType(fb::DType dtype) {
+  switch (dtype) {
+    case fb::DType::Bool: return c10::ScalarType::Bool;
+    case fb::DType::UInt8: return c10::ScalarType::Byte;
+    case fb::DType::Int8: return c10::ScalarType::Char;
+    case fb::DType::Int16: return c10::ScalarType::Short;
+    case fb::DType::Int32: return c10::ScalarType::Int;
+    case fb::DType::Int64: return c10::ScalarType::Long;
+    case fb::DType::Float16: return c10::ScalarType::Half;
+    case fb::DType::BFloat16: return c10::ScalarType::BFloat16;
+    case fb::DType::Float32: return c10::ScalarType::Float;
+    case fb::DType::Float64: return c10::ScalarType::Double;
+    case fb::DType::ComplexFloat: return c10::ScalarType::ComplexFloat;
+    case fb::DType::ComplexDouble: return c10::ScalarType::ComplexDouble;
+  }
+  return c10::ScalarType::Undefined;
+}
+
+}  // namespace ckptkv

@@ -1,0 +1,51 @@
+// Conversion between LibTorch values and ckptkv records.
+//
+// EncodeState walks a c10::IValue and builds its StateTree record; every
+// tensor becomes a Tensor node naming a param path ("module/layer.weight",
+// "optimizer/state/0/exp_avg": dict keys and list indices joined by '/',
+// with '%' and '/' inside keys escaped as %25 and %2F). A tensor that appears
+// twice (same storage, offset, sizes, strides, dtype) is stored once and
+// both nodes name the same path, so load returns one shared tensor.
+//
+// DecodeState rebuilds the IValue from a verified tree, asking `tensor_for`
+// for each distinct param path once.
+#ifndef CKPTKV_ENGINE_STATE_CODEC_H_
+#define CKPTKV_ENGINE_STATE_CODEC_H_
+
+#include <ATen/core/ivalue.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "schema/records.h"
+#include "store/status.h"
+
+namespace ckptkv {
+
+struct StateTensor {
+  std::string param;
+  at::Tensor tensor;
+};
+
+struct EncodedState {
+  std::string tree;                  // StateTree record bytes
+  std::vector<StateTensor> tensors;  // distinct tensors to store
+};
+
+// `where` names the file in error messages. Fails with InvalidArgument for
+// values that cannot be stored (objects, futures, sparse tensors, ...).
+Result<EncodedState> EncodeState(const c10::IValue& state, const std::string& where);
+
+using TensorLoader =
+    std::function<Result<at::Tensor>(const std::string& param, const std::string& saved_device)>;
+Result<c10::IValue> DecodeState(const fb::StateTree& tree, const TensorLoader& tensor_for,
+                                const std::string& where);
+
+// Stable dtype codes <-> LibTorch scalar types.
+Result<fb::DType> ToDType(c10::ScalarType type, const std::string& where);
+c10::ScalarType ToScalarType(fb::DType dtype);
+
+}  // namespace ckptkv
+
+#endif  // CKPTKV_ENGINE_STATE_CODEC_H_
