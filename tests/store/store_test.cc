@@ -1,0 +1,564 @@
+// Store behaviour: commit atomicity, dedup, incremental cost, delete, gc,
+// verify, locking, bad input and corruption handling.
+#include <rocksdb/db.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <random>
+
+#include "store/block_codec.h"
+#include "store/names.h"
+#include "store/store.h"
+#include "tests/test_util.h"
+
+using namespace ckptkv;
+using ckptkv::testing::TempDir;
+
+namespace {
+
+constexpr uint32_t kChunk = 64 * 1024;
+
+StoreOptions SmallChunks() {
+  StoreOptions o;
+  o.chunk_size = kChunk;
+  o.inline_threshold = 256;
+  return o;
+}
+
+std::unique_ptr<Store> OpenStore(const std::string& dir, StoreOptions o = SmallChunks()) {
+  auto r = Store::Open(dir, o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  return std::move(r).value();
+}
+
+std::string EmptyTree() {
+  flatbuffers::FlatBufferBuilder b;
+  fb::NodeBuilder nb(b);
+  nb.add_kind(fb::NodeKind::None);
+  auto root = nb.Finish();
+  b.Finish(fb::CreateStateTree(b, root));
+  return std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
+}
+
+std::vector<uint8_t> RandomBytes(std::mt19937_64& rng, size_t n) {
+  std::vector<uint8_t> v(n);
+  for (auto& x : v) x = static_cast<uint8_t>(rng());
+  return v;
+}
+
+WriteStats Put(Store& s, const std::string& tag, const std::string& file, const std::string& param,
+               const std::vector<uint8_t>& bytes) {
+  TensorMeta meta;
+  meta.dtype = fb::DType::UInt8;
+  meta.shape = {static_cast<int64_t>(bytes.size())};
+  ByteSource src;
+  src.length = bytes.size();
+  src.data = bytes.data();
+  auto r = s.PutTensor(tag, file, param, meta, src);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  return r.value();
+}
+
+// Saves one file with the given tensors and commits the tag.
+TagInfo SaveTag(Store& s, const std::string& tag,
+                const std::map<std::string, std::vector<uint8_t>>& tensors,
+                const std::string& file = "mp_rank_00_model_states.pt") {
+  REQUIRE(s.BeginTag(tag).ok());
+  for (const auto& [param, bytes] : tensors) Put(s, tag, file, param, bytes);
+  REQUIRE(s.PutFile(tag, file, EmptyTree()).ok());
+  auto r = s.CommitTag(tag, CommitOptions());
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  return r.value();
+}
+
+std::vector<uint8_t> ReadBack(const Store& s, const std::string& tag, const std::string& file,
+                              const std::string& param) {
+  auto rec = s.GetTensorRecord(tag, file, param);
+  INFO(rec.status().ToString());
+  REQUIRE(rec.ok());
+  std::vector<uint8_t> out(rec.value()->byte_length());
+  Status st = s.ReadTensor(*rec.value().get(), out.data(), out.size(), tag + ":" + param);
+  INFO(st.ToString());
+  REQUIRE(st.ok());
+  return out;
+}
+
+// Opens the raw RocksDB database of a closed store, for corruption tests.
+struct RawDb {
+  std::unique_ptr<rocksdb::DB> db;
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  std::map<std::string, rocksdb::ColumnFamilyHandle*> cf;
+  explicit RawDb(const std::string& dir) {
+    std::vector<std::string> names;
+    REQUIRE(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), dir, &names).ok());
+    std::vector<rocksdb::ColumnFamilyDescriptor> descs;
+    rocksdb::ColumnFamilyOptions cfo;
+    cfo.enable_blob_files = true;
+    cfo.min_blob_size = 4096;
+    for (const auto& n : names) descs.emplace_back(n, cfo);
+    rocksdb::DBOptions o;
+    o.atomic_flush = true;
+    rocksdb::DB* raw;
+    REQUIRE(rocksdb::DB::Open(o, dir, descs, &handles, &raw).ok());
+    db.reset(raw);
+    for (size_t i = 0; i < names.size(); ++i) cf[names[i]] = handles[i];
+  }
+  ~RawDb() {
+    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("names are validated with messages that say what is valid", "[unit][store]") {
+  CHECK(ValidateTag("global_step100").ok());
+  CHECK(ValidateTag("").IsInvalidArgument());
+  CHECK(ValidateTag(std::string("a\0b", 3)).IsInvalidArgument());
+  CHECK(ValidateTag("a/b").message().find("path separator") != std::string::npos);
+  CHECK(ValidateTag("..").IsInvalidArgument());
+  CHECK(ValidateTag("latest").IsInvalidArgument());
+  CHECK(ValidateTag(std::string(256, 'x')).message().find("at most 255") != std::string::npos);
+  CHECK(ValidateFile("zero/layer.0.weight/fp32.pt").ok());
+  CHECK(ValidateFile("../x").IsInvalidArgument());
+  CHECK(ValidateFile("a//b").IsInvalidArgument());
+  CHECK(ValidateFile("/abs").IsInvalidArgument());
+  CHECK(ValidateFile(std::string(2000, 'f')).IsInvalidArgument());
+}
+
+TEST_CASE("block codec round-trips and rejects damaged blocks", "[unit][store]") {
+  std::mt19937_64 rng(1);
+  auto bytes = RandomBytes(rng, 5000);
+  std::vector<uint8_t> zeros(5000, 0);
+  for (Codec c : {Codec::kRaw, Codec::kZstd}) {
+    for (const auto* src : {&bytes, &zeros}) {
+      std::string enc = EncodeBlock(c, src->data(), src->size());
+      std::vector<uint8_t> out(src->size());
+      REQUIRE(DecodeBlock(enc, out.data(), out.size()).ok());
+      CHECK(out == *src);
+    }
+  }
+  std::string zenc = EncodeBlock(Codec::kZstd, zeros.data(), zeros.size());
+  CHECK(zenc.size() < 200);  // zeros compress
+  std::string renc = EncodeBlock(Codec::kZstd, bytes.data(), bytes.size());
+  CHECK(static_cast<uint8_t>(renc[0]) == static_cast<uint8_t>(Codec::kRaw));  // random does not
+  std::vector<uint8_t> out(5000);
+  CHECK(DecodeBlock(zenc.substr(0, zenc.size() - 3), out.data(), out.size()).IsCorruption());
+  CHECK(DecodeBlock(renc.substr(0, 100), out.data(), out.size()).IsCorruption());
+  CHECK(DecodeBlock("\x07xxxx", out.data(), out.size()).IsCorruption());
+  CHECK(DecodeBlock(renc, out.data(), 4999).IsCorruption());
+}
+
+TEST_CASE("a committed tag reads back bit-exact; pending tags are invisible", "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  std::mt19937_64 rng(7);
+  // Sizes around the inline threshold and chunk boundaries.
+  std::map<std::string, std::vector<uint8_t>> tensors;
+  for (size_t n : {size_t{0}, size_t{1}, size_t{256}, size_t{257}, size_t{kChunk - 1},
+                   size_t{kChunk}, size_t{kChunk + 1}, size_t{3 * kChunk + 17}}) {
+    tensors["p" + std::to_string(n)] = RandomBytes(rng, n);
+  }
+  REQUIRE(store->BeginTag("t1").ok());
+  for (const auto& [param, bytes] : tensors) Put(*store, "t1", "f", param, bytes);
+  REQUIRE(store->PutFile("t1", "f", EmptyTree()).ok());
+  // Not visible before commit.
+  CHECK(store->ListTags()->empty());
+  CHECK(store->GetTensorRecord("t1", "f", "p1").status().IsNotFound());
+  auto info = store->CommitTag("t1", CommitOptions());
+  REQUIRE(info.ok());
+  CHECK(info->tensors == tensors.size());
+  CHECK(info->files == std::vector<std::string>{"f"});
+  uint64_t logical = 0;
+  for (const auto& [p, b] : tensors) logical += b.size();
+  CHECK(info->logical_bytes == logical);
+  for (const auto& [param, bytes] : tensors) CHECK(ReadBack(*store, "t1", "f", param) == bytes);
+  CHECK(*store->Latest().value() == "t1");
+
+  // Survives reopening.
+  store.reset();
+  store = OpenStore(dir.path());
+  for (const auto& [param, bytes] : tensors) CHECK(ReadBack(*store, "t1", "f", param) == bytes);
+  auto params = store->ListParams("t1", "f");
+  REQUIRE(params.ok());
+  CHECK(params->size() == tensors.size());
+}
+
+TEST_CASE("saves write only new chunks and report what they cost", "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  std::mt19937_64 rng(11);
+  std::map<std::string, std::vector<uint8_t>> state;
+  for (int i = 0; i < 6; ++i) state["w" + std::to_string(i)] = RandomBytes(rng, 4 * kChunk);
+  TagInfo first = SaveTag(*store, "s1", state);
+  CHECK(first.new_bytes == 6 * 4 * kChunk);
+  CHECK(first.new_blocks == 24);
+
+  // Unchanged: nothing new.
+  TagInfo same = SaveTag(*store, "s2", state);
+  CHECK(same.new_bytes == 0);
+  CHECK(same.logical_bytes == first.logical_bytes);
+
+  // One byte in one chunk of one tensor changes: exactly one chunk is new.
+  state["w3"][kChunk * 2 + 5] ^= 0xff;
+  TagInfo one = SaveTag(*store, "s3", state);
+  CHECK(one.new_blocks == 1);
+  CHECK(one.new_bytes == kChunk);
+
+  // The same bytes under another file (rank) and param name are shared too.
+  REQUIRE(store->BeginTag("s4").ok());
+  WriteStats ws = Put(*store, "s4", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "other",
+                      state["w0"]);
+  REQUIRE(store->PutFile("s4", "zero_pp_rank_1_mp_rank_00_optim_states.pt", EmptyTree()).ok());
+  REQUIRE(store->CommitTag("s4", CommitOptions()).ok());
+  CHECK(ws.new_bytes == 0);
+  CHECK(ws.chunks == 4);
+
+  // Identical chunks inside one tensor are stored once.
+  std::vector<uint8_t> repeated(8 * kChunk, 0x5a);
+  REQUIRE(store->BeginTag("s5").ok());
+  WriteStats rs = Put(*store, "s5", "f", "rep", repeated);
+  CHECK(rs.new_blocks == 1);
+  store->AbortTag("s5");
+}
+
+TEST_CASE("commit refuses to replace a tag unless asked; overwrite replaces atomically",
+          "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  std::mt19937_64 rng(3);
+  auto a = RandomBytes(rng, 3 * kChunk);
+  auto b = RandomBytes(rng, 2 * kChunk);
+  SaveTag(*store, "t", {{"x", a}, {"only_old", a}});
+  Status again = store->BeginTag("t");
+  CHECK(again.IsAlreadyExists());
+  CHECK(again.message().find("'t'") != std::string::npos);
+
+  REQUIRE(store->BeginTag("t", /*overwrite=*/true).ok());
+  Put(*store, "t", "mp_rank_00_model_states.pt", "x", b);
+  REQUIRE(store->PutFile("t", "mp_rank_00_model_states.pt", EmptyTree()).ok());
+  REQUIRE(store->CommitTag("t", CommitOptions()).ok());
+  CHECK(ReadBack(*store, "t", "mp_rank_00_model_states.pt", "x") == b);
+  CHECK(store->GetTensorRecord("t", "mp_rank_00_model_states.pt", "only_old").status().IsNotFound());
+  CHECK(store->ListTags()->size() == 1);
+}
+
+TEST_CASE("writes without create are refused and name the tag", "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  std::vector<uint8_t> bytes(10, 1);
+  TensorMeta meta;
+  meta.dtype = fb::DType::UInt8;
+  meta.shape = {10};
+  ByteSource src{10, bytes.data(), nullptr};
+  Status put = store->PutTensor("nope", "f", "p", meta, src).status();
+  CHECK(put.code() == Status::Code::kFailedPrecondition);
+  CHECK(put.message().find("create") != std::string::npos);
+  Status commit = store->CommitTag("nope", CommitOptions()).status();
+  CHECK(commit.code() == Status::Code::kFailedPrecondition);
+  CHECK(commit.message().find("'nope'") != std::string::npos);
+  // Shape / length mismatch is bad input.
+  REQUIRE(store->BeginTag("t").ok());
+  meta.shape = {11};
+  CHECK(store->PutTensor("t", "f", "p", meta, src).status().IsInvalidArgument());
+  CHECK(store->BeginTag("bad/tag").IsInvalidArgument());
+}
+
+TEST_CASE("missing tags, files and params are NotFound and list what exists", "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SaveTag(*store, "alpha", {{"w", std::vector<uint8_t>(100, 1)}});
+  Status t = store->GetTag("beta").status();
+  CHECK(t.IsNotFound());
+  CHECK(t.message().find("alpha") != std::string::npos);
+  Status f = store->GetFileTree("alpha", "nofile").status();
+  CHECK(f.IsNotFound());
+  CHECK(f.message().find("mp_rank_00_model_states.pt") != std::string::npos);
+  Status p = store->GetTensorRecord("alpha", "mp_rank_00_model_states.pt", "v").status();
+  CHECK(p.IsNotFound());
+  CHECK(p.message().find("'w'") == std::string::npos);  // lists names unquoted
+  CHECK(p.message().find("w") != std::string::npos);
+}
+
+TEST_CASE("delete and gc reclaim exactly the blocks no tag needs", "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  std::mt19937_64 rng(5);
+  auto shared = RandomBytes(rng, 4 * kChunk);
+  auto only1 = RandomBytes(rng, 3 * kChunk);
+  auto only2 = RandomBytes(rng, 2 * kChunk);
+  SaveTag(*store, "a", {{"s", shared}, {"u", only1}});
+  SaveTag(*store, "b", {{"s", shared}, {"u", only2}});
+  CHECK(*store->Latest().value() == "b");
+
+  auto dry = store->Gc(/*dry_run=*/true);
+  REQUIRE(dry.ok());
+  CHECK(dry->blocks_removed == 0);
+
+  REQUIRE(store->DeleteTag("b").ok());
+  CHECK(*store->Latest().value() == "a");  // latest moves back
+  CHECK(store->GetTag("b").status().IsNotFound());
+  CHECK(store->DeleteTag("b").IsNotFound());
+
+  auto preview = store->Gc(true);
+  REQUIRE(preview.ok());
+  CHECK(preview->blocks_removed == 2);
+  CHECK(preview->bytes_removed == 2 * kChunk);
+  auto gc = store->Gc(false);
+  REQUIRE(gc.ok());
+  CHECK(gc->blocks_removed == 2);
+  CHECK(gc->bytes_removed == 2 * kChunk);
+  CHECK(gc->blocks_live == 7);
+  CHECK(ReadBack(*store, "a", "mp_rank_00_model_states.pt", "s") == shared);
+  CHECK(ReadBack(*store, "a", "mp_rank_00_model_states.pt", "u") == only1);
+  CHECK(store->Verify()->ok());
+
+  REQUIRE(store->DeleteTag("a").ok());
+  CHECK(!store->Latest().value().has_value());
+  auto gc2 = store->Gc(false);
+  REQUIRE(gc2.ok());
+  CHECK(gc2->blocks_removed == 7);
+  CHECK(gc2->blocks_live == 0);
+}
+
+TEST_CASE("gc keeps blocks a pending save relies on", "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  std::mt19937_64 rng(9);
+  auto data = RandomBytes(rng, 3 * kChunk);
+  SaveTag(*store, "old", {{"w", data}});
+  REQUIRE(store->BeginTag("new").ok());
+  Put(*store, "new", "f", "w", data);  // dedups against "old"
+  REQUIRE(store->DeleteTag("old").ok());
+  auto gc = store->Gc(false);
+  REQUIRE(gc.ok());
+  CHECK(gc->blocks_removed == 0);
+  REQUIRE(store->PutFile("new", "f", EmptyTree()).ok());
+  REQUIRE(store->CommitTag("new", CommitOptions()).ok());
+  CHECK(ReadBack(*store, "new", "f", "w") == data);
+  // An aborted save leaves garbage that gc finds.
+  REQUIRE(store->BeginTag("dropped").ok());
+  Put(*store, "dropped", "f", "w", RandomBytes(rng, kChunk));
+  store->AbortTag("dropped");
+  CHECK(store->Gc(false)->blocks_removed == 1);
+}
+
+TEST_CASE("a second writer gets a clear lock error", "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  auto again = Store::Open(dir.path(), SmallChunks());
+  REQUIRE(again.status().IsBusy());
+  CHECK(again.status().message().find("locked by this process") != std::string::npos);
+
+  // Another process.
+  store.reset();
+  int ready[2];
+  REQUIRE(pipe(ready) == 0);
+  pid_t pid = fork();
+  if (pid == 0) {
+    auto held = Store::Open(dir.path(), SmallChunks());
+    char c = held.ok() ? 'y' : 'n';
+    (void)!write(ready[1], &c, 1);
+    pause();
+    _exit(0);
+  }
+  char c = 0;
+  REQUIRE(read(ready[0], &c, 1) == 1);
+  REQUIRE(c == 'y');
+  auto locked = Store::Open(dir.path(), SmallChunks());
+  CHECK(locked.status().IsBusy());
+  CHECK(locked.status().message().find("process " + std::to_string(pid)) != std::string::npos);
+  // Readers are not blocked.
+  StoreOptions ro = SmallChunks();
+  ro.read_only = true;
+  auto reader = Store::Open(dir.path(), ro);
+  CHECK(reader.ok());
+  kill(pid, SIGKILL);
+  waitpid(pid, nullptr, 0);
+  CHECK(Store::Open(dir.path(), SmallChunks()).ok());  // released by the dead process
+}
+
+TEST_CASE("a directory that is not a store is refused, not damaged", "[unit][store]") {
+  TempDir dir;
+  {
+    std::ofstream(dir.Sub("notes.txt")) << "hello";
+  }
+  auto r = Store::Open(dir.path(), SmallChunks());
+  REQUIRE(r.status().IsInvalidArgument());
+  CHECK(r.status().message().find("not a ckptkv store") != std::string::npos);
+  CHECK(!std::filesystem::exists(dir.Sub("OWNER")));
+
+  // A RocksDB database of someone else.
+  std::string other = dir.Sub("other");
+  {
+    rocksdb::Options o;
+    o.create_if_missing = true;
+    rocksdb::DB* db;
+    REQUIRE(rocksdb::DB::Open(o, other, &db).ok());
+    delete db;
+  }
+  auto r2 = Store::Open(other, SmallChunks());
+  REQUIRE(r2.status().IsInvalidArgument());
+  CHECK(r2.status().message().find("not a ckptkv store") != std::string::npos);
+
+  // Read-only open of a missing store does not create it.
+  StoreOptions ro;
+  ro.read_only = true;
+  CHECK(Store::Open(dir.Sub("missing"), ro).status().IsNotFound());
+  CHECK(!std::filesystem::exists(dir.Sub("missing")));
+}
+
+TEST_CASE("a store keeps the chunk size it was created with", "[unit][store]") {
+  TempDir dir;
+  OpenStore(dir.path()).reset();
+  StoreOptions other;
+  other.chunk_size = 1 << 20;
+  auto store = OpenStore(dir.path(), other);
+  CHECK(store->chunk_size() == kChunk);
+  StoreOptions bad;
+  bad.chunk_size = 100;
+  CHECK(Store::Open(dir.Sub("tiny"), bad).status().IsInvalidArgument());
+}
+
+TEST_CASE("read-only stores refuse writes", "[unit][store]") {
+  TempDir dir;
+  {
+    auto store = OpenStore(dir.path());
+    SaveTag(*store, "t", {{"w", std::vector<uint8_t>(1000, 3)}});
+  }
+  StoreOptions ro = SmallChunks();
+  ro.read_only = true;
+  auto store = OpenStore(dir.path(), ro);
+  CHECK(store->BeginTag("u").code() == Status::Code::kFailedPrecondition);
+  CHECK(store->DeleteTag("t").code() == Status::Code::kFailedPrecondition);
+  CHECK(ReadBack(*store, "t", "mp_rank_00_model_states.pt", "w") == std::vector<uint8_t>(1000, 3));
+}
+
+TEST_CASE("corrupt blocks and records are Corruption errors that name the tensor",
+          "[unit][store]") {
+  TempDir dir;
+  std::mt19937_64 rng(13);
+  auto good = RandomBytes(rng, 2 * kChunk);
+  auto victim = RandomBytes(rng, 2 * kChunk);
+  std::string bad_digest;
+  {
+    auto store = OpenStore(dir.path());
+    SaveTag(*store, "t", {{"good", good}, {"victim", victim}});
+    SaveTag(*store, "u", {{"victim", victim}});
+    auto rec = store->GetTensorRecord("t", "mp_rank_00_model_states.pt", "victim");
+    REQUIRE(rec.ok());
+    const auto* d = rec.value()->chunks()->Get(1);
+    bad_digest = Digest{d->lo(), d->hi()}.Key();
+  }
+  {
+    RawDb raw(dir.path());
+    std::string value;
+    REQUIRE(raw.db->Get(rocksdb::ReadOptions(), raw.cf["blocks"], bad_digest, &value).ok());
+    value[kBlockHeaderSize + 100] ^= 0x01;  // flip one bit of the payload
+    REQUIRE(raw.db->Put(rocksdb::WriteOptions(), raw.cf["blocks"], bad_digest, value).ok());
+  }
+  auto store = OpenStore(dir.path());
+  CHECK(ReadBack(*store, "t", "mp_rank_00_model_states.pt", "good") == good);
+  auto rec = store->GetTensorRecord("t", "mp_rank_00_model_states.pt", "victim");
+  REQUIRE(rec.ok());
+  std::vector<uint8_t> out(rec.value()->byte_length());
+  Status s = store->ReadTensor(*rec.value().get(), out.data(), out.size(), "t/victim");
+  CHECK(s.IsCorruption());
+  CHECK(s.message().find("does not match its digest") != std::string::npos);
+
+  auto report = store->Verify();
+  REQUIRE(report.ok());
+  REQUIRE(report->problems.size() == 2);  // both tags need the block
+  std::set<std::string> tags;
+  for (const auto& p : report->problems) {
+    tags.insert(p.tag);
+    CHECK(p.param == "victim");
+    CHECK(p.file == "mp_rank_00_model_states.pt");
+    CHECK(!p.digest.empty());
+  }
+  CHECK(tags == std::set<std::string>{"t", "u"});
+  CHECK(store->Verify(std::string("t"))->problems.size() == 1);
+
+  // Damage a tensor record and a commit record.
+  store.reset();
+  {
+    RawDb raw(dir.path());
+    REQUIRE(raw.db->Put(rocksdb::WriteOptions(), raw.cf["tensors"],
+                        TensorKey("t", "mp_rank_00_model_states.pt", "good"), "garbage!")
+                .ok());
+    REQUIRE(raw.db->Put(rocksdb::WriteOptions(), raw.cf["tags"], "u", "not a record").ok());
+  }
+  store = OpenStore(dir.path());
+  Status rs = store->GetTensorRecord("t", "mp_rank_00_model_states.pt", "good").status();
+  CHECK(rs.IsCorruption());
+  CHECK(rs.message().find("good") != std::string::npos);
+  Status ls = store->ListTags().status();
+  CHECK(ls.IsCorruption());
+  CHECK(ls.message().find("tags/u") != std::string::npos);
+  // gc refuses to sweep on a damaged catalog.
+  CHECK(store->Gc(false).status().IsCorruption());
+}
+
+TEST_CASE("randomized operations agree with a model", "[unit][store]") {
+  uint64_t seed = ckptkv::testing::TestSeed("store model test");
+  std::mt19937_64 rng(seed);
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  // A pool of chunk-sized pieces so that tensors share chunks.
+  std::vector<std::vector<uint8_t>> pieces;
+  for (int i = 0; i < 12; ++i) pieces.push_back(RandomBytes(rng, kChunk));
+  std::map<std::string, std::map<std::string, std::vector<uint8_t>>> model;
+  int next = 0;
+  for (int step = 0; step < 60; ++step) {
+    int op = static_cast<int>(rng() % 10);
+    if (op < 6 || model.empty()) {
+      std::map<std::string, std::vector<uint8_t>> tensors;
+      int nt = 1 + static_cast<int>(rng() % 4);
+      for (int t = 0; t < nt; ++t) {
+        std::vector<uint8_t> bytes;
+        int np = static_cast<int>(rng() % 4);
+        for (int p = 0; p < np; ++p) {
+          const auto& piece = pieces[rng() % pieces.size()];
+          bytes.insert(bytes.end(), piece.begin(), piece.end());
+        }
+        auto tail = RandomBytes(rng, rng() % 3000);
+        bytes.insert(bytes.end(), tail.begin(), tail.end());
+        tensors["p" + std::to_string(t)] = bytes;
+      }
+      std::string tag = "tag" + std::to_string(next++);
+      SaveTag(*store, tag, tensors);
+      model[tag] = tensors;
+    } else if (op < 8) {
+      auto it = model.begin();
+      std::advance(it, rng() % model.size());
+      REQUIRE(store->DeleteTag(it->first).ok());
+      model.erase(it);
+    } else if (op == 8) {
+      REQUIRE(store->Gc(false).ok());
+    } else {
+      store.reset();
+      store = OpenStore(dir.path());
+    }
+    auto tags = store->ListTags();
+    REQUIRE(tags.ok());
+    REQUIRE(tags->size() == model.size());
+  }
+  for (const auto& [tag, tensors] : model) {
+    for (const auto& [param, bytes] : tensors) {
+      CHECK(ReadBack(*store, tag, "mp_rank_00_model_states.pt", param) == bytes);
+    }
+  }
+  auto report = store->Verify();
+  REQUIRE(report.ok());
+  CHECK(report->ok());
+  // Everything gc leaves is referenced: deleting all tags frees all blocks.
+  for (const auto& [tag, tensors] : model) REQUIRE(store->DeleteTag(tag).ok());
+  REQUIRE(store->Gc(false).ok());
+  CHECK(store->Gc(true)->blocks_scanned == 0);
+}
