@@ -571,8 +571,15 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
     std::lock_guard<std::mutex> lock(mu_);
     if (!pending->pinned.insert(d).second) return Status::OK();  // already handled in this tag
   }
-  ASSIGN_OR_RETURN(bool have, HasBlock(d));
-  if (have) return Status::OK();
+  auto unpin = [&](Status s) {
+    // A failed write must not let a retry of this tag skip the chunk.
+    std::lock_guard<std::mutex> lock(mu_);
+    pending->pinned.erase(d);
+    return s;
+  };
+  Result<bool> have = HasBlock(d);
+  if (!have.ok()) return unpin(have.status());
+  if (have.value()) return Status::OK();
   std::string value = EncodeBlock(codec_, data, len);
   rocksdb::WriteBatch batch;
   std::string key = d.Key();
@@ -581,11 +588,12 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
             EncodeIndexValue(static_cast<uint32_t>(len), static_cast<uint32_t>(value.size()),
                              static_cast<Codec>(value[0])));
   rocksdb::WriteOptions wo;
-  if (options_.block_durability == BlockDurability::kFlush) {
-    wo.disableWAL = true;
-    unflushed_blocks_ = true;
-  }
-  RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "writing block " + d.Hex()));
+  wo.disableWAL = options_.block_durability == BlockDurability::kFlush;
+  Status st = FromRocks(db_->Write(wo, &batch), "writing block " + d.Hex());
+  if (!st.ok()) return unpin(st);
+  // Set after the write: a commit that saw this block (through the index)
+  // also sees the flag and flushes it.
+  if (wo.disableWAL) unflushed_blocks_ = true;
   stats->new_blocks += 1;
   stats->new_bytes += len;
   stats->stored_new_bytes += value.size();
@@ -1059,13 +1067,14 @@ Result<GcStats> Store::Gc(bool dry_run) {
   rocksdb::WriteOptions wo;
   wo.sync = true;
   RETURN_IF_ERROR(FromRocks(impl_->db_->Write(wo, &batch), "deleting unreferenced blocks"));
-  // Rewrite the block tables so that blob files holding only dead blocks go.
+  // Compact the block tables so that their references to dead blocks go:
+  // blob files no table references any more are then deleted, and blob GC
+  // relocates live blocks out of the oldest quarter of blob files (the
+  // column family's cutoff) instead of rewriting the whole store.
   rocksdb::FlushOptions fo;
   RETURN_IF_ERROR(FromRocks(impl_->db_->Flush(fo, {impl_->blocks_, impl_->index_}), "gc flush"));
   rocksdb::CompactRangeOptions co;
   co.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
-  co.blob_garbage_collection_policy = rocksdb::BlobGarbageCollectionPolicy::kForce;
-  co.blob_garbage_collection_age_cutoff = 1.0;
   RETURN_IF_ERROR(FromRocks(impl_->db_->CompactRange(co, impl_->blocks_, nullptr, nullptr),
                             "gc compaction of blocks"));
   RETURN_IF_ERROR(FromRocks(impl_->db_->CompactRange(co, impl_->index_, nullptr, nullptr),

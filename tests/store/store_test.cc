@@ -325,6 +325,8 @@ TEST_CASE("delete and gc reclaim exactly the blocks no tag needs", "[unit][store
   REQUIRE(gc2.ok());
   CHECK(gc2->blocks_removed == 7);
   CHECK(gc2->blocks_live == 0);
+  // The blob files that held them are gone from disk.
+  CHECK(gc2->disk_bytes_after + 7 * kChunk / 2 < gc2->disk_bytes_before);
 }
 
 TEST_CASE("gc keeps blocks a pending save relies on", "[unit][store]") {
