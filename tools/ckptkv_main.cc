@@ -1,0 +1,130 @@
+// ckptkv: the command-line program.
+//
+//   ckptkv demo   [--db DIR] [--steps N] [--every K]
+//   ckptkv bench  [--dir DIR] [--size-mb N] [--json] [--durability flush|wal] [--chunk-kb N]
+//   ckptkv ls     --db DIR [--json]
+//   ckptkv verify --db DIR [--tag T] [--json]
+//   ckptkv gc     --db DIR [--dry-run] [--json]
+//   ckptkv rm     --db DIR TAG
+//
+// Exit codes: 0 success; 1 usage errors, missing stores or tags and other
+// failures; 2 corruption (verify problems, a checkpoint that loads wrong);
+// 3 a demo whose resumed run diverges.
+#include <c10/util/Exception.h>
+
+#include <iostream>
+#include <optional>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "store/status.h"
+#include "tools/admin.h"
+#include "tools/bench.h"
+#include "tools/demo.h"
+
+namespace {
+
+int Run(int argc, char** argv) {
+  using namespace ckptkv::tools;
+  CLI::App app{"ckptkv: content-addressed checkpoint store for deep-learning training"};
+  app.require_subcommand(1);
+
+  DemoOptions demo;
+  auto* demo_cmd = app.add_subcommand(
+      "demo", "train a small model, checkpoint it, resume and check the losses match");
+  demo_cmd->add_option("--db", demo.db, "store directory (default ./ckptkv-demo, recreated)");
+  demo_cmd->add_option("--steps", demo.steps, "training steps")->check(CLI::Range(3, 100000));
+  demo_cmd->add_option("--every", demo.every, "checkpoint every K steps")->check(CLI::Range(1, 100000));
+  demo_cmd->add_option("--hidden", demo.hidden, "MLP width")->check(CLI::Range(8, 8192));
+  demo_cmd->add_option("--vocab", demo.vocab, "rows of the frozen embedding")
+      ->check(CLI::Range(16, 1 << 24));
+  demo_cmd->add_flag("--keep-files", demo.keep_files, "keep the plain-file checkpoints (<db>-files)");
+  demo_cmd->add_flag("-v,--verbose", demo.verbose, "show the engines' log lines");
+
+  BenchOptions bench;
+  auto* bench_cmd = app.add_subcommand(
+      "bench", "measure ckptkv against raw writes and torch files on a synthetic state dict");
+  bench_cmd->add_option("--dir", bench.dir,
+                        "parent directory for the scratch data (default /tmp); a fresh "
+                        "subdirectory is made and removed");
+  bench_cmd->add_option("--size-mb", bench.size_mb, "MiB of tensors in the state dict")
+      ->check(CLI::Range(8, 1 << 20));
+  bench_cmd->add_flag("--json", bench.json, "print one JSON object instead of tables");
+  bench_cmd->add_option("--durability", bench.durability, "block durability of the main kv store")
+      ->check(CLI::IsMember({"flush", "wal"}));
+  bench_cmd->add_flag("!--no-alt", bench.alt_durability,
+                      "skip the full save with the other block durability");
+  bench_cmd->add_option("--chunk-kb", bench.chunk_kb, "chunk size of the stores in KiB")
+      ->check(CLI::Range(4, 64 * 1024));
+  bench_cmd->add_option("--threads", bench.threads, "store hashing workers (0 = store default)");
+  bench_cmd->add_option("--series", bench.series_saves, "saves in the frozen-base series")
+      ->check(CLI::Range(2, 1000));
+  bench_cmd->add_flag("!--no-drop-caches", bench.drop_caches,
+                      "do not drop the page cache before the load scenarios");
+  bench_cmd->add_flag("--keep", bench.keep, "keep the scratch directory");
+  bench_cmd->add_flag("-v,--verbose", bench.verbose, "show the engines' log lines");
+
+  std::string db;
+  bool json = false;
+  auto* ls_cmd = app.add_subcommand("ls", "list the committed tags of a store");
+  ls_cmd->add_option("--db", db, "store directory")->required();
+  ls_cmd->add_flag("--json", json, "JSON output");
+
+  std::string tag;
+  auto* verify_cmd = app.add_subcommand("verify", "re-hash every block of a tag (or every tag)");
+  verify_cmd->add_option("--db", db, "store directory")->required();
+  verify_cmd->add_option("--tag", tag, "only this tag");
+  verify_cmd->add_flag("--json", json, "JSON output");
+
+  bool dry_run = false;
+  auto* gc_cmd = app.add_subcommand("gc", "remove blocks no tag references");
+  gc_cmd->add_option("--db", db, "store directory")->required();
+  gc_cmd->add_flag("--dry-run", dry_run, "only count what would be removed");
+  gc_cmd->add_flag("--json", json, "JSON output");
+
+  auto* rm_cmd = app.add_subcommand("rm", "delete a committed tag (then gc reclaims its blocks)");
+  rm_cmd->add_option("--db", db, "store directory")->required();
+  rm_cmd->add_option("tag", tag, "tag to delete")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : 1;
+  }
+
+  if (*demo_cmd) {
+    demo.db_given = demo_cmd->count("--db") > 0;
+    return RunDemo(demo);
+  }
+  if (*bench_cmd) return RunBench(bench);
+  if (*ls_cmd) return RunLs(db, json);
+  if (*verify_cmd) {
+    std::optional<std::string> t;
+    if (verify_cmd->count("--tag") > 0) t = tag;
+    return RunVerify(db, t, json);
+  }
+  if (*gc_cmd) return RunGc(db, dry_run, json);
+  if (*rm_cmd) return RunRm(db, tag);
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const ckptkv::StatusError& e) {
+    return ckptkv::tools::ReportError(e.status());
+  } catch (const c10::Error& e) {
+    std::cerr << "error: " << e.what_without_backtrace() << std::endl;
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+    return 1;
+  } catch (...) {
+    std::cerr << "error: unknown exception" << std::endl;
+    return 1;
+  }
+}
