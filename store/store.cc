@@ -50,6 +50,15 @@ constexpr double kGcBlobAgeCutoff = 0.25;
 // Index value: raw length u32, stored length u32, codec u8 (little-endian).
 constexpr size_t kIndexValueSize = 9;
 
+// Keys in the `blocks` column family: the payload, and a small presence
+// record (the index value) written in the same batch. Both are in one
+// column family so that one flush persists both; gc finds blocks that no
+// commit indexed by scanning the presence records, never the payloads.
+constexpr char kPayloadPrefix = 'B';
+constexpr char kPresencePrefix = 'P';
+std::string PayloadKey(const Digest& d) { return kPayloadPrefix + d.Key(); }
+std::string PresenceKey(const Digest& d) { return kPresencePrefix + d.Key(); }
+
 std::string EncodeIndexValue(uint32_t raw, uint32_t stored, Codec codec) {
   std::string v(kIndexValueSize, '\0');
   for (int i = 0; i < 4; ++i) {
@@ -272,6 +281,9 @@ struct PendingTag {
   std::string parent;
   std::map<std::string, PendingFile> files;
   std::unordered_set<Digest, DigestHash> pinned;  // every digest referenced
+  // Referenced blocks that the index does not list yet (digest -> index
+  // value): the commit batch indexes them.
+  std::unordered_map<Digest, std::string, DigestHash> unindexed;
   WriteStats stats;
 };
 
@@ -294,8 +306,11 @@ class Store::Impl {
   Codec codec_ = Codec::kRaw;
   std::unique_ptr<ThreadPool> pool_;
 
-  mutable std::mutex mu_;  // guards pending_, next_sequence_
+  mutable std::mutex mu_;  // guards pending_, written_, next_sequence_
   std::map<std::string, PendingTag> pending_;
+  // Blocks this process wrote that no commit has indexed yet (digest ->
+  // index value), so that saves of other pending tags dedup against them.
+  std::unordered_map<Digest, std::string, DigestHash> written_;
   uint64_t next_sequence_ = 1;
   // Set when blocks were written without the WAL and not yet flushed.
   std::atomic<bool> unflushed_blocks_{false};
@@ -325,7 +340,8 @@ class Store::Impl {
     if (s.IsNotFound()) return Status::NotFound(what);
     return FromRocks(s, what);
   }
-  Result<bool> HasBlock(const Digest& d) const {
+  // Whether a commit has indexed the block (reads only `index`).
+  Result<bool> IsIndexed(const Digest& d) const {
     std::string v;
     rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), index_, d.Key(), &v);
     if (s.IsNotFound()) return false;
@@ -390,9 +406,9 @@ Status Store::Impl::Open() {
   rocksdb::DBOptions dbo;
   dbo.create_if_missing = true;
   dbo.create_missing_column_families = true;
-  // Blocks may skip the WAL: flushing every column family together keeps
-  // `blocks` and `index` consistent with each other after a crash.
-  dbo.atomic_flush = true;
+  // No atomic_flush: a block and its presence record share one column
+  // family, and index entries are written by the commit after the blocks
+  // are flushed, so no two column families need to flush together.
   dbo.max_background_jobs = 4;
   dbo.bytes_per_sync = 8 << 20;
   dbo.wal_bytes_per_sync = 8 << 20;
@@ -579,6 +595,11 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!pending->pinned.insert(d).second) return Status::OK();  // already handled in this tag
+    auto w = written_.find(d);
+    if (w != written_.end()) {  // written by a save not yet committed
+      pending->unindexed[d] = w->second;
+      return Status::OK();
+    }
   }
   auto unpin = [&](Status s) {
     // A failed write must not let a retry of this tag skip the chunk.
@@ -586,22 +607,27 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
     pending->pinned.erase(d);
     return s;
   };
-  Result<bool> have = HasBlock(d);
-  if (!have.ok()) return unpin(have.status());
-  if (have.value()) return Status::OK();
+  Result<bool> indexed = IsIndexed(d);
+  if (!indexed.ok()) return unpin(indexed.status());
+  if (indexed.value()) return Status::OK();
   std::string value = EncodeBlock(codec_, data, len);
+  std::string index_value = EncodeIndexValue(static_cast<uint32_t>(len),
+                                             static_cast<uint32_t>(value.size()),
+                                             static_cast<Codec>(value[0]));
   rocksdb::WriteBatch batch;
-  std::string key = d.Key();
-  batch.Put(blocks_, key, value);
-  batch.Put(index_, key,
-            EncodeIndexValue(static_cast<uint32_t>(len), static_cast<uint32_t>(value.size()),
-                             static_cast<Codec>(value[0])));
+  batch.Put(blocks_, PayloadKey(d), value);
+  batch.Put(blocks_, PresenceKey(d), index_value);
   rocksdb::WriteOptions wo;
   wo.disableWAL = options_.block_durability == BlockDurability::kFlush;
   Status st = FromRocks(db_->Write(wo, &batch), "writing block " + d.Hex());
   if (!st.ok()) return unpin(st);
-  // Set after the write: a commit that saw this block (through the index)
-  // also sees the flag and flushes it.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    written_[d] = index_value;
+    pending->unindexed[d] = std::move(index_value);
+  }
+  // Set after the write: a commit that saw this block also sees the flag
+  // and flushes it.
   if (wo.disableWAL) unflushed_blocks_ = true;
   stats->new_blocks += 1;
   stats->new_bytes += len;
@@ -761,7 +787,7 @@ Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& op
     rocksdb::FlushOptions fo;
     fo.wait = true;
     fo.allow_write_stall = true;
-    rocksdb::Status s = impl_->db_->Flush(fo, {impl_->blocks_, impl_->index_});
+    rocksdb::Status s = impl_->db_->Flush(fo, impl_->blocks_);
     if (!s.ok()) {
       impl_->unflushed_blocks_ = true;
       return FromRocks(s, "flushing blocks before committing tag " + Quote(tag));
@@ -798,6 +824,10 @@ Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& op
     std::lock_guard<std::mutex> lock(impl_->mu_);
     info.sequence = impl_->next_sequence_;
   }
+  // Index entries only now: an indexed block is always a durable block.
+  for (const auto& [d, index_value] : pending.unindexed) {
+    batch.Put(impl_->index_, d.Key(), index_value);
+  }
   batch.Put(impl_->tags_, tag, BuildCommitRecord(info));
   batch.Put(impl_->meta_, kNextSequenceKey, EncodeU64(info.sequence + 1));
   if (options.set_latest) batch.Put(impl_->meta_, kLatestKey, tag);
@@ -807,6 +837,7 @@ Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& op
   KillPoint("commit.after_batch");
   std::lock_guard<std::mutex> lock(impl_->mu_);
   impl_->next_sequence_ = info.sequence + 1;
+  for (const auto& entry : pending.unindexed) impl_->written_.erase(entry.first);
   impl_->pending_.erase(tag);
   return info;
 }
@@ -932,7 +963,7 @@ Status Store::ReadTensor(const fb::TensorRecord& r, uint8_t* dst, uint64_t len,
     std::vector<std::string> keys(m);
     std::vector<rocksdb::Slice> slices(m);
     for (size_t k = 0; k < m; ++k) {
-      keys[k] = FromFb(*chunks[first + k]).Key();
+      keys[k] = PayloadKey(FromFb(*chunks[first + k]));
       slices[k] = keys[k];
     }
     std::vector<rocksdb::PinnableSlice> values(m);
@@ -1048,26 +1079,58 @@ Result<GcStats> Store::Gc(bool dry_run) {
   std::unordered_set<Digest, DigestHash> live;
   RETURN_IF_ERROR(impl_->MarkLive(&live));
   rocksdb::WriteBatch batch;
+  auto remove = [&](const Digest& d, uint32_t raw, uint32_t stored) {
+    stats.blocks_removed++;
+    stats.bytes_removed += raw;
+    stats.stored_bytes_removed += stored;
+    if (dry_run) return;
+    batch.Delete(impl_->blocks_, PayloadKey(d));
+    batch.Delete(impl_->blocks_, PresenceKey(d));
+  };
+  // Indexed blocks no committed or pending tag references.
+  std::unordered_set<Digest, DigestHash> indexed;
   std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->index_));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     stats.blocks_scanned++;
     Digest d;
     uint32_t raw = 0, stored = 0;
-    bool good = Digest::FromKey(it->key().ToStringView(), &d) &&
-                DecodeIndexValue(it->value(), &raw, &stored);
-    if (good && live.count(d)) {
+    if (!Digest::FromKey(it->key().ToStringView(), &d)) {
+      if (!dry_run) batch.Delete(impl_->index_, it->key());  // not ours
+      continue;
+    }
+    indexed.insert(d);
+    DecodeIndexValue(it->value(), &raw, &stored);
+    if (live.count(d)) {
       stats.blocks_live++;
       continue;
     }
-    stats.blocks_removed++;
-    stats.bytes_removed += raw;
-    stats.stored_bytes_removed += stored;
-    if (!dry_run) {
-      batch.Delete(impl_->index_, it->key());
-      batch.Delete(impl_->blocks_, it->key());
-    }
+    if (!dry_run) batch.Delete(impl_->index_, it->key());
+    remove(d, raw, stored);
   }
   RETURN_IF_ERROR(FromRocks(it->status(), "scanning the block index"));
+  // Blocks no commit indexed: left by saves that were aborted or did not
+  // survive a crash. Found through their presence records.
+  const std::string presence(1, kPresencePrefix);
+  const std::string presence_end = PrefixEnd(presence);
+  rocksdb::ReadOptions ro;
+  rocksdb::Slice upper(presence_end);
+  ro.iterate_upper_bound = &upper;
+  std::vector<Digest> orphans;
+  it.reset(impl_->db_->NewIterator(ro, impl_->blocks_));
+  for (it->Seek(presence); it->Valid(); it->Next()) {
+    Digest d;
+    if (!Digest::FromKey(it->key().ToStringView().substr(1), &d) || indexed.count(d)) continue;
+    stats.blocks_scanned++;
+    if (live.count(d)) {
+      stats.blocks_live++;
+      continue;
+    }
+    uint32_t raw = 0, stored = 0;
+    DecodeIndexValue(it->value(), &raw, &stored);
+    remove(d, raw, stored);
+    orphans.push_back(d);
+  }
+  RETURN_IF_ERROR(FromRocks(it->status(), "scanning block presence records"));
   it.reset();
   if (dry_run || stats.blocks_removed == 0) {
     stats.disk_bytes_after = stats.disk_bytes_before;
@@ -1076,12 +1139,17 @@ Result<GcStats> Store::Gc(bool dry_run) {
   rocksdb::WriteOptions wo;
   wo.sync = true;
   RETURN_IF_ERROR(FromRocks(impl_->db_->Write(wo, &batch), "deleting unreferenced blocks"));
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu_);
+    for (const auto& d : orphans) impl_->written_.erase(d);
+  }
   // Compact the block tables so that their references to dead blocks go:
   // blob files no table references any more are then deleted, and blob GC
   // relocates the live blocks of the oldest quarter of blob files (not the
   // whole store: each gc run compacts a little more).
   rocksdb::FlushOptions fo;
-  RETURN_IF_ERROR(FromRocks(impl_->db_->Flush(fo, {impl_->blocks_, impl_->index_}), "gc flush"));
+  RETURN_IF_ERROR(FromRocks(impl_->db_->Flush(fo, impl_->blocks_), "gc flush of blocks"));
+  RETURN_IF_ERROR(FromRocks(impl_->db_->Flush(fo, impl_->index_), "gc flush of index"));
   rocksdb::CompactRangeOptions co;
   co.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
   co.blob_garbage_collection_policy = rocksdb::BlobGarbageCollectionPolicy::kForce;
@@ -1161,7 +1229,7 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report,
       if (c == checked->end()) {
         std::string what;
         std::string value;
-        rocksdb::Status rs = db_->Get(rocksdb::ReadOptions(), blocks_, d.Key(), &value);
+        rocksdb::Status rs = db_->Get(rocksdb::ReadOptions(), blocks_, PayloadKey(d), &value);
         std::string idx;
         rocksdb::Status is = db_->Get(rocksdb::ReadOptions(), index_, d.Key(), &idx);
         if (rs.IsNotFound()) {

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# End-to-end checks of the ckptkv program: the demo resumes exactly, the
+# admin commands report and clean a store, a damaged store is exit code 2,
+# bad input is exit code 1, and the bench's JSON holds every scenario.
+# Usage: cli_test.sh path/to/ckptkv
+set -uo pipefail
+ckptkv=$1
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+failures=0
+pass=0
+check() {  # check "what" command...: the command must succeed
+  local what=$1; shift
+  if "$@"; then pass=$((pass + 1)); else echo "FAILED: $what"; failures=$((failures + 1)); fi
+}
+expect_rc() {  # expect_rc RC "what" command...
+  local want=$1 what=$2; shift 2
+  "$@" >"$tmp/out" 2>"$tmp/err"
+  local rc=$?
+  if [ "$rc" -eq "$want" ]; then pass=$((pass + 1)); else
+    echo "FAILED: $what: exit $rc, wanted $want"; cat "$tmp/out" "$tmp/err"; failures=$((failures + 1)); fi
+}
+
+db=$tmp/store
+expect_rc 0 "demo runs" "$ckptkv" demo --db "$db" --steps 12 --every 3 --vocab 512 --hidden 32
+check "demo resumes exactly" grep -q "resume: exact" "$tmp/out"
+
+expect_rc 0 "ls --json" "$ckptkv" ls --db "$db" --json
+for t in global_step3 global_step6; do
+  check "ls lists $t" grep -q "\"$t\"" "$tmp/out"
+done
+check "ls shows new bytes" grep -q '"new_bytes"' "$tmp/out"
+expect_rc 0 "verify of a sound store" "$ckptkv" verify --db "$db"
+
+expect_rc 0 "rm a tag" "$ckptkv" rm --db "$db" global_step3
+expect_rc 1 "rm of a missing tag" "$ckptkv" rm --db "$db" global_step3
+check "rm names the missing tag" grep -q "global_step3" "$tmp/err"
+expect_rc 0 "gc --dry-run" "$ckptkv" gc --db "$db" --dry-run --json
+expect_rc 0 "gc" "$ckptkv" gc --db "$db" --json
+expect_rc 0 "verify after gc" "$ckptkv" verify --db "$db"
+
+expect_rc 1 "ls of a missing store" "$ckptkv" ls --db "$tmp/nope"
+mkdir -p "$tmp/notastore" && echo hi >"$tmp/notastore/file"
+expect_rc 1 "ls of a directory that is not a store" "$ckptkv" ls --db "$tmp/notastore"
+check "says it is not a store" grep -q "not a ckptkv store" "$tmp/err"
+expect_rc 1 "unknown subcommand" "$ckptkv" frobnicate
+
+# Damage every blob file in its middle: verify must report, not crash.
+for f in "$db"/*.blob; do
+  size=$(stat -c %s "$f")
+  printf '\xde\xad\xbe\xef\xde\xad\xbe\xef' | dd of="$f" bs=1 seek=$((size / 2)) conv=notrunc status=none
+done
+expect_rc 2 "verify of a damaged store" "$ckptkv" verify --db "$db"
+check "verify names a damaged tag" grep -q "problem: tag=global_step" "$tmp/err"
+
+expect_rc 0 "bench --json" "$ckptkv" bench --size-mb 16 --series 3 --json --dir "$tmp"
+for s in full_save_raw full_save_torch full_save_kv resave_unchanged_kv resave_10pct_kv \
+         frozen_series_kv load_kv load_torch; do
+  check "bench reports $s" grep -q "\"$s\"" "$tmp/out"
+done
+
+echo "$pass passed, $failures failed"
+[ "$failures" -eq 0 ]
