@@ -631,39 +631,35 @@ int RunBench(const BenchOptions& o) {
       rc = 2;
     }
   };
-  {
-    if (o.drop_caches) dropped = DropPageCache();
-    KvCheckpointEngine kv(KvConfig(o, main_d));
-    Scenario& s = begin("load_kv", "KvCheckpointEngine open + load of the full save");
+  // Loads of the full save, each from a cold page cache where possible.
+  auto load_scenario = [&](const std::string& name, const std::string& what,
+                           CheckpointEngine& engine, const std::string& dir,
+                           const std::function<uint64_t()>& disk_bytes) {
+    if (o.drop_caches) dropped = DropPageCache() && dropped;
+    Scenario& s = begin(name, what);
     c10::IValue loaded;
     {
       Meter m(&s);
-      kv.open(kv_dir, tag1);
-      loaded = kv.load(kv_dir + "/" + tag1 + "/" + kFile);
+      engine.open(dir, tag1);
+      loaded = engine.load(dir + "/" + tag1 + "/" + kFile);
       m.Stop();
     }
     s.logical_bytes = logical;
-    s.disk_bytes_after = kv.store()->DiskBytes();
+    s.disk_bytes_after = disk_bytes();
     s.extra["cold_cache"] = dropped;
     check(s, loaded);
     end(s);
+  };
+  dropped = true;
+  {
+    KvCheckpointEngine kv(KvConfig(o, main_d));
+    load_scenario("load_kv", "KvCheckpointEngine open + load of the full save", kv, kv_dir,
+                  [&] { return kv.store()->DiskBytes(); });
   }
   {
-    if (o.drop_caches) dropped = DropPageCache() && dropped;
     TorchCheckpointEngine te;
-    Scenario& s = begin("load_torch", "TorchCheckpointEngine open + load of the full save");
-    c10::IValue loaded;
-    {
-      Meter m(&s);
-      te.open(torch_dir, tag1);
-      loaded = te.load(torch_dir + "/" + tag1 + "/" + kFile);
-      m.Stop();
-    }
-    s.logical_bytes = logical;
-    s.disk_bytes_after = TreeBytes(torch_dir);
-    s.extra["cold_cache"] = dropped;
-    check(s, loaded);
-    end(s);
+    load_scenario("load_torch", "TorchCheckpointEngine open + load of the full save", te,
+                  torch_dir, [&] { return TreeBytes(torch_dir); });
   }
 
   // --- ratios and targets ------------------------------------------------------
