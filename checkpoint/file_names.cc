@@ -28,7 +28,8 @@ std::optional<FileCoordinates> ParseFileName(std::string_view full) {
   static const std::regex expert(R"(expert_(\d+)_mp_rank_(\d+)_model_states\.pt)");
   static const std::regex expp(R"(expp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt)");
   std::smatch m;
-  FileCoordinates c{FileKind::kModelStates};
+  FileCoordinates c;
+  c.kind = FileKind::kModelStates;
   try {
     if (std::regex_match(name, m, model)) {
       c.kind = FileKind::kModelStates;

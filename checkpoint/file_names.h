@@ -23,7 +23,7 @@ enum class FileKind {
 };
 
 struct FileCoordinates {
-  FileKind kind;
+  FileKind kind = FileKind::kModelStates;
   int mp_rank = -1;
   int dp_rank = -1;
   int layer = -1;
