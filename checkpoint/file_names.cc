@@ -21,7 +21,8 @@ std::optional<FileCoordinates> ParseFileName(std::string_view full) {
   if (auto slash = name.rfind('/'); slash != std::string::npos) name = name.substr(slash + 1);
   static const std::regex model(R"(mp_rank_(\d+)_model_states\.pt)");
   static const std::regex zero_model(R"(zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt)");
-  static const std::regex optim(R"((bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt)");
+  static const std::regex optim(
+      R"((bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt)");
   static const std::regex layer_tp(R"(layer_(\d+)-model_(\d+)[-_]model_states\.pt)");
   static const std::regex layer(R"(layer_(\d+)-model_states\.pt)");
   static const std::regex moe(R"(layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt)");

@@ -27,11 +27,11 @@ struct FileCoordinates {
   int mp_rank = -1;
   int dp_rank = -1;
   int layer = -1;
-  int tp_rank = -1;     // layer files with a model axis
+  int tp_rank = -1;  // layer files with a model axis
   int moe_layer = -1;
   int expert = -1;
   int ep_rank = -1;
-  std::string prefix;   // "bf16_" / "fp16_" / "" for optimizer files
+  std::string prefix;  // "bf16_" / "fp16_" / "" for optimizer files
 };
 
 // Parses a file name (its last path component); nullopt if it is not one

@@ -194,9 +194,9 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
   }
   Target target = ResolvePath(path, /*for_load=*/false);
   if (!store_->IsPending(target.tag)) {
-    ThrowIfError(Status::FailedPrecondition("save of '" + path + "' into tag " +
-                                            Quote(target.tag) + " without create; call create(" +
-                                            Quote(target.tag) + ") first"));
+    ThrowIfError(Status::FailedPrecondition("save of '" + path + "' into tag " + Quote(target.tag) +
+                                            " without create; call create(" + Quote(target.tag) +
+                                            ") first"));
   }
   ThrowIfError(ValidateFile(target.file));
   const std::string where = target.tag + "/" + target.file;

@@ -23,8 +23,8 @@
 namespace ckptkv {
 
 struct KvEngineConfig {
-  std::string db;        // store directory; empty = the save_dir / load_dir given
-  StoreOptions store;    // options for opening (and creating) the store
+  std::string db;      // store directory; empty = the save_dir / load_dir given
+  StoreOptions store;  // options for opening (and creating) the store
   bool overwrite = false;
 };
 

@@ -20,27 +20,43 @@ constexpr int kMaxNesting = 200;
 
 fb::NodeKind KindOfType(const c10::TypePtr& t) {
   switch (t->kind()) {
-    case c10::TypeKind::IntType: return fb::NodeKind::Int;
-    case c10::TypeKind::FloatType: return fb::NodeKind::Double;
-    case c10::TypeKind::BoolType: return fb::NodeKind::Bool;
-    case c10::TypeKind::StringType: return fb::NodeKind::String;
-    case c10::TypeKind::TensorType: return fb::NodeKind::Tensor;
-    case c10::TypeKind::ComplexType: return fb::NodeKind::ComplexDouble;
-    case c10::TypeKind::DeviceObjType: return fb::NodeKind::Device;
-    default: return fb::NodeKind::None;  // Any
+    case c10::TypeKind::IntType:
+      return fb::NodeKind::Int;
+    case c10::TypeKind::FloatType:
+      return fb::NodeKind::Double;
+    case c10::TypeKind::BoolType:
+      return fb::NodeKind::Bool;
+    case c10::TypeKind::StringType:
+      return fb::NodeKind::String;
+    case c10::TypeKind::TensorType:
+      return fb::NodeKind::Tensor;
+    case c10::TypeKind::ComplexType:
+      return fb::NodeKind::ComplexDouble;
+    case c10::TypeKind::DeviceObjType:
+      return fb::NodeKind::Device;
+    default:
+      return fb::NodeKind::None;  // Any
   }
 }
 
 c10::TypePtr TypeOfKind(fb::NodeKind k) {
   switch (k) {
-    case fb::NodeKind::Int: return c10::IntType::get();
-    case fb::NodeKind::Double: return c10::FloatType::get();
-    case fb::NodeKind::Bool: return c10::BoolType::get();
-    case fb::NodeKind::String: return c10::StringType::get();
-    case fb::NodeKind::Tensor: return c10::TensorType::get();
-    case fb::NodeKind::ComplexDouble: return c10::ComplexType::get();
-    case fb::NodeKind::Device: return c10::DeviceObjType::get();
-    default: return c10::AnyType::get();
+    case fb::NodeKind::Int:
+      return c10::IntType::get();
+    case fb::NodeKind::Double:
+      return c10::FloatType::get();
+    case fb::NodeKind::Bool:
+      return c10::BoolType::get();
+    case fb::NodeKind::String:
+      return c10::StringType::get();
+    case fb::NodeKind::Tensor:
+      return c10::TensorType::get();
+    case fb::NodeKind::ComplexDouble:
+      return c10::ComplexType::get();
+    case fb::NodeKind::Device:
+      return c10::DeviceObjType::get();
+    default:
+      return c10::AnyType::get();
   }
 }
 
@@ -233,8 +249,8 @@ class Encoder {
       for (const auto& entry : dict) {
         const c10::IValue& k = entry.key();
         if (!(k.isString() || k.isInt() || k.isBool() || k.isDouble())) {
-          Fail(path, "is a dict with a " + k.tagKind() +
-                         " key; keys must be str, int, bool or float");
+          Fail(path,
+               "is a dict with a " + k.tagKind() + " key; keys must be str, int, bool or float");
           return 0;
         }
         keys.push_back(Encode(k, path, depth + 1));
@@ -261,24 +277,29 @@ class Encoder {
   FlatBufferBuilder b_{4096};
   std::vector<StateTensor> tensors_;
   std::map<std::string, bool> used_params_;
-  std::map<std::tuple<const void*, int64_t, std::vector<int64_t>, std::vector<int64_t>,
-                      c10::ScalarType>,
-           std::string>
+  std::map<
+      std::tuple<const void*, int64_t, std::vector<int64_t>, std::vector<int64_t>, c10::ScalarType>,
+      std::string>
       aliases_;
 };
 
 class Decoder {
  public:
-  Decoder(const TensorLoader& loader, std::string where) : loader_(loader), where_(std::move(where)) {}
+  Decoder(const TensorLoader& loader, std::string where)
+      : loader_(loader), where_(std::move(where)) {}
 
   Result<c10::IValue> Decode(const fb::Node* n, int depth) {
     if (n == nullptr) return Corrupt("missing node");
     if (depth > 2 * kMaxNesting) return Corrupt("nesting too deep");
     switch (n->kind()) {
-      case fb::NodeKind::None: return c10::IValue();
-      case fb::NodeKind::Bool: return c10::IValue(n->b());
-      case fb::NodeKind::Int: return c10::IValue(static_cast<int64_t>(n->i()));
-      case fb::NodeKind::Double: return c10::IValue(n->d());
+      case fb::NodeKind::None:
+        return c10::IValue();
+      case fb::NodeKind::Bool:
+        return c10::IValue(n->b());
+      case fb::NodeKind::Int:
+        return c10::IValue(static_cast<int64_t>(n->i()));
+      case fb::NodeKind::Double:
+        return c10::IValue(n->d());
       case fb::NodeKind::ComplexDouble:
         return c10::IValue(c10::complex<double>(n->d(), n->d_imag()));
       case fb::NodeKind::String:
@@ -325,8 +346,9 @@ class Decoder {
         c10::impl::GenericDict dict(TypeOfKind(n->key_kind()), TypeOfKind(n->elem_kind()));
         size_t nk = n->keys() ? n->keys()->size() : 0;
         size_t ni = n->items() ? n->items()->size() : 0;
-        if (nk != ni) return Corrupt("dict node has " + std::to_string(nk) + " keys and " +
-                                     std::to_string(ni) + " values");
+        if (nk != ni)
+          return Corrupt("dict node has " + std::to_string(nk) + " keys and " + std::to_string(ni) +
+                         " values");
         for (size_t i = 0; i < nk; ++i) {
           ASSIGN_OR_RETURN(c10::IValue k, Decode(n->keys()->Get(i), depth + 1));
           ASSIGN_OR_RETURN(c10::IValue v, Decode(n->items()->Get(i), depth + 1));
@@ -363,25 +385,37 @@ Result<c10::IValue> DecodeState(const fb::StateTree& tree, const TensorLoader& t
     Decoder d(tensor_for, where);
     return d.Decode(tree.root(), 0);
   } catch (const c10::Error& e) {
-    return Status::Corruption(where + ": cannot rebuild the saved value: " +
-                              e.what_without_backtrace());
+    return Status::Corruption(where +
+                              ": cannot rebuild the saved value: " + e.what_without_backtrace());
   }
 }
 
 Result<fb::DType> ToDType(c10::ScalarType type, const std::string& where) {
   switch (type) {
-    case c10::ScalarType::Bool: return fb::DType::Bool;
-    case c10::ScalarType::Byte: return fb::DType::UInt8;
-    case c10::ScalarType::Char: return fb::DType::Int8;
-    case c10::ScalarType::Short: return fb::DType::Int16;
-    case c10::ScalarType::Int: return fb::DType::Int32;
-    case c10::ScalarType::Long: return fb::DType::Int64;
-    case c10::ScalarType::Half: return fb::DType::Float16;
-    case c10::ScalarType::BFloat16: return fb::DType::BFloat16;
-    case c10::ScalarType::Float: return fb::DType::Float32;
-    case c10::ScalarType::Double: return fb::DType::Float64;
-    case c10::ScalarType::ComplexFloat: return fb::DType::ComplexFloat;
-    case c10::ScalarType::ComplexDouble: return fb::DType::ComplexDouble;
+    case c10::ScalarType::Bool:
+      return fb::DType::Bool;
+    case c10::ScalarType::Byte:
+      return fb::DType::UInt8;
+    case c10::ScalarType::Char:
+      return fb::DType::Int8;
+    case c10::ScalarType::Short:
+      return fb::DType::Int16;
+    case c10::ScalarType::Int:
+      return fb::DType::Int32;
+    case c10::ScalarType::Long:
+      return fb::DType::Int64;
+    case c10::ScalarType::Half:
+      return fb::DType::Float16;
+    case c10::ScalarType::BFloat16:
+      return fb::DType::BFloat16;
+    case c10::ScalarType::Float:
+      return fb::DType::Float32;
+    case c10::ScalarType::Double:
+      return fb::DType::Float64;
+    case c10::ScalarType::ComplexFloat:
+      return fb::DType::ComplexFloat;
+    case c10::ScalarType::ComplexDouble:
+      return fb::DType::ComplexDouble;
     default:
       return Status::InvalidArgument(where + ": dtype " + std::string(c10::toString(type)) +
                                      " cannot be saved; supported: bool, uint8, int8, int16, "
@@ -392,18 +426,30 @@ Result<fb::DType> ToDType(c10::ScalarType type, const std::string& where) {
 
 c10::ScalarType ToScalarType(fb::DType dtype) {
   switch (dtype) {
-    case fb::DType::Bool: return c10::ScalarType::Bool;
-    case fb::DType::UInt8: return c10::ScalarType::Byte;
-    case fb::DType::Int8: return c10::ScalarType::Char;
-    case fb::DType::Int16: return c10::ScalarType::Short;
-    case fb::DType::Int32: return c10::ScalarType::Int;
-    case fb::DType::Int64: return c10::ScalarType::Long;
-    case fb::DType::Float16: return c10::ScalarType::Half;
-    case fb::DType::BFloat16: return c10::ScalarType::BFloat16;
-    case fb::DType::Float32: return c10::ScalarType::Float;
-    case fb::DType::Float64: return c10::ScalarType::Double;
-    case fb::DType::ComplexFloat: return c10::ScalarType::ComplexFloat;
-    case fb::DType::ComplexDouble: return c10::ScalarType::ComplexDouble;
+    case fb::DType::Bool:
+      return c10::ScalarType::Bool;
+    case fb::DType::UInt8:
+      return c10::ScalarType::Byte;
+    case fb::DType::Int8:
+      return c10::ScalarType::Char;
+    case fb::DType::Int16:
+      return c10::ScalarType::Short;
+    case fb::DType::Int32:
+      return c10::ScalarType::Int;
+    case fb::DType::Int64:
+      return c10::ScalarType::Long;
+    case fb::DType::Float16:
+      return c10::ScalarType::Half;
+    case fb::DType::BFloat16:
+      return c10::ScalarType::BFloat16;
+    case fb::DType::Float32:
+      return c10::ScalarType::Float;
+    case fb::DType::Float64:
+      return c10::ScalarType::Double;
+    case fb::DType::ComplexFloat:
+      return c10::ScalarType::ComplexFloat;
+    case fb::DType::ComplexDouble:
+      return c10::ScalarType::ComplexDouble;
   }
   return c10::ScalarType::Undefined;
 }

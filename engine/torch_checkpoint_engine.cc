@@ -33,7 +33,8 @@ Status WriteFile(const std::string& path, const std::vector<char>& bytes) {
     }
     done += static_cast<size_t>(n);
   }
-  if (::close(fd) != 0) return Status::IOError("cannot close '" + path + "': " + std::strerror(errno));
+  if (::close(fd) != 0)
+    return Status::IOError("cannot close '" + path + "': " + std::strerror(errno));
   return Status::OK();
 }
 
@@ -105,8 +106,8 @@ void TorchCheckpointEngine::save(const c10::IValue& state_dict, const std::strin
   try {
     bytes = torch::pickle_save(state_dict);
   } catch (const c10::Error& e) {
-    ThrowIfError(Status::InvalidArgument("cannot serialize '" + path + "': " +
-                                         e.what_without_backtrace()));
+    ThrowIfError(
+        Status::InvalidArgument("cannot serialize '" + path + "': " + e.what_without_backtrace()));
   }
   ThrowIfError(WriteFile(path, bytes));
   files_[TagOfPath(path)].push_back(path);
@@ -156,7 +157,8 @@ std::optional<std::string> TorchCheckpointEngine::open(const std::string& load_d
     std::ifstream in(load_dir + "/latest");
     if (!in) return std::nullopt;
     std::getline(in, chosen, '\0');
-    while (!chosen.empty() && std::isspace(static_cast<unsigned char>(chosen.back()))) chosen.pop_back();
+    while (!chosen.empty() && std::isspace(static_cast<unsigned char>(chosen.back())))
+      chosen.pop_back();
   } else {
     chosen = *tag;
   }

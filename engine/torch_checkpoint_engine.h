@@ -39,8 +39,8 @@ class TorchCheckpointEngine : public CheckpointEngine {
 
  private:
   TorchEngineConfig config_;
-  std::map<std::string, std::string> save_dirs_;            // tag -> save_dir
-  std::map<std::string, std::vector<std::string>> files_;   // tag -> files written
+  std::map<std::string, std::string> save_dirs_;           // tag -> save_dir
+  std::map<std::string, std::vector<std::string>> files_;  // tag -> files written
 };
 
 }  // namespace ckptkv

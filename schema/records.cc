@@ -35,18 +35,30 @@ const fb::CommitRecord* VerifiedCommitRecord(std::string_view bytes) {
 
 const char* DTypeName(fb::DType dtype) {
   switch (dtype) {
-    case fb::DType::Bool: return "bool";
-    case fb::DType::UInt8: return "uint8";
-    case fb::DType::Int8: return "int8";
-    case fb::DType::Int16: return "int16";
-    case fb::DType::Int32: return "int32";
-    case fb::DType::Int64: return "int64";
-    case fb::DType::Float16: return "float16";
-    case fb::DType::BFloat16: return "bfloat16";
-    case fb::DType::Float32: return "float32";
-    case fb::DType::Float64: return "float64";
-    case fb::DType::ComplexFloat: return "complex64";
-    case fb::DType::ComplexDouble: return "complex128";
+    case fb::DType::Bool:
+      return "bool";
+    case fb::DType::UInt8:
+      return "uint8";
+    case fb::DType::Int8:
+      return "int8";
+    case fb::DType::Int16:
+      return "int16";
+    case fb::DType::Int32:
+      return "int32";
+    case fb::DType::Int64:
+      return "int64";
+    case fb::DType::Float16:
+      return "float16";
+    case fb::DType::BFloat16:
+      return "bfloat16";
+    case fb::DType::Float32:
+      return "float32";
+    case fb::DType::Float64:
+      return "float64";
+    case fb::DType::ComplexFloat:
+      return "complex64";
+    case fb::DType::ComplexDouble:
+      return "complex128";
   }
   return "unknown";
 }
@@ -55,16 +67,21 @@ size_t DTypeSize(fb::DType dtype) {
   switch (dtype) {
     case fb::DType::Bool:
     case fb::DType::UInt8:
-    case fb::DType::Int8: return 1;
+    case fb::DType::Int8:
+      return 1;
     case fb::DType::Int16:
     case fb::DType::Float16:
-    case fb::DType::BFloat16: return 2;
+    case fb::DType::BFloat16:
+      return 2;
     case fb::DType::Int32:
-    case fb::DType::Float32: return 4;
+    case fb::DType::Float32:
+      return 4;
     case fb::DType::Int64:
     case fb::DType::Float64:
-    case fb::DType::ComplexFloat: return 8;
-    case fb::DType::ComplexDouble: return 16;
+    case fb::DType::ComplexFloat:
+      return 8;
+    case fb::DType::ComplexDouble:
+      return 16;
   }
   return 0;
 }

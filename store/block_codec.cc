@@ -33,7 +33,8 @@ bool PeekBlockHeader(std::string_view value, Codec* codec, uint32_t* raw_len) {
   uint8_t c = static_cast<uint8_t>(value[0]);
   if (c > static_cast<uint8_t>(Codec::kZstd)) return false;
   uint32_t n = 0;
-  for (int i = 0; i < 4; ++i) n |= static_cast<uint32_t>(static_cast<uint8_t>(value[1 + i])) << (8 * i);
+  for (int i = 0; i < 4; ++i)
+    n |= static_cast<uint32_t>(static_cast<uint8_t>(value[1 + i])) << (8 * i);
   *codec = static_cast<Codec>(c);
   *raw_len = n;
   return true;
@@ -43,11 +44,10 @@ Status DecodeBlock(std::string_view value, uint8_t* out, size_t raw_len) {
   Codec codec;
   uint32_t len;
   if (!PeekBlockHeader(value, &codec, &len)) {
-    return Status::Corruption("block header is malformed (" + std::to_string(value.size()) +
-                              " bytes, codec byte " +
-                              (value.empty() ? std::string("none")
-                                             : std::to_string(static_cast<uint8_t>(value[0]))) +
-                              ")");
+    return Status::Corruption(
+        "block header is malformed (" + std::to_string(value.size()) + " bytes, codec byte " +
+        (value.empty() ? std::string("none") : std::to_string(static_cast<uint8_t>(value[0]))) +
+        ")");
   }
   if (len != raw_len) {
     return Status::Corruption("block holds " + std::to_string(len) + " bytes but " +

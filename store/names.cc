@@ -57,11 +57,13 @@ Status ValidateTag(std::string_view tag) {
 
 Status ValidateFile(std::string_view file) {
   if (file.empty()) {
-    return Status::InvalidArgument("file name is empty; expected e.g. 'mp_rank_00_model_states.pt'");
+    return Status::InvalidArgument(
+        "file name is empty; expected e.g. 'mp_rank_00_model_states.pt'");
   }
   if (file.size() > kMaxFileLength) {
     return Status::InvalidArgument("file name " + Quote(file) + " is " +
-                                   std::to_string(file.size()) + " bytes; at most 1024 are allowed");
+                                   std::to_string(file.size()) +
+                                   " bytes; at most 1024 are allowed");
   }
   if (HasControl(file)) {
     return Status::InvalidArgument("file name " + Quote(file) +

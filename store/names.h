@@ -25,8 +25,8 @@ Status ValidateFile(std::string_view file);
 // A param path: 1..8192 bytes, no NUL.
 Status ValidateParam(std::string_view param);
 
-std::string TagPrefix(std::string_view tag);                          // "tag\0"
-std::string FileKey(std::string_view tag, std::string_view file);     // "tag\0file"
+std::string TagPrefix(std::string_view tag);                            // "tag\0"
+std::string FileKey(std::string_view tag, std::string_view file);       // "tag\0file"
 std::string TensorPrefix(std::string_view tag, std::string_view file);  // "tag\0file\0"
 std::string TensorKey(std::string_view tag, std::string_view file, std::string_view param);
 // The first key after every key that starts with `prefix`.

@@ -4,15 +4,24 @@ namespace ckptkv {
 
 const char* CodeName(Status::Code code) {
   switch (code) {
-    case Status::Code::kOk: return "OK";
-    case Status::Code::kNotFound: return "NotFound";
-    case Status::Code::kCorruption: return "Corruption";
-    case Status::Code::kInvalidArgument: return "InvalidArgument";
-    case Status::Code::kIOError: return "IOError";
-    case Status::Code::kAlreadyExists: return "AlreadyExists";
-    case Status::Code::kFailedPrecondition: return "FailedPrecondition";
-    case Status::Code::kBusy: return "Busy";
-    case Status::Code::kNotSupported: return "NotSupported";
+    case Status::Code::kOk:
+      return "OK";
+    case Status::Code::kNotFound:
+      return "NotFound";
+    case Status::Code::kCorruption:
+      return "Corruption";
+    case Status::Code::kInvalidArgument:
+      return "InvalidArgument";
+    case Status::Code::kIOError:
+      return "IOError";
+    case Status::Code::kAlreadyExists:
+      return "AlreadyExists";
+    case Status::Code::kFailedPrecondition:
+      return "FailedPrecondition";
+    case Status::Code::kBusy:
+      return "Busy";
+    case Status::Code::kNotSupported:
+      return "NotSupported";
   }
   return "Unknown";
 }

@@ -89,7 +89,7 @@ class StatusError : public std::runtime_error {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}          // NOLINT: implicit by design
   Result(Status status) : status_(std::move(status)) {}  // NOLINT
   bool ok() const { return status_.ok(); }
   const Status& status() const { return status_; }
@@ -119,10 +119,10 @@ T ValueOrThrow(Result<T> r) {
 #define CKPTKV_CONCAT(a, b) CKPTKV_CONCAT_INNER(a, b)
 
 // Returns the Status from the enclosing function if it is not OK.
-#define RETURN_IF_ERROR(expr)                        \
-  do {                                               \
-    ::ckptkv::Status _st = (expr);                   \
-    if (!_st.ok()) return _st;                       \
+#define RETURN_IF_ERROR(expr)      \
+  do {                             \
+    ::ckptkv::Status _st = (expr); \
+    if (!_st.ok()) return _st;     \
   } while (0)
 
 // Declares `lhs` from a Result, or returns its Status.

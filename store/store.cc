@@ -152,10 +152,9 @@ std::string BuildTensorRecord(const TensorMeta& meta, uint64_t byte_length, uint
   }
   flatbuffers::Offset<fb::Placement> placement;
   if (meta.placement) {
-    placement = fb::CreatePlacement(b, b.CreateVector(meta.placement->global_shape),
-                                    b.CreateVector(meta.placement->offsets),
-                                    meta.placement->flat_group, meta.placement->flat_offset,
-                                    meta.placement->flat_numel);
+    placement = fb::CreatePlacement(
+        b, b.CreateVector(meta.placement->global_shape), b.CreateVector(meta.placement->offsets),
+        meta.placement->flat_group, meta.placement->flat_offset, meta.placement->flat_numel);
   }
   fb::TensorRecordBuilder rb(b);
   rb.add_dtype(meta.dtype);
@@ -186,7 +185,9 @@ Digest DigestOfChunks(const std::vector<Digest>& chunks) {
 // Semantic checks a verified TensorRecord must also pass.
 Status CheckTensorRecord(const fb::TensorRecord& r, const std::string& where) {
   size_t esize = DTypeSize(r.dtype());
-  if (esize == 0) return Status::Corruption(where + ": unknown dtype code " + std::to_string(static_cast<int>(r.dtype())));
+  if (esize == 0)
+    return Status::Corruption(where + ": unknown dtype code " +
+                              std::to_string(static_cast<int>(r.dtype())));
   uint64_t numel = 1;
   if (r.shape()) {
     for (int64_t d : *r.shape()) {
@@ -241,8 +242,8 @@ std::string BuildCommitRecord(const TagInfo& t) {
   auto parent = b.CreateString(t.parent_tag);
   flatbuffers::Offset<fb::ParallelLayout> layout;
   if (t.layout) {
-    layout = fb::CreateParallelLayout(b, t.layout->tp, t.layout->pp, t.layout->dp,
-                                      t.layout->zero_stage);
+    layout =
+        fb::CreateParallelLayout(b, t.layout->tp, t.layout->pp, t.layout->dp, t.layout->zero_stage);
   }
   fb::CommitRecordBuilder cb(b);
   cb.add_tag(tag);
@@ -273,7 +274,7 @@ void WriteStats::Add(const WriteStats& o) {
 // ---------------------------------------------------------------------------
 
 struct PendingFile {
-  std::string tree;  // empty until PutFile
+  std::string tree;                            // empty until PutFile
   std::map<std::string, std::string> tensors;  // param -> TensorRecord bytes
 };
 
@@ -384,13 +385,15 @@ Status Store::Impl::CheckIsStore() {
   }
   if (!fs::exists(fs::path(dir_) / "CURRENT", ec)) {
     return Status::InvalidArgument(
-        "'" + dir_ + "' is not a ckptkv store: it is a non-empty directory without a database; "
+        "'" + dir_ +
+        "' is not a ckptkv store: it is a non-empty directory without a database; "
         "give a new or empty directory, or one created by ckptkv");
   }
   std::vector<std::string> cfs;
   rocksdb::Status s = rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), dir_, &cfs);
   if (!s.ok()) {
-    return Status::InvalidArgument("'" + dir_ + "' is not a readable ckptkv store: " + s.ToString());
+    return Status::InvalidArgument("'" + dir_ +
+                                   "' is not a readable ckptkv store: " + s.ToString());
   }
   for (const char* want : {kCfMeta, kCfBlocks, kCfIndex, kCfTensors, kCfFiles, kCfTags}) {
     if (std::find(cfs.begin(), cfs.end(), want) == cfs.end()) {
@@ -452,10 +455,13 @@ Status Store::Impl::Open() {
   // written), so it runs only in Gc's own compaction.
   blocks.enable_blob_garbage_collection = false;
 
-  std::vector<rocksdb::ColumnFamilyDescriptor> descs = {
-      {rocksdb::kDefaultColumnFamilyName, small}, {kCfMeta, small},   {kCfBlocks, blocks},
-      {kCfIndex, small},                          {kCfTensors, small}, {kCfFiles, small},
-      {kCfTags, small}};
+  std::vector<rocksdb::ColumnFamilyDescriptor> descs = {{rocksdb::kDefaultColumnFamilyName, small},
+                                                        {kCfMeta, small},
+                                                        {kCfBlocks, blocks},
+                                                        {kCfIndex, small},
+                                                        {kCfTensors, small},
+                                                        {kCfFiles, small},
+                                                        {kCfTags, small}};
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s;
   if (options_.read_only) {
@@ -481,7 +487,8 @@ Status Store::Impl::LoadOrCreateHeader() {
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), meta_, kHeaderKey, &bytes);
   if (s.IsNotFound()) {
     if (options_.read_only) {
-      return Status::InvalidArgument("'" + dir_ + "' has no ckptkv header; it is not a ckptkv store");
+      return Status::InvalidArgument("'" + dir_ +
+                                     "' has no ckptkv header; it is not a ckptkv store");
     }
     if (options_.chunk_size < 4096 || options_.chunk_size > (256u << 20)) {
       return Status::InvalidArgument("chunk size " + std::to_string(options_.chunk_size) +
@@ -493,8 +500,8 @@ Status Store::Impl::LoadOrCreateHeader() {
     flatbuffers::FlatBufferBuilder b;
     auto alg = b.CreateString(kHashAlgorithm);
     b.Finish(fb::CreateStoreHeader(b, kFormatVersion, alg, options_.chunk_size,
-                                   options_.inline_threshold,
-                                   static_cast<uint8_t>(options_.codec), NowMs()));
+                                   options_.inline_threshold, static_cast<uint8_t>(options_.codec),
+                                   NowMs()));
     rocksdb::WriteBatch batch;
     batch.Put(meta_, kHeaderKey,
               rocksdb::Slice(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize()));
@@ -512,10 +519,9 @@ Status Store::Impl::LoadOrCreateHeader() {
   const fb::StoreHeader* h = VerifiedStoreHeader(bytes);
   if (h == nullptr) return Status::Corruption("store header (meta/header) fails verification");
   if (h->format_version() > kFormatVersion) {
-    return Status::NotSupported("store '" + dir_ + "' has format version " +
-                                std::to_string(h->format_version()) +
-                                "; this ckptkv reads versions up to " +
-                                std::to_string(kFormatVersion));
+    return Status::NotSupported(
+        "store '" + dir_ + "' has format version " + std::to_string(h->format_version()) +
+        "; this ckptkv reads versions up to " + std::to_string(kFormatVersion));
   }
   if (!h->hash_algorithm() || h->hash_algorithm()->str() != kHashAlgorithm) {
     return Status::NotSupported("store uses an unknown hash algorithm");
@@ -622,9 +628,9 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
   if (!indexed.ok()) return unpin(indexed.status());
   if (indexed.value()) return Status::OK();
   std::string value = EncodeBlock(codec_, data, len);
-  std::string index_value = EncodeIndexValue(static_cast<uint32_t>(len),
-                                             static_cast<uint32_t>(value.size()),
-                                             static_cast<Codec>(value[0]));
+  std::string index_value =
+      EncodeIndexValue(static_cast<uint32_t>(len), static_cast<uint32_t>(value.size()),
+                       static_cast<Codec>(value[0]));
   rocksdb::WriteBatch batch;
   batch.Put(blocks_, PayloadKey(d), value);
   batch.Put(blocks_, PresenceKey(d), index_value);
@@ -669,8 +675,9 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
     numel *= static_cast<uint64_t>(d);
   }
   if (numel * esize != bytes.length) {
-    return Status::InvalidArgument(where + ": shape and dtype give " + std::to_string(numel * esize) +
-                                   " bytes but " + std::to_string(bytes.length) + " were given");
+    return Status::InvalidArgument(where + ": shape and dtype give " +
+                                   std::to_string(numel * esize) + " bytes but " +
+                                   std::to_string(bytes.length) + " were given");
   }
   if (bytes.data == nullptr && !bytes.fill && bytes.length > 0) {
     return Status::InvalidArgument(where + ": no bytes given");
@@ -700,7 +707,8 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
     auto chunk_len = [&](size_t i) { return std::min<uint64_t>(cs, len - i * cs); };
     if (bytes.data) {
       impl_->pool_->ParallelFor(n, [&](size_t i) {
-        errors[i] = impl_->WriteChunk(pending, bytes.data + i * cs, chunk_len(i), &digests[i], &per[i]);
+        errors[i] =
+            impl_->WriteChunk(pending, bytes.data + i * cs, chunk_len(i), &digests[i], &per[i]);
       });
     } else {
       // Stage a window of chunks on the host, then hash and write them.
@@ -715,8 +723,9 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
         }
         impl_->pool_->ParallelFor(m, [&](size_t k) {
           size_t i = base + k;
-          errors[i] = impl_->WriteChunk(pending, reinterpret_cast<const uint8_t*>(staging[k].data()),
-                                        chunk_len(i), &digests[i], &per[i]);
+          errors[i] =
+              impl_->WriteChunk(pending, reinterpret_cast<const uint8_t*>(staging[k].data()),
+                                chunk_len(i), &digests[i], &per[i]);
         });
       }
     }
@@ -725,8 +734,8 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
       stats.Add(per[i]);
     }
     stats.chunks = n;
-    record = BuildTensorRecord(meta, len, impl_->chunk_size_, digests, nullptr,
-                               DigestOfChunks(digests));
+    record =
+        BuildTensorRecord(meta, len, impl_->chunk_size_, digests, nullptr, DigestOfChunks(digests));
   }
   KillPoint("save.after_blocks");
   std::lock_guard<std::mutex> lock(impl_->mu_);
@@ -865,11 +874,13 @@ Status Store::Impl::TagNotFound(const std::string& tag) const {
 
 Result<std::vector<TagInfo>> Store::ListTags() const {
   std::vector<TagInfo> out;
-  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
+  std::unique_ptr<rocksdb::Iterator> it(
+      impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     const fb::CommitRecord* r = VerifiedCommitRecord(it->value().ToStringView());
     if (r == nullptr) {
-      return Status::Corruption("commit record tags/" + it->key().ToString() + " fails verification");
+      return Status::Corruption("commit record tags/" + it->key().ToString() +
+                                " fails verification");
     }
     out.push_back(ToTagInfo(*r));
   }
@@ -899,7 +910,8 @@ Result<std::vector<std::string>> Store::ListFiles(const std::string& tag) const 
 
 Result<std::string> Store::GetFileTree(const std::string& tag, const std::string& file) const {
   std::string bytes;
-  rocksdb::Status s = impl_->db_->Get(rocksdb::ReadOptions(), impl_->files_, FileKey(tag, file), &bytes);
+  rocksdb::Status s =
+      impl_->db_->Get(rocksdb::ReadOptions(), impl_->files_, FileKey(tag, file), &bytes);
   if (s.IsNotFound()) {
     ASSIGN_OR_RETURN(TagInfo info, GetTag(tag));
     return Status::NotFound("file " + Quote(file) + " does not exist in tag " + Quote(tag) +
@@ -1101,7 +1113,8 @@ Result<GcStats> Store::Gc(bool dry_run) {
   };
   // Indexed blocks no committed or pending tag references.
   std::unordered_set<Digest, DigestHash> indexed;
-  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->index_));
+  std::unique_ptr<rocksdb::Iterator> it(
+      impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->index_));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     stats.blocks_scanned++;
     Digest d;
@@ -1264,7 +1277,8 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report,
         }
         c = checked->emplace(d, what).first;
       }
-      if (!c->second.empty()) problem(file, param, d.Hex(), c->second + " (chunk " + std::to_string(i) + ")");
+      if (!c->second.empty())
+        problem(file, param, d.Hex(), c->second + " (chunk " + std::to_string(i) + ")");
     }
   }
   if (!it->status().ok()) problem("", "", "", "scan failed: " + it->status().ToString());
@@ -1279,7 +1293,8 @@ Result<VerifyReport> Store::Verify(const std::optional<std::string>& tag) const 
     return report;
   }
   std::vector<std::string> names;
-  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
+  std::unique_ptr<rocksdb::Iterator> it(
+      impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
   for (it->SeekToFirst(); it->Valid(); it->Next()) names.push_back(it->key().ToString());
   for (const auto& t : names) impl_->VerifyTag(t, &report, &checked);
   return report;

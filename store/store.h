@@ -95,8 +95,8 @@ struct Layout {
 };
 
 struct CommitOptions {
-  bool overwrite = false;   // replace a committed tag of the same name
-  bool set_latest = true;   // point `latest` at this tag
+  bool overwrite = false;  // replace a committed tag of the same name
+  bool set_latest = true;  // point `latest` at this tag
   std::optional<Layout> layout;
 };
 
@@ -119,7 +119,9 @@ class TensorRecordRef {
  public:
   TensorRecordRef() = default;
   explicit TensorRecordRef(std::string bytes) : bytes_(std::move(bytes)) {}
-  const fb::TensorRecord* get() const { return flatbuffers::GetRoot<fb::TensorRecord>(bytes_.data()); }
+  const fb::TensorRecord* get() const {
+    return flatbuffers::GetRoot<fb::TensorRecord>(bytes_.data());
+  }
   const fb::TensorRecord* operator->() const { return get(); }
   const std::string& bytes() const { return bytes_; }
 
@@ -134,7 +136,7 @@ struct GcStats {
   uint64_t bytes_removed = 0;         // raw bytes of removed blocks
   uint64_t stored_bytes_removed = 0;  // encoded bytes of removed blocks
   uint64_t disk_bytes_before = 0;
-  uint64_t disk_bytes_after = 0;      // same as before for a dry run
+  uint64_t disk_bytes_after = 0;  // same as before for a dry run
 };
 
 struct VerifyProblem {
@@ -191,7 +193,8 @@ class Store {
   Result<std::vector<std::string>> ListFiles(const std::string& tag) const;
   // The verified StateTree bytes of a committed file.
   Result<std::string> GetFileTree(const std::string& tag, const std::string& file) const;
-  Result<std::vector<std::string>> ListParams(const std::string& tag, const std::string& file) const;
+  Result<std::vector<std::string>> ListParams(const std::string& tag,
+                                              const std::string& file) const;
   Result<TensorRecordRef> GetTensorRecord(const std::string& tag, const std::string& file,
                                           const std::string& param) const;
   // Reads all bytes of a tensor into dst (record.byte_length bytes), checking

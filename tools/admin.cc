@@ -147,8 +147,11 @@ int RunVerify(const std::string& db, const std::optional<std::string>& tag, bool
     out["seconds"] = secs;
     json problems = json::array();
     for (const auto& p : r.problems) {
-      problems.push_back(
-          {{"tag", p.tag}, {"file", p.file}, {"param", p.param}, {"digest", p.digest}, {"what", p.what}});
+      problems.push_back({{"tag", p.tag},
+                          {"file", p.file},
+                          {"param", p.param},
+                          {"digest", p.digest},
+                          {"what", p.what}});
     }
     out["problems"] = std::move(problems);
     std::cout << out.dump(2) << std::endl;
@@ -163,8 +166,9 @@ int RunVerify(const std::string& db, const std::optional<std::string>& tag, bool
     std::printf("verified %llu tags, %llu files, %llu tensors, %llu blocks (%s) in %.2f s: %s\n",
                 static_cast<unsigned long long>(r.tags), static_cast<unsigned long long>(r.files),
                 static_cast<unsigned long long>(r.tensors),
-                static_cast<unsigned long long>(r.blocks_checked), HumanBytes(r.bytes_checked).c_str(),
-                secs, r.ok() ? "ok" : (std::to_string(r.problems.size()) + " problem(s)").c_str());
+                static_cast<unsigned long long>(r.blocks_checked),
+                HumanBytes(r.bytes_checked).c_str(), secs,
+                r.ok() ? "ok" : (std::to_string(r.problems.size()) + " problem(s)").c_str());
   }
   return r.ok() ? 0 : 2;
 }
@@ -213,8 +217,9 @@ int RunRm(const std::string& db, const std::string& tag) {
   if (!s.ok()) return ReportError(s);
   auto latest_or = store.Latest();
   if (!latest_or.ok()) return ReportError(latest_or.status());
-  std::printf("removed tag %s; latest is %s; run `ckptkv gc --db %s` to reclaim unreferenced blocks\n",
-              tag.c_str(), latest_or->value_or("(none)").c_str(), db.c_str());
+  std::printf(
+      "removed tag %s; latest is %s; run `ckptkv gc --db %s` to reclaim unreferenced blocks\n",
+      tag.c_str(), latest_or->value_or("(none)").c_str(), db.c_str());
   return 0;
 }
 

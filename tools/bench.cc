@@ -87,7 +87,8 @@ SyntheticState MakeState(uint64_t size_mb) {
     double bytes = target * weight[i] / total_weight;
     int64_t row_bytes = cols * (dtype == at::kFloat ? 4 : 2);
     int64_t rows = std::max<int64_t>(1, static_cast<int64_t>(bytes / row_bytes));
-    std::string name = "module.layers." + std::to_string(i / 2) + (i % 2 ? ".mlp.weight" : ".attn.weight");
+    std::string name =
+        "module.layers." + std::to_string(i / 2) + (i % 2 ? ".mlp.weight" : ".attn.weight");
     s.big.push_back({name, RandomTensor({rows, cols}, dtype, 1000 + i)});
   }
   for (int i = 0; i < 32; i++) {
@@ -116,7 +117,8 @@ c10::IValue ToStateDict(const SyntheticState& s, int64_t step) {
 
 // Picks big tensors, spread over the model, until they hold >= fraction of
 // `total` bytes. Returns their indices.
-std::vector<size_t> PickTensors(const SyntheticState& s, double fraction, uint64_t total, size_t stride) {
+std::vector<size_t> PickTensors(const SyntheticState& s, double fraction, uint64_t total,
+                                size_t stride) {
   std::vector<size_t> picked;
   uint64_t bytes = 0;
   std::vector<bool> used(s.big.size(), false);
@@ -132,7 +134,8 @@ std::vector<size_t> PickTensors(const SyntheticState& s, double fraction, uint64
 }
 
 // Recursive equality of two loaded values; `why` names the first difference.
-bool SameValue(const c10::IValue& a, const c10::IValue& b, const std::string& path, std::string* why) {
+bool SameValue(const c10::IValue& a, const c10::IValue& b, const std::string& path,
+               std::string* why) {
   auto fail = [&](const std::string& what) {
     *why = path + ": " + what;
     return false;
@@ -196,16 +199,16 @@ struct Scenario {
   std::string what;
   double seconds = 0;
   uint64_t logical_bytes = 0;
-  uint64_t device_write_bytes = 0;   // during the timed region
-  uint64_t after_write_bytes = 0;    // by background work after it, until the process is quiet
-  double settle_seconds = 0;         // how long that took
+  uint64_t device_write_bytes = 0;  // during the timed region
+  uint64_t after_write_bytes = 0;   // by background work after it, until the process is quiet
+  double settle_seconds = 0;        // how long that took
   uint64_t write_counter_at_stop = 0;
   bool settled = false;
   uint64_t device_read_bytes = 0;
-  uint64_t disk_bytes_after = 0;   // store / files on disk after the scenario
+  uint64_t disk_bytes_after = 0;  // store / files on disk after the scenario
   uint64_t rss_before_bytes = 0;
   uint64_t peak_rss_bytes = 0;
-  json extra = json::object();     // scenario-specific fields
+  json extra = json::object();  // scenario-specific fields
   bool ran = false;
 
   uint64_t total_write_bytes() const { return device_write_bytes + after_write_bytes; }
@@ -298,7 +301,8 @@ Status RawSave(const SyntheticState& s, const std::string& path) {
       if (!st.ok()) break;
     }
   }
-  if (st.ok() && ::fsync(fd) != 0) st = Status::IOError("fsync '" + path + "': " + std::strerror(errno));
+  if (st.ok() && ::fsync(fd) != 0)
+    st = Status::IOError("fsync '" + path + "': " + std::strerror(errno));
   ::close(fd);
   if (!st.ok()) return st;
   return FsyncPath(fs::path(path).parent_path().string(), O_RDONLY | O_DIRECTORY);
@@ -341,7 +345,9 @@ KvEngineConfig KvConfig(const BenchOptions& o, BlockDurability durability) {
   return c;
 }
 
-const char* DurabilityName(BlockDurability d) { return d == BlockDurability::kWal ? "wal" : "flush"; }
+const char* DurabilityName(BlockDurability d) {
+  return d == BlockDurability::kWal ? "wal" : "flush";
+}
 
 json ScenarioJson(const Scenario& s) {
   json j;
@@ -412,9 +418,13 @@ int RunBench(const BenchOptions& o) {
     }
   } cleanup{root, o.keep};
 
-  const BlockDurability main_d = o.durability == "wal" ? BlockDurability::kWal : BlockDurability::kFlush;
-  const BlockDurability alt_d = main_d == BlockDurability::kWal ? BlockDurability::kFlush : BlockDurability::kWal;
-  const size_t workers = o.threads ? o.threads : std::min<size_t>(4, std::max(1u, std::thread::hardware_concurrency()));
+  const BlockDurability main_d =
+      o.durability == "wal" ? BlockDurability::kWal : BlockDurability::kFlush;
+  const BlockDurability alt_d =
+      main_d == BlockDurability::kWal ? BlockDurability::kFlush : BlockDurability::kWal;
+  const size_t workers =
+      o.threads ? o.threads
+                : std::min<size_t>(4, std::max(1u, std::thread::hardware_concurrency()));
 
   log << "ckptkv bench: " << o.size_mb << " MiB state dict, chunk " << o.chunk_kb << " KiB, blocks "
       << DurabilityName(main_d) << ", scratch " << root << std::endl;
@@ -473,7 +483,8 @@ int RunBench(const BenchOptions& o) {
   {
     TorchCheckpointEngine te;
     te.makedirs(torch_dir, true);
-    Scenario& s = begin("full_save_torch", "TorchCheckpointEngine save + commit (pickle zip, fsync)");
+    Scenario& s =
+        begin("full_save_torch", "TorchCheckpointEngine save + commit (pickle zip, fsync)");
     Meter m(&s);
     te.create(torch_dir, tag1);
     te.makedirs(torch_dir + "/" + tag1, true);
@@ -492,8 +503,10 @@ int RunBench(const BenchOptions& o) {
     KvCheckpointEngine kv(KvConfig(o, main_d));
     kv.makedirs(kv_dir, true);
     {
-      Scenario& s = begin("full_save_kv", std::string("KvCheckpointEngine save + commit into an empty store (blocks ") +
-                                              DurabilityName(main_d) + ")");
+      Scenario& s =
+          begin("full_save_kv",
+                std::string("KvCheckpointEngine save + commit into an empty store (blocks ") +
+                    DurabilityName(main_d) + ")");
       Meter m(&s);
       KvSaveResult r = KvSave(kv, kv_dir, tag1, sd);
       m.Stop();
@@ -559,8 +572,9 @@ int RunBench(const BenchOptions& o) {
     auto kv = std::make_unique<KvCheckpointEngine>(KvConfig(o, main_d));
     kv->makedirs(series_dir, true);
     const uint64_t disk_before = kv->store()->DiskBytes();
-    Scenario& s = begin("frozen_series_kv", std::to_string(o.series_saves) +
-                                                " saves, 98% frozen base, 2% of the bytes new each save");
+    Scenario& s =
+        begin("frozen_series_kv", std::to_string(o.series_saves) +
+                                      " saves, 98% frozen base, 2% of the bytes new each save");
     uint64_t logical_sum = 0, unique = 0, new_sum = 0;
     double first_secs = 0, rest_secs = 0, max_rest = 0;
     // Per-save data is made outside the timed region; the meter spans the
@@ -573,8 +587,8 @@ int RunBench(const BenchOptions& o) {
       SyntheticState cur = state;
       for (size_t j = 0; j < hot.size(); j++) {
         size_t i = hot[j];
-        cur.big[i].tensor = RandomTensor(state.big[i].tensor.sizes().vec(), state.big[i].tensor.scalar_type(),
-                                         900000 + 1000 * k + j);
+        cur.big[i].tensor = RandomTensor(state.big[i].tensor.sizes().vec(),
+                                         state.big[i].tensor.scalar_type(), 900000 + 1000 * k + j);
       }
       c10::IValue sdk = ToStateDict(cur, 2000 + k);
       double t0 = NowSeconds();
@@ -583,7 +597,8 @@ int RunBench(const BenchOptions& o) {
       logical_sum += r.info.logical_bytes;
       new_sum += r.info.new_bytes;
       unique += (k == 0) ? r.info.logical_bytes : hot_bytes;
-      if (k == 0) first_secs = dt;
+      if (k == 0)
+        first_secs = dt;
       else {
         rest_secs += dt;
         max_rest = std::max(max_rest, dt);
@@ -612,7 +627,8 @@ int RunBench(const BenchOptions& o) {
     s.extra["store_disk_bytes_open"] = disk_open;
     s.extra["store_growth_vs_unique"] = unique ? double(growth) / unique : 0.0;
     s.extra["first_save_seconds"] = first_secs;
-    s.extra["later_save_seconds_mean"] = o.series_saves > 1 ? rest_secs / (o.series_saves - 1) : 0.0;
+    s.extra["later_save_seconds_mean"] =
+        o.series_saves > 1 ? rest_secs / (o.series_saves - 1) : 0.0;
     s.extra["later_save_seconds_max"] = max_rest;
     end(s);
   }
@@ -626,8 +642,8 @@ int RunBench(const BenchOptions& o) {
     bool same = SameValue(sd, loaded, "", &why);
     s.extra["equal"] = same;
     if (!same) {
-      std::cerr << "error: " << s.name << ": the loaded checkpoint differs from the saved one: " << why
-                << std::endl;
+      std::cerr << "error: " << s.name
+                << ": the loaded checkpoint differs from the saved one: " << why << std::endl;
       rc = 2;
     }
   };
@@ -658,8 +674,8 @@ int RunBench(const BenchOptions& o) {
   }
   {
     TorchCheckpointEngine te;
-    load_scenario("load_torch", "TorchCheckpointEngine open + load of the full save", te,
-                  torch_dir, [&] { return TreeBytes(torch_dir); });
+    load_scenario("load_torch", "TorchCheckpointEngine open + load of the full save", te, torch_dir,
+                  [&] { return TreeBytes(torch_dir); });
   }
 
   // --- ratios and targets ------------------------------------------------------
@@ -670,18 +686,23 @@ int RunBench(const BenchOptions& o) {
       div(S("full_save_kv").throughput_mib_s(), S("full_save_raw").throughput_mib_s());
   ratios["full_save_torch_vs_raw_throughput"] =
       div(S("full_save_torch").throughput_mib_s(), S("full_save_raw").throughput_mib_s());
-  ratios["full_save_kv_vs_torch_time"] = div(S("full_save_kv").seconds, S("full_save_torch").seconds);
+  ratios["full_save_kv_vs_torch_time"] =
+      div(S("full_save_kv").seconds, S("full_save_torch").seconds);
   ratios["full_save_kv_written_vs_logical"] =
       div(S("full_save_kv").total_write_bytes(), S("full_save_kv").logical_bytes);
-  ratios["resave_unchanged_vs_full_time"] = div(S("resave_unchanged_kv").seconds, S("full_save_kv").seconds);
+  ratios["resave_unchanged_vs_full_time"] =
+      div(S("resave_unchanged_kv").seconds, S("full_save_kv").seconds);
   ratios["resave_unchanged_written_vs_logical"] =
       div(S("resave_unchanged_kv").total_write_bytes(), S("resave_unchanged_kv").logical_bytes);
-  ratios["resave_10pct_vs_full_time"] = div(S("resave_10pct_kv").seconds, S("full_save_kv").seconds);
-  ratios["resave_10pct_written_vs_changed"] = div(S("resave_10pct_kv").total_write_bytes(), changed_bytes);
+  ratios["resave_10pct_vs_full_time"] =
+      div(S("resave_10pct_kv").seconds, S("full_save_kv").seconds);
+  ratios["resave_10pct_written_vs_changed"] =
+      div(S("resave_10pct_kv").total_write_bytes(), changed_bytes);
   ratios["frozen_series_store_growth_vs_unique"] =
       S("frozen_series_kv").extra.value("store_growth_vs_unique", 0.0);
   ratios["frozen_series_written_vs_unique"] =
-      div(S("frozen_series_kv").total_write_bytes(), S("frozen_series_kv").extra.value("unique_bytes", uint64_t{0}));
+      div(S("frozen_series_kv").total_write_bytes(),
+          S("frozen_series_kv").extra.value("unique_bytes", uint64_t{0}));
   ratios["load_kv_vs_torch_time"] = div(S("load_kv").seconds, S("load_torch").seconds);
   ratios["full_save_kv_peak_rss_delta_chunks_per_worker"] =
       div(div(S("full_save_kv").peak_rss_delta(), double(o.chunk_kb) * 1024.0), double(workers));
@@ -692,17 +713,21 @@ int RunBench(const BenchOptions& o) {
     const Scenario& flush = main_d == BlockDurability::kFlush ? main_s : alt;
     const Scenario& wal = main_d == BlockDurability::kFlush ? alt : main_s;
     ratios["full_save_wal_vs_flush_time"] = div(wal.seconds, flush.seconds);
-    ratios["full_save_wal_vs_flush_written"] = div(wal.total_write_bytes(), flush.total_write_bytes());
+    ratios["full_save_wal_vs_flush_written"] =
+        div(wal.total_write_bytes(), flush.total_write_bytes());
   }
 
   const std::vector<Target> targets = {
       {"full_save_kv_vs_raw_throughput", ">=", 0.85, "full save >= 0.85x raw-write throughput"},
       {"full_save_kv_vs_torch_time", "<", 1.0, "full save faster than torch"},
       {"resave_unchanged_vs_full_time", "<", 0.05, "unchanged re-save < 5% of full-save time"},
-      {"resave_unchanged_written_vs_logical", "<", 0.01, "unchanged re-save writes < 1% of logical bytes"},
+      {"resave_unchanged_written_vs_logical", "<", 0.01,
+       "unchanged re-save writes < 1% of logical bytes"},
       {"resave_10pct_vs_full_time", "<", 0.15, "10%-changed save < 15% of full-save time"},
-      {"resave_10pct_written_vs_changed", "<=", 1.15, "10%-changed save writes <= 1.15x changed bytes"},
-      {"frozen_series_store_growth_vs_unique", "<=", 1.10, "frozen-base series stored in <= 1.1x unique bytes"},
+      {"resave_10pct_written_vs_changed", "<=", 1.15,
+       "10%-changed save writes <= 1.15x changed bytes"},
+      {"frozen_series_store_growth_vs_unique", "<=", 1.10,
+       "frozen-base series stored in <= 1.1x unique bytes"},
       {"load_kv_vs_torch_time", "<=", 1.0, "load at least as fast as torch"},
       {"full_save_kv_peak_rss_delta_chunks_per_worker", "<=", 4.0,
        "peak RSS growth during a save <= 4 chunks per worker"},
@@ -710,15 +735,16 @@ int RunBench(const BenchOptions& o) {
   json targets_j;
   for (const auto& t : targets) {
     double v = ratios.value(t.ratio, 0.0);
-    targets_j[t.ratio] = {{"target", t.op + " " + Fixed(t.bound)}, {"value", v}, {"met", Met(v, t)}};
+    targets_j[t.ratio] = {
+        {"target", t.op + " " + Fixed(t.bound)}, {"value", v}, {"met", Met(v, t)}};
   }
 
   if (o.json) {
     MachineInfo mi = GetMachineInfo(root);
     json out;
-    out["machine"] = {{"cpu_model", mi.cpu_model},       {"cores", mi.cores},
-                      {"mem_total_bytes", mi.mem_total_bytes}, {"kernel", mi.kernel},
-                      {"disk", mi.disk},                 {"filesystem", mi.filesystem}};
+    out["machine"] = {
+        {"cpu_model", mi.cpu_model}, {"cores", mi.cores}, {"mem_total_bytes", mi.mem_total_bytes},
+        {"kernel", mi.kernel},       {"disk", mi.disk},   {"filesystem", mi.filesystem}};
     out["size_mb"] = o.size_mb;
     out["options"] = {{"chunk_kb", o.chunk_kb},
                       {"durability", DurabilityName(main_d)},
@@ -741,28 +767,31 @@ int RunBench(const BenchOptions& o) {
   std::printf("\nmachine: %s, %u cores, %s RAM, %s, %s on %s\n", mi.cpu_model.c_str(), mi.cores,
               HumanBytes(mi.mem_total_bytes).c_str(), mi.kernel.c_str(), mi.filesystem.c_str(),
               mi.disk.c_str());
-  std::printf("state dict: %zu tensors, %s; chunk %u KiB; %zu store workers; loads %s\n\n", n_tensors,
-              HumanBytes(logical).c_str(), o.chunk_kb, workers,
+  std::printf("state dict: %zu tensors, %s; chunk %u KiB; %zu store workers; loads %s\n\n",
+              n_tensors, HumanBytes(logical).c_str(), o.chunk_kb, workers,
               dropped ? "from a cold page cache" : "from a warm page cache");
-  std::printf("%-22s %8s %11s %9s %11s %9s %9s %9s %11s %13s\n", "scenario", "seconds", "logical MiB",
-              "MiB/s", "written MiB", "(bg MiB)", "wr/logic", "read MiB", "on disk MiB", "peak RSS +MiB");
+  std::printf("%-22s %8s %11s %9s %11s %9s %9s %9s %11s %13s\n", "scenario", "seconds",
+              "logical MiB", "MiB/s", "written MiB", "(bg MiB)", "wr/logic", "read MiB",
+              "on disk MiB", "peak RSS +MiB");
   for (const auto& s : order) {
-    std::printf("%-22s %8.3f %11.1f %9.1f %11.1f %9.1f %9.4f %9.1f %11.1f %13.1f\n", s.name.c_str(), s.seconds,
-                s.logical_bytes / kMiB, s.throughput_mib_s(), s.total_write_bytes() / kMiB,
-                s.after_write_bytes / kMiB,
+    std::printf("%-22s %8.3f %11.1f %9.1f %11.1f %9.1f %9.4f %9.1f %11.1f %13.1f\n", s.name.c_str(),
+                s.seconds, s.logical_bytes / kMiB, s.throughput_mib_s(),
+                s.total_write_bytes() / kMiB, s.after_write_bytes / kMiB,
                 s.logical_bytes ? double(s.total_write_bytes()) / s.logical_bytes : 0.0,
                 s.device_read_bytes / kMiB, s.disk_bytes_after / kMiB, s.peak_rss_delta() / kMiB);
   }
   const Scenario& r10 = S("resave_10pct_kv");
   const Scenario& fs_ = S("frozen_series_kv");
-  std::printf("\nresave_10pct_kv: changed %.1f MiB, new %.1f MiB, written %.1f MiB\n", changed_bytes / kMiB,
-              r10.extra.value("new_bytes", uint64_t{0}) / kMiB, r10.total_write_bytes() / kMiB);
-  std::printf("frozen_series_kv: %d saves, unique %.1f MiB, store growth %.1f MiB, first save %.3f s, "
-              "later saves %.3f s mean / %.3f s max\n",
-              o.series_saves, fs_.extra.value("unique_bytes", uint64_t{0}) / kMiB,
-              fs_.extra.value("store_growth_bytes", uint64_t{0}) / kMiB,
-              fs_.extra.value("first_save_seconds", 0.0), fs_.extra.value("later_save_seconds_mean", 0.0),
-              fs_.extra.value("later_save_seconds_max", 0.0));
+  std::printf("\nresave_10pct_kv: changed %.1f MiB, new %.1f MiB, written %.1f MiB\n",
+              changed_bytes / kMiB, r10.extra.value("new_bytes", uint64_t{0}) / kMiB,
+              r10.total_write_bytes() / kMiB);
+  std::printf(
+      "frozen_series_kv: %d saves, unique %.1f MiB, store growth %.1f MiB, first save %.3f s, "
+      "later saves %.3f s mean / %.3f s max\n",
+      o.series_saves, fs_.extra.value("unique_bytes", uint64_t{0}) / kMiB,
+      fs_.extra.value("store_growth_bytes", uint64_t{0}) / kMiB,
+      fs_.extra.value("first_save_seconds", 0.0), fs_.extra.value("later_save_seconds_mean", 0.0),
+      fs_.extra.value("later_save_seconds_max", 0.0));
   std::printf("\n%-48s %10s %10s %s\n", "ratio", "value", "target", "");
   for (const auto& t : targets) {
     double v = ratios.value(t.ratio, 0.0);
@@ -770,8 +799,8 @@ int RunBench(const BenchOptions& o) {
                 Met(v, t) ? "met" : "NOT met");
   }
   for (const char* extra : {"full_save_torch_vs_raw_throughput", "full_save_kv_written_vs_logical",
-                            "frozen_series_written_vs_unique",
-                            "full_save_wal_vs_flush_time", "full_save_wal_vs_flush_written"}) {
+                            "frozen_series_written_vs_unique", "full_save_wal_vs_flush_time",
+                            "full_save_wal_vs_flush_written"}) {
     if (ratios.contains(extra)) std::printf("%-48s %10.4f\n", extra, ratios.value(extra, 0.0));
   }
   std::printf("\nloaded checkpoints equal the saved state: %s\n", rc == 0 ? "yes" : "NO");

@@ -35,11 +35,13 @@ int Run(int argc, char** argv) {
       "demo", "train a small model, checkpoint it, resume and check the losses match");
   demo_cmd->add_option("--db", demo.db, "store directory (default ./ckptkv-demo, recreated)");
   demo_cmd->add_option("--steps", demo.steps, "training steps")->check(CLI::Range(3, 100000));
-  demo_cmd->add_option("--every", demo.every, "checkpoint every K steps")->check(CLI::Range(1, 100000));
+  demo_cmd->add_option("--every", demo.every, "checkpoint every K steps")
+      ->check(CLI::Range(1, 100000));
   demo_cmd->add_option("--hidden", demo.hidden, "MLP width")->check(CLI::Range(8, 8192));
   demo_cmd->add_option("--vocab", demo.vocab, "rows of the frozen embedding")
       ->check(CLI::Range(16, 1 << 24));
-  demo_cmd->add_flag("--keep-files", demo.keep_files, "keep the plain-file checkpoints (<db>-files)");
+  demo_cmd->add_flag("--keep-files", demo.keep_files,
+                     "keep the plain-file checkpoints (<db>-files)");
   demo_cmd->add_flag("-v,--verbose", demo.verbose, "show the engines' log lines");
 
   BenchOptions bench;

@@ -106,8 +106,8 @@ struct Trainer {
     const auto& ao = static_cast<const torch::optim::AdamOptions&>(group.options());
     c10::impl::GenericDict pg(c10::StringType::get(), c10::AnyType::get());
     pg.insert("lr", ao.lr());
-    pg.insert("betas", c10::ivalue::Tuple::create(
-                           {c10::IValue(std::get<0>(ao.betas())), c10::IValue(std::get<1>(ao.betas()))}));
+    pg.insert("betas", c10::ivalue::Tuple::create({c10::IValue(std::get<0>(ao.betas())),
+                                                   c10::IValue(std::get<1>(ao.betas()))}));
     pg.insert("eps", ao.eps());
     pg.insert("weight_decay", ao.weight_decay());
     pg.insert("amsgrad", ao.amsgrad());
@@ -155,7 +155,8 @@ struct Trainer {
     auto& ao = static_cast<torch::optim::AdamOptions&>(group.options());
     ao.lr(pg.at("lr").toDouble());
     auto betas = pg.at("betas").toTuple();
-    ao.betas(std::make_tuple(betas->elements().at(0).toDouble(), betas->elements().at(1).toDouble()));
+    ao.betas(
+        std::make_tuple(betas->elements().at(0).toDouble(), betas->elements().at(1).toDouble()));
     ao.eps(pg.at("eps").toDouble());
     ao.weight_decay(pg.at("weight_decay").toDouble());
     ao.amsgrad(pg.at("amsgrad").toBool());
@@ -170,7 +171,8 @@ struct Trainer {
       st->step(s.at("step").toInt());
       st->exp_avg(s.at("exp_avg").toTensor());
       st->exp_avg_sq(s.at("exp_avg_sq").toTensor());
-      optimizer->state()[c10::guts::to_string(params[static_cast<size_t>(i)].unsafeGetTensorImpl())] =
+      optimizer
+          ->state()[c10::guts::to_string(params[static_cast<size_t>(i)].unsafeGetTensorImpl())] =
           std::move(st);
     }
     return static_cast<int>(sd.at("global_steps").toInt());
@@ -191,7 +193,8 @@ bool IsDemoTag(const std::string& tag) {
 // demo's store (removed). Anything else is refused.
 Status PrepareStoreDir(const std::string& db, bool user_given) {
   std::error_code ec;
-  if (!fs::exists(db, ec) || (fs::is_directory(db, ec) && fs::is_empty(db, ec))) return Status::OK();
+  if (!fs::exists(db, ec) || (fs::is_directory(db, ec) && fs::is_empty(db, ec)))
+    return Status::OK();
   StoreOptions so;
   so.read_only = true;
   so.create_if_missing = false;
@@ -214,7 +217,8 @@ Status PrepareStoreDir(const std::string& db, bool user_given) {
   }
   store_or->reset();
   fs::remove_all(db, ec);
-  if (ec) return Status::IOError("cannot remove the earlier demo store '" + db + "': " + ec.message());
+  if (ec)
+    return Status::IOError("cannot remove the earlier demo store '" + db + "': " + ec.message());
   return Status::OK();
 }
 
@@ -272,13 +276,16 @@ int RunDemo(const DemoOptions& options) {
   const double t_start = NowSeconds();
 
   torch::manual_seed(kTaskSeed);
-  const torch::Tensor task_w = torch::randn({options.dim, options.dim}) / std::sqrt(double(options.dim));
+  const torch::Tensor task_w =
+      torch::randn({options.dim, options.dim}) / std::sqrt(double(options.dim));
 
   Trainer run(options, kInitSeed, task_w);
   int64_t frozen = 0, trainable = 0, buffers = 0;
-  for (const auto& p : run.net->parameters()) (p.requires_grad() ? trainable : frozen) += p.nbytes();
+  for (const auto& p : run.net->parameters())
+    (p.requires_grad() ? trainable : frozen) += p.nbytes();
   for (const auto& b : run.net->buffers()) buffers += b.nbytes();
-  std::printf("ckptkv demo: frozen embedding %" PRId64 "x%" PRId64 " (%.1f MiB) + MLP (%.1f MiB of "
+  std::printf("ckptkv demo: frozen embedding %" PRId64 "x%" PRId64
+              " (%.1f MiB) + MLP (%.1f MiB of "
               "parameters, %.2f KiB of buffers), Adam lr %g\n",
               options.vocab, options.dim, frozen / kMiB, trainable / kMiB, buffers / 1024.0, kLr);
   std::printf("training %d steps, checkpoint every %d steps up to step %d\n", S, K, C);
@@ -323,8 +330,10 @@ int RunDemo(const DemoOptions& options) {
 
       double dedup = info.new_bytes > 0 ? double(info.logical_bytes) / double(info.new_bytes) : 0.0;
       char dedup_s[32];
-      if (info.new_bytes > 0) std::snprintf(dedup_s, sizeof dedup_s, "%.2fx", dedup);
-      else std::snprintf(dedup_s, sizeof dedup_s, "inf");
+      if (info.new_bytes > 0)
+        std::snprintf(dedup_s, sizeof dedup_s, "%.2fx", dedup);
+      else
+        std::snprintf(dedup_s, sizeof dedup_s, "inf");
       std::printf("%-16s %8.5f %12.2f %10.2f %8s %8.3f | %10.2f %8.3f\n", tag.c_str(), losses[step],
                   info.logical_bytes / kMiB, info.new_bytes / kMiB, dedup_s, kv_dt, fbytes / kMiB,
                   file_dt);
@@ -347,9 +356,10 @@ int RunDemo(const DemoOptions& options) {
   std::printf("  %-26s %7.1f MiB %8.1f MiB %10.3f\n", "plain torch files", file_bytes / kMiB,
               files_disk / kMiB, file_secs);
   if (kv_new > 0 && store_disk > 0 && kv_secs > 0) {
-    std::printf("  dedup %.2fx: the store takes %.2fx less disk than the files and saved %.2fx faster\n",
-                double(kv_logical) / double(kv_new), double(files_disk) / double(store_disk),
-                file_secs / kv_secs);
+    std::printf(
+        "  dedup %.2fx: the store takes %.2fx less disk than the files and saved %.2fx faster\n",
+        double(kv_logical) / double(kv_new), double(files_disk) / double(store_disk),
+        file_secs / kv_secs);
   }
   std::printf("  (training itself: %.2f s for %d steps)\n", train_secs, S);
   if (!options.keep_files) {
@@ -359,7 +369,8 @@ int RunDemo(const DemoOptions& options) {
 
   // Resume: a fresh model and optimizer (initialised differently on purpose),
   // the latest checkpoint, and the steps after it.
-  std::printf("\nresume: fresh model + optimizer, loading the latest checkpoint from %s\n", db.c_str());
+  std::printf("\nresume: fresh model + optimizer, loading the latest checkpoint from %s\n",
+              db.c_str());
   Trainer resumed(options, kResumeInitSeed, task_w);
   int from = 0;
   {

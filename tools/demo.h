@@ -19,8 +19,8 @@ struct DemoOptions {
   int64_t dim = 256;                 // embedding width
   int64_t hidden = 768;              // MLP width
   int64_t batch = 256;
-  bool keep_files = false;           // keep the plain-file checkpoints
-  bool verbose = false;              // engine log lines
+  bool keep_files = false;  // keep the plain-file checkpoints
+  bool verbose = false;     // engine log lines
 };
 
 // Returns the process exit code: 0 on success, 3 if the resumed run's

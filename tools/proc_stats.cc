@@ -54,10 +54,16 @@ IoCounters ReadIoCounters() {
   std::string key;
   uint64_t value = 0;
   while (in >> key >> value) {
-    if (key == "rchar:") c.rchar = value;
-    else if (key == "wchar:") c.wchar = value;
-    else if (key == "read_bytes:") c.read_bytes = value;
-    else if (key == "write_bytes:") { c.write_bytes = value; c.valid = true; }
+    if (key == "rchar:")
+      c.rchar = value;
+    else if (key == "wchar:")
+      c.wchar = value;
+    else if (key == "read_bytes:")
+      c.read_bytes = value;
+    else if (key == "write_bytes:") {
+      c.write_bytes = value;
+      c.valid = true;
+    }
   }
   return c;
 }
@@ -174,8 +180,10 @@ std::string HumanBytes(uint64_t bytes) {
     u++;
   }
   char buf[32];
-  if (u == 0) std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(bytes));
-  else std::snprintf(buf, sizeof buf, "%.2f %s", v, units[u]);
+  if (u == 0)
+    std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(bytes));
+  else
+    std::snprintf(buf, sizeof buf, "%.2f %s", v, units[u]);
   return buf;
 }
 

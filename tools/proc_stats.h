@@ -35,11 +35,11 @@ bool DropPageCache();
 
 struct MachineInfo {
   std::string cpu_model;
-  unsigned cores = 0;          // online hardware threads
+  unsigned cores = 0;  // online hardware threads
   uint64_t mem_total_bytes = 0;
   std::string kernel;
-  std::string disk;            // device and model of the file system holding `dir`, if known
-  std::string filesystem;      // file system type of `dir`
+  std::string disk;        // device and model of the file system holding `dir`, if known
+  std::string filesystem;  // file system type of `dir`
 };
 
 MachineInfo GetMachineInfo(const std::string& dir);

@@ -42,7 +42,8 @@ TEST_CASE("file names parse back into rank coordinates", "[unit][checkpoint]") {
   CHECK(TpOfMp(5, 4) == 1);
   CHECK(MpRank(1, 1, 4) == 5);
   // Both layer spellings (PipelineModule "-model_states", utils "_model_states").
-  for (const char* name : {"layer_07-model_02-model_states.pt", "layer_07-model_02_model_states.pt"}) {
+  for (const char* name :
+       {"layer_07-model_02-model_states.pt", "layer_07-model_02_model_states.pt"}) {
     auto l = ParseFileName(name);
     REQUIRE(l);
     CHECK(l->kind == FileKind::kLayer);

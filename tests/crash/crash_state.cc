@@ -64,13 +64,13 @@ struct ParamSpec {
 
 const std::vector<ParamSpec>& Params() {
   static const std::vector<ParamSpec> specs = {
-      {"embed.weight", {512, 1024}, at::kFloat, Change::kNever},         // 2 MiB, shared
+      {"embed.weight", {512, 1024}, at::kFloat, Change::kNever},             // 2 MiB, shared
       {"layers.0.attn.weight", {256, 256}, at::kFloat, Change::kEveryStep},  // 256 KiB
-      {"layers.0.attn.bias", {3}, at::kFloat, Change::kEveryStep},          // 12 bytes
+      {"layers.0.attn.bias", {3}, at::kFloat, Change::kEveryStep},           // 12 bytes
       {"layers.0.mlp.weight", {768, 1024}, at::kHalf, Change::kFirstChunk},  // 1.5 MiB
       {"layers.0.norm.weight", {1024}, at::kBFloat16, Change::kEveryStep},
       {"layers.0.norm.bias", {1024}, at::kBFloat16, Change::kNever},
-      {"head.weight", {64, 64}, at::kDouble, Change::kEveryStep},           // 32 KiB
+      {"head.weight", {64, 64}, at::kDouble, Change::kEveryStep},  // 32 KiB
       {"head.mask", {5}, at::kBool, Change::kNever},
       {"position_ids", {1, 2000}, at::kLong, Change::kNever},
       {"quant.scale", {3000}, at::kChar, Change::kEveryStep},
@@ -81,8 +81,8 @@ const std::vector<ParamSpec>& Params() {
 at::Tensor MakeParam(uint64_t seed, int64_t step, size_t index) {
   const ParamSpec& spec = Params()[index];
   const uint64_t base = Hash(seed, 1000 + index);
-  const uint64_t key = spec.change == Change::kEveryStep ? Hash(seed, 1000 + index, step + 1)
-                                                         : base;
+  const uint64_t key =
+      spec.change == Change::kEveryStep ? Hash(seed, 1000 + index, step + 1) : base;
   at::Tensor t;
   if (spec.dtype == at::kFloat || spec.dtype == at::kHalf || spec.dtype == at::kBFloat16 ||
       spec.dtype == at::kDouble) {
@@ -93,7 +93,8 @@ at::Tensor MakeParam(uint64_t seed, int64_t step, size_t index) {
   if (spec.change == Change::kFirstChunk) {
     // The first 64 KiB differ per step; the rest stays the same.
     at::Tensor flat = t.view({-1});
-    int64_t n = std::min<int64_t>(flat.numel(), (64 << 10) / static_cast<int64_t>(t.element_size()));
+    int64_t n =
+        std::min<int64_t>(flat.numel(), (64 << 10) / static_cast<int64_t>(t.element_size()));
     flat.narrow(0, 0, n).copy_(Floats(Hash(seed, 2000 + index, step + 1), {n}).to(spec.dtype));
   }
   return t;
@@ -108,18 +109,21 @@ c10::IValue ModelStates(uint64_t seed, int64_t step, std::vector<at::Tensor>* pa
   }
   Dict lr = StrDict();
   lr.insert("last_epoch", c10::IValue(step));
-  lr.insert("base_lrs", c10::IValue(c10::List<double>({0.1, 0.01 * static_cast<double>(step % 7)})));
+  lr.insert("base_lrs",
+            c10::IValue(c10::List<double>({0.1, 0.01 * static_cast<double>(step % 7)})));
   lr.insert("_get_lr_called_within_step", c10::IValue(false));
   lr.insert("verbose", c10::IValue());
 
   Dict state = StrDict();
   state.insert("module", module);
   state.insert("global_steps", c10::IValue(step));
-  state.insert("global_samples", c10::IValue(step * 1024 + static_cast<int64_t>(Hash(seed, step) % 1000)));
+  state.insert("global_samples",
+               c10::IValue(step * 1024 + static_cast<int64_t>(Hash(seed, step) % 1000)));
   state.insert("ds_version", c10::IValue(std::string("0.14.0")));
   state.insert("lr_scheduler", lr);
-  state.insert("buffer_names",
-               c10::IValue(c10::List<std::string>({"position_ids", "step_" + std::to_string(step)})));
+  state.insert(
+      "buffer_names",
+      c10::IValue(c10::List<std::string>({"position_ids", "step_" + std::to_string(step)})));
   state.insert("mp_world_size", c10::IValue(int64_t{1}));
   state.insert("skipped_steps", c10::IValue(static_cast<int64_t>(Hash(seed, step, 3) % 5)));
   state.insert("dp_world_size", c10::IValue(int64_t{1}));
@@ -142,7 +146,7 @@ c10::IValue OptimStates(uint64_t seed, int64_t step, const std::vector<at::Tenso
     s.insert("exp_avg", (p.to(at::kFloat) * 0.5).contiguous());
     // Unchanged between steps for the frozen-in-place mlp (dedup).
     s.insert("exp_avg_sq", k == 1 ? Floats(Hash(seed, 3000), {768, 1024})
-                                   : Floats(Hash(seed, 3000 + k, step + 1), p.sizes().vec()));
+                                  : Floats(Hash(seed, 3000 + k, step + 1), p.sizes().vec()));
     per_param.insert(c10::IValue(k), s);
   }
   Dict group = StrDict();
@@ -243,9 +247,10 @@ std::string CompareIValues(const c10::IValue& a, const c10::IValue& b, const std
     }
     auto ib = db.begin();
     for (auto ia = da.begin(); ia != da.end(); ++ia, ++ib) {
-      std::string key = ia->key().isString() ? ia->key().toStringRef()
-                                             : (ia->key().isInt() ? std::to_string(ia->key().toInt())
-                                                                  : KindName(ia->key()));
+      std::string key =
+          ia->key().isString()
+              ? ia->key().toStringRef()
+              : (ia->key().isInt() ? std::to_string(ia->key().toInt()) : KindName(ia->key()));
       std::string d = CompareIValues(ia->key(), ib->key(), path + "/<key " + key + ">");
       if (!d.empty()) return d;
       d = CompareIValues(ia->value(), ib->value(), path + "/" + key);

@@ -60,9 +60,9 @@ using crash_testing::TempDir;
 using Clock = std::chrono::steady_clock;
 
 struct ChildResult {
-  bool ready = false;        // the child opened the store
+  bool ready = false;  // the child opened the store
   bool killed_by_us = false;
-  int status = 0;            // from waitpid
+  int status = 0;  // from waitpid
   double lifetime_s = 0;
 };
 
@@ -100,7 +100,8 @@ int WaitOrKill(pid_t pid, std::chrono::milliseconds timeout, bool* killed) {
 // store, lets it run that long and SIGKILLs it; otherwise waits for it to
 // die by itself (a kill point), at most `timeout`.
 ChildResult RunChild(const std::vector<std::string>& args, const std::string& kill_point,
-                     const std::string& log_path, std::optional<std::chrono::milliseconds> kill_after,
+                     const std::string& log_path,
+                     std::optional<std::chrono::milliseconds> kill_after,
                      std::chrono::milliseconds timeout) {
   int fds[2];
   REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
@@ -249,16 +250,22 @@ TEST_CASE("SIGKILL during save and commit never loses or damages a committed che
     std::string kill_point;
     if (it % 5 == 4) {
       switch ((it / 5) % 3) {
-        case 0: kill_point = "commit.before_batch"; break;
-        case 1: kill_point = "commit.after_batch"; break;
-        default: kill_point = "save.after_blocks:" + std::to_string(uniform(1, 25)); break;
+        case 0:
+          kill_point = "commit.before_batch";
+          break;
+        case 1:
+          kill_point = "commit.after_batch";
+          break;
+        default:
+          kill_point = "save.after_blocks:" + std::to_string(uniform(1, 25));
+          break;
       }
     }
     const bool wal = uniform(0, 1) == 1;
     const int64_t start = next_start;
-    std::vector<std::string> args = {CRASH_CHILD_PATH, "--db", db, "--start",
-                                     std::to_string(start), "--seed", std::to_string(seed),
-                                     "--ack", ack_path};
+    std::vector<std::string> args = {
+        CRASH_CHILD_PATH,     "--db",  db,      "--start", std::to_string(start), "--seed",
+        std::to_string(seed), "--ack", ack_path};
     if (wal) args.push_back("--wal");
     std::optional<std::chrono::milliseconds> kill_after;
     if (kill_point.empty()) kill_after = std::chrono::milliseconds(uniform(20, 400));

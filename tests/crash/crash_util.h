@@ -25,15 +25,14 @@ inline uint64_t TestSeed(const std::string& test_name) {
     if (const char* env = std::getenv("CKPTKV_TEST_SEED"); env != nullptr && *env != '\0') {
       seed = std::strtoull(env, nullptr, 0);
     } else {
-      seed = static_cast<uint64_t>(
-                 std::chrono::steady_clock::now().time_since_epoch().count()) ^
+      seed = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
              (static_cast<uint64_t>(::getpid()) << 32);
       seed %= 1000000000ull;
     }
     return seed;
   }();
-  std::cout << test_name << ": seed=" << seed << " (replay with CKPTKV_TEST_SEED=" << seed
-            << ")" << std::endl;
+  std::cout << test_name << ": seed=" << seed << " (replay with CKPTKV_TEST_SEED=" << seed << ")"
+            << std::endl;
   return seed;
 }
 

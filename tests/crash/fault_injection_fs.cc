@@ -21,7 +21,6 @@ using rocksdb::Slice;
 
 namespace {
 
-
 // A writable file whose written and synced sizes are recorded.
 class TrackedWritableFile : public rocksdb::FSWritableFileOwnerWrapper {
  public:
@@ -35,8 +34,8 @@ class TrackedWritableFile : public rocksdb::FSWritableFileOwnerWrapper {
     if (s.ok()) Grow(Pos() + data.size());
     return s;
   }
-  IOStatus Append(const Slice& data, const IOOptions& options,
-                  const DataVerificationInfo& info, IODebugContext* dbg) override {
+  IOStatus Append(const Slice& data, const IOOptions& options, const DataVerificationInfo& info,
+                  IODebugContext* dbg) override {
     IOStatus s = fs_->CheckOp("append");
     if (s.ok()) s = target()->Append(data, options, info, dbg);
     if (s.ok()) Grow(Pos() + data.size());
@@ -229,8 +228,7 @@ IOStatus FaultInjectionFileSystem::NewWritableFile(const std::string& f, const F
   return s;
 }
 
-IOStatus FaultInjectionFileSystem::ReopenWritableFile(const std::string& f,
-                                                      const FileOptions& opts,
+IOStatus FaultInjectionFileSystem::ReopenWritableFile(const std::string& f, const FileOptions& opts,
                                                       std::unique_ptr<FSWritableFile>* r,
                                                       IODebugContext* dbg) {
   IOStatus s = CheckOp("reopen");
@@ -254,8 +252,7 @@ IOStatus FaultInjectionFileSystem::ReopenWritableFile(const std::string& f,
   return s;
 }
 
-IOStatus FaultInjectionFileSystem::ReuseWritableFile(const std::string& f,
-                                                     const std::string& old_f,
+IOStatus FaultInjectionFileSystem::ReuseWritableFile(const std::string& f, const std::string& old_f,
                                                      const FileOptions& opts,
                                                      std::unique_ptr<FSWritableFile>* r,
                                                      IODebugContext* dbg) {
@@ -360,8 +357,7 @@ IOStatus FaultInjectionFileSystem::CreateDir(const std::string& d, const IOOptio
   return target()->CreateDir(d, opts, dbg);
 }
 
-IOStatus FaultInjectionFileSystem::CreateDirIfMissing(const std::string& d,
-                                                      const IOOptions& opts,
+IOStatus FaultInjectionFileSystem::CreateDirIfMissing(const std::string& d, const IOOptions& opts,
                                                       IODebugContext* dbg) {
   IOStatus s = CheckOp("create dir");
   if (!s.ok()) return s;

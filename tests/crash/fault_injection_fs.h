@@ -102,8 +102,7 @@ class FaultInjectionFileSystem : public rocksdb::FileSystemWrapper {
                                const rocksdb::IOOptions& opts,
                                rocksdb::IODebugContext* dbg) override;
   rocksdb::IOStatus LinkFile(const std::string& src, const std::string& dst,
-                             const rocksdb::IOOptions& opts,
-                             rocksdb::IODebugContext* dbg) override;
+                             const rocksdb::IOOptions& opts, rocksdb::IODebugContext* dbg) override;
   rocksdb::IOStatus CreateDir(const std::string& d, const rocksdb::IOOptions& opts,
                               rocksdb::IODebugContext* dbg) override;
   rocksdb::IOStatus CreateDirIfMissing(const std::string& d, const rocksdb::IOOptions& opts,

@@ -37,8 +37,8 @@
 namespace ckptkv {
 namespace {
 
-using testing::FaultInjectionFileSystem;
 using crash_testing::TempDir;
+using testing::FaultInjectionFileSystem;
 
 // --- Expected contents ----------------------------------------------------
 
@@ -161,8 +161,8 @@ std::string CheckTag(const Store& store, const std::string& tag, const ExpTag& e
       continue;
     }
     if (params.value().size() != tensors.size()) {
-      err << tag << "/" << file << ": " << params.value().size() << " params, "
-          << tensors.size() << " expected\n";
+      err << tag << "/" << file << ": " << params.value().size() << " params, " << tensors.size()
+          << " expected\n";
     }
     for (const auto& [param, t] : tensors) {
       const std::string where = tag + "/" + file + ":" + param;
@@ -415,9 +415,8 @@ void RunCrashCycles(BlockDurability mode, uint64_t seed, int cycles) {
       uint64_t after = gen.Uniform(0, mode == BlockDurability::kFlush ? 36 : 2);
       fs->DeactivateAfter(after);
       Status c = store->CommitTag(t, CommitOptions()).status();
-      INFO("commit of " << t << " with the file system dying after " << after
-                        << " operations: " << c.ToString() << " (" << fs->ops() - ops_before
-                        << " operations)");
+      INFO("commit of " << t << " with the file system dying after " << after << " operations: "
+                        << c.ToString() << " (" << fs->ops() - ops_before << " operations)");
       if (Verbose()) {
         std::cout << ModeName(mode) << " cycle " << cycle << ": commit of " << t
                   << " with the file system dying after " << after << " of "
@@ -455,8 +454,7 @@ TEST_CASE("store survives crashes that drop unsynced data", "[crash]") {
 // Regression: a crash between block writes and the commit must not leave
 // index entries whose blocks are gone, and a later save that would dedup
 // against the lost blocks must write them again.
-TEST_CASE("crash between block writes and commit loses blocks and index together",
-          "[crash]") {
+TEST_CASE("crash between block writes and commit loses blocks and index together", "[crash]") {
   const uint64_t seed = crash_testing::TestSeed(
       "crash between block writes and commit loses blocks and index together");
   for (BlockDurability mode : {BlockDurability::kFlush, BlockDurability::kWal}) {
@@ -606,8 +604,8 @@ namespace {
 // whose write failed used to stay pinned, and the retry skipped it.)
 TEST_CASE("retrying a save after a transient write error stores every block",
           "[crash][transient]") {
-  const uint64_t seed = crash_testing::TestSeed(
-      "retrying a save after a transient write error stores every block");
+  const uint64_t seed =
+      crash_testing::TestSeed("retrying a save after a transient write error stores every block");
   TempDir tmp;
   const std::string dir = tmp.Sub("store");
   auto fs = std::make_shared<FaultInjectionFileSystem>();
@@ -671,8 +669,7 @@ TEST_CASE("retrying a save after a transient write error stores every block",
   Status commit = retry([&] { return store->CommitTag("t", CommitOptions()).status(); });
   INFO("commit: " << commit.ToString());
   REQUIRE(commit.ok());
-  Status commit_other =
-      retry([&] { return store->CommitTag("other", CommitOptions()).status(); });
+  Status commit_other = retry([&] { return store->CommitTag("other", CommitOptions()).status(); });
   INFO("commit of other: " << commit_other.ToString());
   REQUIRE(commit_other.ok());
 
@@ -749,9 +746,9 @@ TEST_CASE("closing the store after a retryable I/O error neither aborts nor hang
     ::kill(pid, SIGKILL);
     ::waitpid(pid, &status, 0);
   }
-  INFO("child: " << (hung ? "hung in close" : WIFSIGNALED(status)
-                                                  ? std::string("killed by ") + strsignal(WTERMSIG(status))
-                                                  : "exit " + std::to_string(WEXITSTATUS(status))));
+  INFO("child: " << (hung                  ? "hung in close"
+                     : WIFSIGNALED(status) ? std::string("killed by ") + strsignal(WTERMSIG(status))
+                                           : "exit " + std::to_string(WEXITSTATUS(status))));
   REQUIRE_FALSE(hung);
   REQUIRE(WIFEXITED(status));
   REQUIRE(WEXITSTATUS(status) == 0);
@@ -765,4 +762,3 @@ TEST_CASE("closing the store after a retryable I/O error neither aborts nor hang
 
 }  // namespace
 }  // namespace ckptkv
-

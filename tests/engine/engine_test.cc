@@ -60,12 +60,14 @@ void RequireSame(const c10::IValue& a, const c10::IValue& b, const std::string& 
     auto la = a.toListRef();
     auto lb = b.toListRef();
     REQUIRE(la.size() == lb.size());
-    for (size_t i = 0; i < la.size(); ++i) RequireSame(la[i], lb[i], path + "/" + std::to_string(i));
+    for (size_t i = 0; i < la.size(); ++i)
+      RequireSame(la[i], lb[i], path + "/" + std::to_string(i));
   } else if (a.isTuple()) {
     const auto& ea = a.toTupleRef().elements();
     const auto& eb = b.toTupleRef().elements();
     REQUIRE(ea.size() == eb.size());
-    for (size_t i = 0; i < ea.size(); ++i) RequireSame(ea[i], eb[i], path + "/" + std::to_string(i));
+    for (size_t i = 0; i < ea.size(); ++i)
+      RequireSame(ea[i], eb[i], path + "/" + std::to_string(i));
   } else if (a.isDouble()) {
     double x = a.toDouble(), y = b.toDouble();
     REQUIRE(std::memcmp(&x, &y, sizeof x) == 0);
@@ -197,8 +199,13 @@ TEST_CASE("KvCheckpointEngine returns exactly what was saved", "[unit][engine]")
   CHECK(d.at("sparse_tensor_module_names").isList());
   CHECK(d.at("floats").isDoubleList());
   CHECK(d.at("tensors").isTensorList());
-  CHECK(d.at("optimizer").toGenericDict().at("param_groups").toListRef()[0]
-            .toGenericDict().at("params").isIntList());
+  CHECK(d.at("optimizer")
+            .toGenericDict()
+            .at("param_groups")
+            .toListRef()[0]
+            .toGenericDict()
+            .at("params")
+            .isIntList());
   engine->close("global_step10");
 }
 
@@ -207,8 +214,8 @@ TEST_CASE("views save only their own elements", "[unit][engine]") {
   auto engine = MakeEngine();
   at::Tensor big = at::randn({1024, 1024});  // 4 MiB storage
   Dict state = StrDict();
-  state.insert("row", big.narrow(0, 10, 2));          // contiguous view, 8 KiB
-  state.insert("col", big.narrow(1, 3, 1));           // non-contiguous view, 4 KiB
+  state.insert("row", big.narrow(0, 10, 2));  // contiguous view, 8 KiB
+  state.insert("col", big.narrow(1, 3, 1));   // non-contiguous view, 4 KiB
   SaveOne(*engine, dir.path(), "t", state);
   CHECK(engine->last_commit().logical_bytes == (2 * 1024 + 1024) * 4);
   CHECK(engine->last_commit().new_bytes <= (2 * 1024 + 1024) * 4);
@@ -406,21 +413,33 @@ TEST_CASE("TorchCheckpointEngine round-trips and writes latest", "[unit][engine]
   TorchCheckpointEngine engine;
   c10::IValue state = RichState();
   // The baseline does not keep requires_grad through pickle; drop that leaf.
-  state.toGenericDict().erase("module");
+  REQUIRE(state.toGenericDict().erase("module") == 1);
   SaveOne(engine, dir.path(), "global_step3", state);
   std::ifstream latest(dir.path() + "/latest");
   std::string content((std::istreambuf_iterator<char>(latest)), std::istreambuf_iterator<char>());
   CHECK(content == "global_step3");
   CHECK(engine.open(dir.path()) == std::optional<std::string>("global_step3"));
-  c10::IValue loaded = engine.load(dir.path() + "/global_step3/mp_rank_00_model_states.pt",
-                                   c10::Device("cpu"));
+  c10::IValue loaded =
+      engine.load(dir.path() + "/global_step3/mp_rank_00_model_states.pt", c10::Device("cpu"));
   auto a = state.toGenericDict();
   auto b = loaded.toGenericDict();
   CHECK(b.at("global_steps").toInt() == 1234);
-  CHECK(at::equal(a.at("optimizer").toGenericDict().at("state").toGenericDict().at(1)
-                      .toGenericDict().at("exp_avg").toTensor(),
-                  b.at("optimizer").toGenericDict().at("state").toGenericDict().at(1)
-                      .toGenericDict().at("exp_avg").toTensor()));
+  CHECK(at::equal(a.at("optimizer")
+                      .toGenericDict()
+                      .at("state")
+                      .toGenericDict()
+                      .at(1)
+                      .toGenericDict()
+                      .at("exp_avg")
+                      .toTensor(),
+                  b.at("optimizer")
+                      .toGenericDict()
+                      .at("state")
+                      .toGenericDict()
+                      .at(1)
+                      .toGenericDict()
+                      .at("exp_avg")
+                      .toTensor()));
   CHECK(CodeOf([&] { engine.load(dir.path() + "/nope/x.pt"); }) == Status::Code::kNotFound);
 }
 

@@ -212,8 +212,8 @@ TEST_CASE("saves write only new chunks and report what they cost", "[unit][store
 
   // The same bytes under another file (rank) and param name are shared too.
   REQUIRE(store->BeginTag("s4").ok());
-  WriteStats ws = Put(*store, "s4", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "other",
-                      state["w0"]);
+  WriteStats ws =
+      Put(*store, "s4", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "other", state["w0"]);
   REQUIRE(store->PutFile("s4", "zero_pp_rank_1_mp_rank_00_optim_states.pt", EmptyTree()).ok());
   REQUIRE(store->CommitTag("s4", CommitOptions()).ok());
   CHECK(ws.new_bytes == 0);
@@ -244,7 +244,8 @@ TEST_CASE("commit refuses to replace a tag unless asked; overwrite replaces atom
   REQUIRE(store->PutFile("t", "mp_rank_00_model_states.pt", EmptyTree()).ok());
   REQUIRE(store->CommitTag("t", CommitOptions()).ok());
   CHECK(ReadBack(*store, "t", "mp_rank_00_model_states.pt", "x") == b);
-  CHECK(store->GetTensorRecord("t", "mp_rank_00_model_states.pt", "only_old").status().IsNotFound());
+  CHECK(
+      store->GetTensorRecord("t", "mp_rank_00_model_states.pt", "only_old").status().IsNotFound());
   CHECK(store->ListTags()->size() == 1);
 }
 
@@ -387,9 +388,7 @@ TEST_CASE("a second writer gets a clear lock error", "[unit][store]") {
 
 TEST_CASE("a directory that is not a store is refused, not damaged", "[unit][store]") {
   TempDir dir;
-  {
-    std::ofstream(dir.Sub("notes.txt")) << "hello";
-  }
+  { std::ofstream(dir.Sub("notes.txt")) << "hello"; }
   auto r = Store::Open(dir.path(), SmallChunks());
   REQUIRE(r.status().IsInvalidArgument());
   CHECK(r.status().message().find("not a ckptkv store") != std::string::npos);
@@ -490,8 +489,9 @@ TEST_CASE("corrupt blocks and records are Corruption errors that name the tensor
   store.reset();
   {
     RawDb raw(dir.path());
-    REQUIRE(raw.db->Put(rocksdb::WriteOptions(), raw.cf["tensors"],
-                        TensorKey("t", "mp_rank_00_model_states.pt", "good"), "garbage!")
+    REQUIRE(raw.db
+                ->Put(rocksdb::WriteOptions(), raw.cf["tensors"],
+                      TensorKey("t", "mp_rank_00_model_states.pt", "good"), "garbage!")
                 .ok());
     REQUIRE(raw.db->Put(rocksdb::WriteOptions(), raw.cf["tags"], "u", "not a record").ok());
   }
