@@ -6,25 +6,29 @@
 
 namespace ckptkv {
 
+std::string BlockHeader(Codec codec, size_t raw_len) {
+  std::string h(kBlockHeaderSize, '\0');
+  h[0] = static_cast<char>(codec);
+  for (int i = 0; i < 4; ++i) h[1 + i] = static_cast<char>((raw_len >> (8 * i)) & 0xff);
+  return h;
+}
+
+bool CompressBlock(const uint8_t* data, size_t len, std::string* out) {
+  size_t bound = ZSTD_compressBound(len);
+  out->resize(bound);
+  size_t n = ZSTD_compress(out->data(), bound, data, len, 1);
+  if (ZSTD_isError(n) || n + len / 16 >= len) return false;
+  out->resize(n);
+  return true;
+}
+
 std::string EncodeBlock(Codec codec, const uint8_t* data, size_t len) {
-  std::string out;
-  auto put_header = [&](Codec c) {
-    out[0] = static_cast<char>(c);
-    for (int i = 0; i < 4; ++i) out[1 + i] = static_cast<char>((len >> (8 * i)) & 0xff);
-  };
-  if (codec == Codec::kZstd) {
-    size_t bound = ZSTD_compressBound(len);
-    out.resize(kBlockHeaderSize + bound);
-    size_t n = ZSTD_compress(out.data() + kBlockHeaderSize, bound, data, len, 1);
-    if (!ZSTD_isError(n) && n + len / 16 < len) {
-      out.resize(kBlockHeaderSize + n);
-      put_header(Codec::kZstd);
-      return out;
-    }
+  std::string payload;
+  if (codec == Codec::kZstd && CompressBlock(data, len, &payload)) {
+    return BlockHeader(Codec::kZstd, len) + payload;
   }
-  out.resize(kBlockHeaderSize + len);
-  put_header(Codec::kRaw);
-  if (len) std::memcpy(out.data() + kBlockHeaderSize, data, len);
+  std::string out = BlockHeader(Codec::kRaw, len);
+  out.append(reinterpret_cast<const char*>(data), len);
   return out;
 }
 

@@ -17,8 +17,12 @@ namespace ckptkv {
 enum class Codec : uint8_t { kRaw = 0, kZstd = 1 };
 inline constexpr size_t kBlockHeaderSize = 5;
 
-// Encodes `len` raw bytes. With kZstd, falls back to raw when compression
-// saves less than 1/16 of the bytes.
+// The 5-byte header of a block holding `raw_len` bytes encoded with `codec`.
+std::string BlockHeader(Codec codec, size_t raw_len);
+// Compresses with zstd into *out; false when that saves less than 1/16 of
+// the bytes (the block is then stored raw).
+bool CompressBlock(const uint8_t* data, size_t len, std::string* out);
+// Header + payload in one string (CompressBlock, falling back to raw).
 std::string EncodeBlock(Codec codec, const uint8_t* data, size_t len);
 // Decodes `value` into exactly `raw_len` bytes at `out`.
 Status DecodeBlock(std::string_view value, uint8_t* out, size_t raw_len);

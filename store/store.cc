@@ -627,12 +627,23 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
   Result<bool> indexed = IsIndexed(d);
   if (!indexed.ok()) return unpin(indexed.status());
   if (indexed.value()) return Status::OK();
-  std::string value = EncodeBlock(codec_, data, len);
+  // The payload goes to RocksDB straight from the tensor's memory (raw) or
+  // from the compressed buffer: no encoded copy of the chunk is made.
+  std::string compressed;
+  Codec codec =
+      codec_ == Codec::kZstd && CompressBlock(data, len, &compressed) ? Codec::kZstd : Codec::kRaw;
+  const std::string header = BlockHeader(codec, len);
+  const rocksdb::Slice value_parts[2] = {
+      header, codec == Codec::kRaw ? rocksdb::Slice(reinterpret_cast<const char*>(data), len)
+                                   : rocksdb::Slice(compressed)};
+  const size_t stored = header.size() + value_parts[1].size();
   std::string index_value =
-      EncodeIndexValue(static_cast<uint32_t>(len), static_cast<uint32_t>(value.size()),
-                       static_cast<Codec>(value[0]));
+      EncodeIndexValue(static_cast<uint32_t>(len), static_cast<uint32_t>(stored), codec);
+  const std::string payload_key = PayloadKey(d);
+  const rocksdb::Slice payload_key_slice(payload_key);
   rocksdb::WriteBatch batch;
-  batch.Put(blocks_, PayloadKey(d), value);
+  batch.Put(blocks_, rocksdb::SliceParts(&payload_key_slice, 1),
+            rocksdb::SliceParts(value_parts, 2));
   batch.Put(blocks_, PresenceKey(d), index_value);
   rocksdb::WriteOptions wo;
   wo.disableWAL = options_.block_durability == BlockDurability::kFlush;
@@ -648,7 +659,7 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
   }
   stats->new_blocks += 1;
   stats->new_bytes += len;
-  stats->stored_new_bytes += value.size();
+  stats->stored_new_bytes += stored;
   return Status::OK();
 }
 
