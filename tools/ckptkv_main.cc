@@ -97,7 +97,6 @@ int Run(int argc, char** argv) {
   }
 
   if (*demo_cmd) {
-    demo.db_given = demo_cmd->count("--db") > 0;
     return RunDemo(demo);
   }
   if (*bench_cmd) return RunBench(bench);

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <regex>
 #include <string>
 #include <vector>
@@ -189,32 +190,26 @@ bool IsDemoTag(const std::string& tag) {
   return std::regex_match(tag, re);
 }
 
-// Makes `db` ready for a fresh demo store: absent, empty, or an earlier
-// demo's store (removed). Anything else is refused.
-Status PrepareStoreDir(const std::string& db, bool user_given) {
+// A file the demo leaves in stores it creates, so that a rerun removes only
+// its own store and never a real one (whose tags may look the same).
+constexpr const char* kDemoMarker = "CKPTKV-DEMO";
+
+// Makes `db` ready for a fresh demo store: absent, empty, or a store an
+// earlier demo made (removed). Anything else is refused.
+Status PrepareStoreDir(const std::string& db) {
   std::error_code ec;
   if (!fs::exists(db, ec) || (fs::is_directory(db, ec) && fs::is_empty(db, ec)))
     return Status::OK();
+  if (!fs::exists(fs::path(db) / kDemoMarker, ec)) {
+    return Status::InvalidArgument("'" + db +
+                                   "' exists and was not made by ckptkv demo; not touching it. "
+                                   "Give --db a new or empty directory");
+  }
   StoreOptions so;
   so.read_only = true;
   so.create_if_missing = false;
   auto store_or = Store::Open(db, so);
-  if (!store_or.ok()) {
-    return Status::InvalidArgument("'" + db + "' exists and is not a ckptkv store (" +
-                                   store_or.status().message() +
-                                   "); not touching it. Give --db a new directory");
-  }
-  if (user_given) {
-    auto tags_or = (*store_or)->ListTags();
-    if (!tags_or.ok()) return tags_or.status();
-    for (const auto& t : *tags_or) {
-      if (!IsDemoTag(t.tag)) {
-        return Status::InvalidArgument("store '" + db + "' holds tag '" + t.tag +
-                                       "', which the demo did not write; not deleting it. Give "
-                                       "--db a new directory");
-      }
-    }
-  }
+  if (!store_or.ok()) return store_or.status();
   store_or->reset();
   fs::remove_all(db, ec);
   if (ec)
@@ -269,7 +264,7 @@ int RunDemo(const DemoOptions& options) {
         "--steps " + std::to_string(S) + " with --every " + std::to_string(K) +
         " leaves no checkpoint to resume from; use --steps > --every"));
   }
-  if (Status s = PrepareStoreDir(db, options.db_given); !s.ok()) return ReportError(s);
+  if (Status s = PrepareStoreDir(db); !s.ok()) return ReportError(s);
   if (Status s = PrepareFilesDir(files_dir); !s.ok()) return ReportError(s);
 
   torch::set_num_threads(1);  // bit-exact reductions
@@ -303,6 +298,8 @@ int RunDemo(const DemoOptions& options) {
     KvCheckpointEngine kv;
     TorchCheckpointEngine files;
     kv.makedirs(db, /*exist_ok=*/true);
+    std::ofstream(fs::path(db) / kDemoMarker)
+        << "made by ckptkv demo; a rerun replaces this store\n";
     files.makedirs(files_dir, /*exist_ok=*/true);
     for (int step = 1; step <= S; step++) {
       double ts = NowSeconds();

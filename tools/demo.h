@@ -12,7 +12,6 @@ namespace ckptkv::tools {
 
 struct DemoOptions {
   std::string db = "./ckptkv-demo";  // the store
-  bool db_given = false;             // --db was on the command line
   int steps = 48;                    // training steps of the uninterrupted run
   int every = 4;                     // checkpoint interval
   int64_t vocab = 32768;             // frozen embedding rows

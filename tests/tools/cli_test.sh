@@ -25,6 +25,12 @@ db=$tmp/store
 expect_rc 0 "demo runs" "$ckptkv" demo --db "$db" --steps 12 --every 3 --vocab 512 --hidden 32
 check "demo resumes exactly" grep -q "resume: exact" "$tmp/out"
 
+# A rerun replaces the demo's own store, but never a store it did not make.
+expect_rc 0 "demo reruns over its own store" "$ckptkv" demo --db "$db" --steps 12 --every 3 --vocab 512 --hidden 32
+cp -r "$db" "$tmp/real" && rm "$tmp/real/CKPTKV-DEMO" "$tmp/real/OWNER"
+expect_rc 1 "demo refuses a store it did not make" "$ckptkv" demo --db "$tmp/real" --steps 12 --every 3
+check "the refused store is intact" "$ckptkv" verify --db "$tmp/real"
+
 expect_rc 0 "ls --json" "$ckptkv" ls --db "$db" --json
 for t in global_step3 global_step6; do
   check "ls lists $t" grep -q "\"$t\"" "$tmp/out"
