@@ -128,9 +128,13 @@ T ValueOrThrow(Result<T> r) {
 // Declares `lhs` from a Result, or returns its Status.
 #define ASSIGN_OR_RETURN(lhs, expr) \
   ASSIGN_OR_RETURN_IMPL(CKPTKV_CONCAT(_result_, __LINE__), lhs, expr)
+// `lhs` may be a declaration ("auto x") and `tmp` is a name, so neither can
+// be parenthesized.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
   auto tmp = (expr);                          \
   if (!tmp.ok()) return tmp.status();         \
   lhs = std::move(tmp).value()
+// NOLINTEND(bugprone-macro-parentheses)
 
 #endif  // CKPTKV_STORE_STATUS_H_
