@@ -10,7 +10,7 @@ packages=(
   libspdlog-dev libfmt-dev catch2
   libxxhash-dev libzstd-dev
   libcli11-dev nlohmann-json3-dev libncurses-dev
-  tmux clang-format
+  tmux clang-format clang-tidy
 )
 
 missing=()
