@@ -273,7 +273,8 @@ c10::IValue KvCheckpointEngine::load(const std::string& path, MapLocation map_lo
   ThrowIfError(ValidateFile(target.file));
   const std::string where = target.tag + "/" + target.file;
   std::string tree_bytes = ValueOrThrow(store_->GetFileTree(target.tag, target.file));
-  const fb::StateTree* tree = VerifiedStateTree(tree_bytes);
+  // GetFileTree returns verified bytes.
+  const fb::StateTree* tree = flatbuffers::GetRoot<fb::StateTree>(tree_bytes.data());
   TensorLoader loader = [&](const std::string& param,
                             const std::string& device) -> Result<at::Tensor> {
     try {

@@ -182,7 +182,18 @@ Digest DigestOfChunks(const std::vector<Digest>& chunks) {
   return Digest::Of(buf.data(), buf.size());
 }
 
-// Semantic checks a verified TensorRecord must also pass.
+std::vector<Digest> ChunkDigests(const fb::TensorRecord& r) {
+  std::vector<Digest> out;
+  if (r.chunks()) {
+    out.reserve(r.chunks()->size());
+    for (const auto* c : *r.chunks()) out.push_back(FromFb(*c));
+  }
+  return out;
+}
+
+// Semantic checks a verified TensorRecord must also pass, the record's own
+// digest included: a chunk list or inline bytes that do not match it are
+// Corruption wherever the record is read (load, verify, tools).
 Status CheckTensorRecord(const fb::TensorRecord& r, const std::string& where) {
   size_t esize = DTypeSize(r.dtype());
   if (esize == 0)
@@ -214,6 +225,13 @@ Status CheckTensorRecord(const fb::TensorRecord& r, const std::string& where) {
     }
   }
   if (!r.digest()) return Status::Corruption(where + ": record has no digest");
+  if (r.inline_data()) {
+    if (Digest::Of(r.inline_data()->data(), r.inline_data()->size()) != FromFb(*r.digest())) {
+      return Status::Corruption(where + ": inline bytes do not match the record digest");
+    }
+  } else if (DigestOfChunks(ChunkDigests(r)) != FromFb(*r.digest())) {
+    return Status::Corruption(where + ": chunk list does not match the record digest");
+  }
   return Status::OK();
 }
 
@@ -979,9 +997,6 @@ Status Store::ReadTensor(const fb::TensorRecord& r, uint8_t* dst, uint64_t len,
                                    " bytes, tensor has " + std::to_string(r.byte_length()));
   }
   if (r.inline_data()) {
-    if (Digest::Of(r.inline_data()->data(), len) != FromFb(*r.digest())) {
-      return Status::Corruption(where + ": inline bytes do not match the record digest");
-    }
     if (len) std::memcpy(dst, r.inline_data()->data(), len);
     return Status::OK();
   }
@@ -1032,14 +1047,6 @@ Status Store::ReadTensor(const fb::TensorRecord& r, uint8_t* dst, uint64_t len,
     }
   });
   for (auto& e : errors) RETURN_IF_ERROR(e);
-  if (DigestOfChunks([&] {
-        std::vector<Digest> ds;
-        ds.reserve(n);
-        for (const auto* c : chunks) ds.push_back(FromFb(*c));
-        return ds;
-      }()) != FromFb(*r.digest())) {
-    return Status::Corruption(where + ": chunk list does not match the record digest");
-  }
   return Status::OK();
 }
 
@@ -1251,13 +1258,7 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report,
       problem(file, param, "", s.message());
       continue;
     }
-    if (r->inline_data()) {
-      if (Digest::Of(r->inline_data()->data(), r->inline_data()->size()) != FromFb(*r->digest())) {
-        problem(file, param, "", "inline bytes do not match the record digest");
-      }
-      continue;
-    }
-    if (!r->chunks()) continue;
+    if (!r->chunks()) continue;  // inline: checked with the record
     const uint64_t cs = r->chunk_size();
     for (size_t i = 0; i < r->chunks()->size(); ++i) {
       Digest d = FromFb(*r->chunks()->Get(i));

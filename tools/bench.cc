@@ -497,6 +497,17 @@ int RunBench(const BenchOptions& o) {
   }
 
   // --- kv: full save, unchanged re-save, 10% re-save --------------------------
+  // One timed save + commit into a store, with the store's figures.
+  auto measure_kv_save = [&](Scenario& s, KvCheckpointEngine& kv, const std::string& dir,
+                             const std::string& tag, const c10::IValue& state_dict) {
+    Meter m(&s);
+    KvSaveResult r = KvSave(kv, dir, tag, state_dict);
+    m.Stop();
+    s.logical_bytes = r.info.logical_bytes;
+    AddKvFields(&s, r);
+    s.disk_bytes_after = kv.store()->DiskBytes();
+    return r;
+  };
   uint64_t changed_bytes = 0;
   c10::IValue sd10;
   {
@@ -507,23 +518,13 @@ int RunBench(const BenchOptions& o) {
           begin("full_save_kv",
                 std::string("KvCheckpointEngine save + commit into an empty store (blocks ") +
                     DurabilityName(main_d) + ")");
-      Meter m(&s);
-      KvSaveResult r = KvSave(kv, kv_dir, tag1, sd);
-      m.Stop();
-      s.logical_bytes = r.info.logical_bytes;
-      AddKvFields(&s, r);
+      measure_kv_save(s, kv, kv_dir, tag1, sd);
       s.extra["durability"] = DurabilityName(main_d);
-      s.disk_bytes_after = kv.store()->DiskBytes();
       end(s);
     }
     {
       Scenario& s = begin("resave_unchanged_kv", "the same state dict again under a new tag");
-      Meter m(&s);
-      KvSaveResult r = KvSave(kv, kv_dir, "global_step1001", ToStateDict(state, 1001));
-      m.Stop();
-      s.logical_bytes = r.info.logical_bytes;
-      AddKvFields(&s, r);
-      s.disk_bytes_after = kv.store()->DiskBytes();
+      measure_kv_save(s, kv, kv_dir, "global_step1001", ToStateDict(state, 1001));
       end(s);
     }
     {
@@ -534,14 +535,9 @@ int RunBench(const BenchOptions& o) {
       }
       sd10 = ToStateDict(changed, 1002);
       Scenario& s = begin("resave_10pct_kv", "10% of the bytes (whole tensors) changed, new tag");
-      Meter m(&s);
-      KvSaveResult r = KvSave(kv, kv_dir, "global_step1002", sd10);
-      m.Stop();
-      s.logical_bytes = r.info.logical_bytes;
-      AddKvFields(&s, r);
+      KvSaveResult r = measure_kv_save(s, kv, kv_dir, "global_step1002", sd10);
       s.extra["changed_bytes"] = changed_bytes;
       s.extra["new_vs_changed"] = changed_bytes ? double(r.info.new_bytes) / changed_bytes : 0.0;
-      s.disk_bytes_after = kv.store()->DiskBytes();
       end(s);
     }
   }  // store closed (and unlocked)
@@ -553,13 +549,8 @@ int RunBench(const BenchOptions& o) {
     kv.makedirs(alt_dir, true);
     Scenario& s = begin(std::string("full_save_kv_") + DurabilityName(alt_d),
                         std::string("as full_save_kv, blocks ") + DurabilityName(alt_d));
-    Meter m(&s);
-    KvSaveResult r = KvSave(kv, alt_dir, tag1, sd);
-    m.Stop();
-    s.logical_bytes = r.info.logical_bytes;
-    AddKvFields(&s, r);
+    measure_kv_save(s, kv, alt_dir, tag1, sd);
     s.extra["durability"] = DurabilityName(alt_d);
-    s.disk_bytes_after = kv.store()->DiskBytes();
     end(s);
   }
   if (o.alt_durability && !o.keep) fs::remove_all(alt_dir, ec);

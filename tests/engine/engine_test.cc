@@ -13,9 +13,11 @@
 #include "engine/state_codec.h"
 #include "engine/torch_checkpoint_engine.h"
 #include "store/names.h"
+#include "tests/raw_db.h"
 #include "tests/test_util.h"
 
 using namespace ckptkv;
+using ckptkv::testing::RawDb;
 using ckptkv::testing::TempDir;
 
 namespace {
@@ -370,20 +372,10 @@ TEST_CASE("corrupt stored bytes surface as Corruption errors", "[unit][engine]")
   }
   {
     // Damage every block's payload.
-    std::vector<std::string> names;
-    REQUIRE(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), dir.path(), &names).ok());
-    std::vector<rocksdb::ColumnFamilyDescriptor> descs;
-    rocksdb::ColumnFamilyOptions cfo;
-    cfo.enable_blob_files = true;
-    cfo.min_blob_size = 4096;
-    for (const auto& n : names) descs.emplace_back(n, cfo);
-    std::vector<rocksdb::ColumnFamilyHandle*> h;
-    rocksdb::DB* db;
-    rocksdb::DBOptions o;
-    REQUIRE(rocksdb::DB::Open(o, dir.path(), descs, &h, &db).ok());
-    size_t blocks = std::find(names.begin(), names.end(), "blocks") - names.begin();
-    std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), h[blocks]));
+    RawDb raw(dir.path());
     std::vector<std::pair<std::string, std::string>> damaged;
+    std::unique_ptr<rocksdb::Iterator> it(
+        raw.db()->NewIterator(rocksdb::ReadOptions(), raw.cf("blocks")));
     for (it->Seek("B"); it->Valid() && it->key().starts_with("B"); it->Next()) {
       std::string v = it->value().ToString();
       v[v.size() / 2] ^= 0x40;
@@ -391,9 +383,7 @@ TEST_CASE("corrupt stored bytes surface as Corruption errors", "[unit][engine]")
     }
     it.reset();
     REQUIRE(!damaged.empty());
-    for (auto& [k, v] : damaged) REQUIRE(db->Put(rocksdb::WriteOptions(), h[blocks], k, v).ok());
-    for (auto* x : h) db->DestroyColumnFamilyHandle(x);
-    delete db;
+    for (auto& [k, v] : damaged) raw.Put("blocks", k, v);
   }
   auto engine = MakeEngine();
   std::string msg;
@@ -421,25 +411,7 @@ TEST_CASE("TorchCheckpointEngine round-trips and writes latest", "[unit][engine]
   CHECK(engine.open(dir.path()) == std::optional<std::string>("global_step3"));
   c10::IValue loaded =
       engine.load(dir.path() + "/global_step3/mp_rank_00_model_states.pt", c10::Device("cpu"));
-  auto a = state.toGenericDict();
-  auto b = loaded.toGenericDict();
-  CHECK(b.at("global_steps").toInt() == 1234);
-  CHECK(at::equal(a.at("optimizer")
-                      .toGenericDict()
-                      .at("state")
-                      .toGenericDict()
-                      .at(1)
-                      .toGenericDict()
-                      .at("exp_avg")
-                      .toTensor(),
-                  b.at("optimizer")
-                      .toGenericDict()
-                      .at("state")
-                      .toGenericDict()
-                      .at(1)
-                      .toGenericDict()
-                      .at("exp_avg")
-                      .toTensor()));
+  RequireSame(state, loaded);
   CHECK(CodeOf([&] { engine.load(dir.path() + "/nope/x.pt"); }) == Status::Code::kNotFound);
 }
 

@@ -13,9 +13,11 @@
 #include "store/block_codec.h"
 #include "store/names.h"
 #include "store/store.h"
+#include "tests/raw_db.h"
 #include "tests/test_util.h"
 
 using namespace ckptkv;
+using ckptkv::testing::RawDb;
 using ckptkv::testing::TempDir;
 
 namespace {
@@ -89,30 +91,6 @@ std::vector<uint8_t> ReadBack(const Store& s, const std::string& tag, const std:
   REQUIRE(st.ok());
   return out;
 }
-
-// Opens the raw RocksDB database of a closed store, for corruption tests.
-struct RawDb {
-  std::unique_ptr<rocksdb::DB> db;
-  std::vector<rocksdb::ColumnFamilyHandle*> handles;
-  std::map<std::string, rocksdb::ColumnFamilyHandle*> cf;
-  explicit RawDb(const std::string& dir) {
-    std::vector<std::string> names;
-    REQUIRE(rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), dir, &names).ok());
-    std::vector<rocksdb::ColumnFamilyDescriptor> descs;
-    rocksdb::ColumnFamilyOptions cfo;
-    cfo.enable_blob_files = true;
-    cfo.min_blob_size = 4096;
-    for (const auto& n : names) descs.emplace_back(n, cfo);
-    rocksdb::DBOptions o;
-    rocksdb::DB* raw;
-    REQUIRE(rocksdb::DB::Open(o, dir, descs, &handles, &raw).ok());
-    db.reset(raw);
-    for (size_t i = 0; i < names.size(); ++i) cf[names[i]] = handles[i];
-  }
-  ~RawDb() {
-    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
-  }
-};
 
 }  // namespace
 
@@ -458,10 +436,9 @@ TEST_CASE("corrupt blocks and records are Corruption errors that name the tensor
   }
   {
     RawDb raw(dir.path());
-    std::string value;
-    REQUIRE(raw.db->Get(rocksdb::ReadOptions(), raw.cf["blocks"], bad_digest, &value).ok());
+    std::string value = raw.Get("blocks", bad_digest);
     value[kBlockHeaderSize + 100] ^= 0x01;  // flip one bit of the payload
-    REQUIRE(raw.db->Put(rocksdb::WriteOptions(), raw.cf["blocks"], bad_digest, value).ok());
+    raw.Put("blocks", bad_digest, value);
   }
   auto store = OpenStore(dir.path());
   CHECK(ReadBack(*store, "t", "mp_rank_00_model_states.pt", "good") == good);
@@ -489,11 +466,8 @@ TEST_CASE("corrupt blocks and records are Corruption errors that name the tensor
   store.reset();
   {
     RawDb raw(dir.path());
-    REQUIRE(raw.db
-                ->Put(rocksdb::WriteOptions(), raw.cf["tensors"],
-                      TensorKey("t", "mp_rank_00_model_states.pt", "good"), "garbage!")
-                .ok());
-    REQUIRE(raw.db->Put(rocksdb::WriteOptions(), raw.cf["tags"], "u", "not a record").ok());
+    raw.Put("tensors", TensorKey("t", "mp_rank_00_model_states.pt", "good"), "garbage!");
+    raw.Put("tags", "u", "not a record");
   }
   store = OpenStore(dir.path());
   Status rs = store->GetTensorRecord("t", "mp_rank_00_model_states.pt", "good").status();
@@ -647,4 +621,52 @@ TEST_CASE("a zstd store compresses what compresses and reads back exactly", "[un
   CHECK(ReadBack(*store, "z", "mp_rank_00_model_states.pt", "c") == compressible);
   CHECK(ReadBack(*store, "z", "mp_rank_00_model_states.pt", "r") == random);
   CHECK(store->Verify()->ok());
+}
+
+TEST_CASE("a record whose chunk list was swapped is Corruption, even with sound blocks",
+          "[unit][store]") {
+  // Every block it names exists and hashes right; only the record's own
+  // digest tells that these are not the tensor's chunks.
+  TempDir dir;
+  std::mt19937_64 rng(51);
+  auto a = RandomBytes(rng, 2 * kChunk);
+  auto b = RandomBytes(rng, 2 * kChunk);
+  const std::string file = "mp_rank_00_model_states.pt";
+  {
+    auto store = OpenStore(dir.path());
+    SaveTag(*store, "t", {{"a", a}, {"b", b}});
+  }
+  {
+    RawDb raw(dir.path());
+    const std::string key_a = TensorKey("t", file, "a");
+    std::string rec_a = raw.Get("tensors", key_a);
+    std::string rec_b = raw.Get("tensors", TensorKey("t", file, "b"));
+    const fb::TensorRecord* ra = VerifiedTensorRecord(rec_a);
+    const fb::TensorRecord* rb = VerifiedTensorRecord(rec_b);
+    REQUIRE((ra && rb));
+    flatbuffers::FlatBufferBuilder fbb;
+    std::vector<fb::Digest128> chunks;
+    for (const auto* c : *rb->chunks()) chunks.push_back(*c);
+    auto shape = fbb.CreateVector(ra->shape()->data(), ra->shape()->size());
+    auto chunk_vec = fbb.CreateVectorOfStructs(chunks);
+    fb::TensorRecordBuilder tb(fbb);
+    tb.add_dtype(ra->dtype());
+    tb.add_shape(shape);
+    tb.add_byte_length(ra->byte_length());
+    tb.add_chunk_size(ra->chunk_size());
+    tb.add_chunks(chunk_vec);
+    tb.add_digest(ra->digest());  // a's digest over b's chunks
+    fbb.Finish(tb.Finish());
+    raw.Put("tensors", key_a,
+            std::string(reinterpret_cast<const char*>(fbb.GetBufferPointer()), fbb.GetSize()));
+  }
+  auto store = OpenStore(dir.path());
+  Status s = store->GetTensorRecord("t", file, "a").status();
+  CHECK(s.IsCorruption());
+  CHECK(s.message().find("chunk list does not match the record digest") != std::string::npos);
+  auto report = store->Verify();
+  REQUIRE(report.ok());
+  REQUIRE(report->problems.size() == 1);
+  CHECK(report->problems[0].param == "a");
+  CHECK(ReadBack(*store, "t", file, "b") == b);
 }
