@@ -152,9 +152,19 @@ std::string BuildTensorRecord(const TensorMeta& meta, uint64_t byte_length, uint
   }
   flatbuffers::Offset<fb::Placement> placement;
   if (meta.placement) {
+    const Placement& pl = *meta.placement;
+    std::vector<flatbuffers::Offset<fb::Segment>> segs;
+    segs.reserve(pl.segments.size());
+    for (const auto& sg : pl.segments) {
+      segs.push_back(
+          fb::CreateSegment(b, b.CreateString(sg.param), sg.start, sg.numel, sg.shard_start));
+    }
     placement = fb::CreatePlacement(
-        b, b.CreateVector(meta.placement->global_shape), b.CreateVector(meta.placement->offsets),
-        meta.placement->flat_group, meta.placement->flat_offset, meta.placement->flat_numel);
+        b, b.CreateVector(pl.global_shape), b.CreateVector(pl.offsets), pl.flat_group,
+        pl.flat_offset, pl.flat_numel, pl.param.empty() ? 0 : b.CreateString(pl.param),
+        pl.state.empty() ? 0 : b.CreateString(pl.state),
+        pl.shard_shape.empty() ? 0 : b.CreateVector(pl.shard_shape),
+        segs.empty() ? 0 : b.CreateVector(segs), pl.tp_rank, pl.tp_degree, pl.shard_dim);
   }
   fb::TensorRecordBuilder rb(b);
   rb.add_dtype(meta.dtype);
@@ -334,6 +344,7 @@ class Store::Impl {
   uint64_t next_sequence_ = 1;
   // Set when blocks were written without the WAL and not yet flushed.
   std::atomic<bool> unflushed_blocks_{false};
+  std::atomic<uint64_t> block_bytes_read_{0};
   std::mutex commit_mu_;  // one commit / delete / gc at a time
   // Chunk writes hold it shared from their dedup check to their pin; Gc
   // holds it exclusively from marking to its delete batch, so it never
@@ -991,38 +1002,54 @@ Result<TensorRecordRef> Store::GetTensorRecord(const std::string& tag, const std
 
 Status Store::ReadTensor(const fb::TensorRecord& r, uint8_t* dst, uint64_t len,
                          const std::string& where) const {
-  RETURN_IF_ERROR(CheckTensorRecord(r, where));
   if (len != r.byte_length()) {
+    RETURN_IF_ERROR(CheckTensorRecord(r, where));
     return Status::InvalidArgument(where + ": destination holds " + std::to_string(len) +
                                    " bytes, tensor has " + std::to_string(r.byte_length()));
   }
+  return ReadTensorRange(r, 0, len, dst, where);
+}
+
+Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64_t len,
+                              uint8_t* dst, const std::string& where) const {
+  RETURN_IF_ERROR(CheckTensorRecord(r, where));
+  const uint64_t total = r.byte_length();
+  if (offset > total || len > total - offset) {
+    return Status::InvalidArgument(where + ": byte range [" + std::to_string(offset) + ", " +
+                                   std::to_string(offset + len) + ") is outside the tensor's " +
+                                   std::to_string(total) + " bytes");
+  }
   if (r.inline_data()) {
-    if (len) std::memcpy(dst, r.inline_data()->data(), len);
+    if (len) std::memcpy(dst, r.inline_data()->data() + offset, len);
     return Status::OK();
   }
   if (len == 0) return Status::OK();
   const uint64_t cs = r.chunk_size();
   const auto& chunks = *r.chunks();
-  const size_t n = chunks.size();
+  const size_t first_chunk = offset / cs;
+  const size_t n = (offset + len - 1) / cs + 1 - first_chunk;
   const size_t batches = (n + kReadBatch - 1) / kReadBatch;
   std::vector<Status> errors(batches);
+  std::atomic<uint64_t> read_bytes{0};
   impl_->pool_->ParallelFor(batches, [&](size_t bi) {
     size_t first = bi * kReadBatch;
     size_t m = std::min(kReadBatch, n - first);
     std::vector<std::string> keys(m);
     std::vector<rocksdb::Slice> slices(m);
     for (size_t k = 0; k < m; ++k) {
-      keys[k] = PayloadKey(FromFb(*chunks[first + k]));
+      keys[k] = PayloadKey(FromFb(*chunks[first_chunk + first + k]));
       slices[k] = keys[k];
     }
     std::vector<rocksdb::PinnableSlice> values(m);
     std::vector<rocksdb::Status> statuses(m);
     impl_->db_->MultiGet(rocksdb::ReadOptions(), impl_->blocks_, m, slices.data(), values.data(),
                          statuses.data());
+    std::vector<uint8_t> partial;
     for (size_t k = 0; k < m; ++k) {
-      size_t i = first + k;
+      size_t i = first_chunk + first + k;
       Digest d = FromFb(*chunks[i]);
-      uint64_t clen = std::min<uint64_t>(cs, len - i * cs);
+      const uint64_t cbegin = i * cs;
+      const uint64_t clen = std::min<uint64_t>(cs, total - cbegin);
       if (statuses[k].IsNotFound()) {
         errors[bi] = Status::Corruption(where + ": block " + d.Hex() + " (chunk " +
                                         std::to_string(i) + ") is missing from the store");
@@ -1033,7 +1060,13 @@ Status Store::ReadTensor(const fb::TensorRecord& r, uint8_t* dst, uint64_t len,
         if (statuses[k].IsCorruption()) errors[bi] = Status::Corruption(errors[bi].message());
         return;
       }
-      uint8_t* out = dst + i * cs;
+      // A chunk wholly inside the range decodes in place; a partial one
+      // decodes into a scratch buffer (its digest covers the whole chunk).
+      const uint64_t lo = std::max(offset, cbegin);
+      const uint64_t hi = std::min(offset + len, cbegin + clen);
+      const bool whole = lo == cbegin && hi == cbegin + clen;
+      if (!whole) partial.resize(clen);
+      uint8_t* out = whole ? dst + (cbegin - offset) : partial.data();
       Status s = DecodeBlock(values[k].ToStringView(), out, clen);
       if (!s.ok()) {
         errors[bi] = s.WithContext(where + ": block " + d.Hex());
@@ -1044,11 +1077,16 @@ Status Store::ReadTensor(const fb::TensorRecord& r, uint8_t* dst, uint64_t len,
                                         std::to_string(i) + ") does not match its digest");
         return;
       }
+      if (!whole) std::memcpy(dst + (lo - offset), partial.data() + (lo - cbegin), hi - lo);
+      read_bytes += clen;
     }
   });
+  impl_->block_bytes_read_ += read_bytes.load();
   for (auto& e : errors) RETURN_IF_ERROR(e);
   return Status::OK();
 }
+
+uint64_t Store::BlockBytesRead() const { return impl_->block_bytes_read_.load(); }
 
 // --- Maintenance --------------------------------------------------------------
 

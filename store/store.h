@@ -58,12 +58,27 @@ struct StoreOptions {
   std::shared_ptr<rocksdb::FileSystem> file_system;
 };
 
+struct PlacementSegment {
+  std::string param;
+  int64_t start = 0;
+  int64_t numel = 0;
+  int64_t shard_start = 0;
+};
+
+// See schema/ckptkv.fbs (table Placement).
 struct Placement {
   std::vector<int64_t> global_shape;
   std::vector<int64_t> offsets;
   int32_t flat_group = -1;
   int64_t flat_offset = 0;
   int64_t flat_numel = 0;
+  std::string param;
+  std::string state;
+  std::vector<int64_t> shard_shape;
+  std::vector<PlacementSegment> segments;
+  int32_t tp_rank = -1;
+  int32_t tp_degree = -1;
+  int32_t shard_dim = -1;
 };
 
 struct TensorMeta {
@@ -201,6 +216,12 @@ class Store {
   // every chunk against its digest. `where` names the tensor in errors.
   Status ReadTensor(const fb::TensorRecord& record, uint8_t* dst, uint64_t len,
                     const std::string& where) const;
+  // Reads bytes [offset, offset+len) of a tensor, fetching and checking only
+  // the chunks that hold them.
+  Status ReadTensorRange(const fb::TensorRecord& record, uint64_t offset, uint64_t len,
+                         uint8_t* dst, const std::string& where) const;
+  // Raw bytes of the blocks read by ReadTensor / ReadTensorRange since open.
+  uint64_t BlockBytesRead() const;
 
   // --- Maintenance ------------------------------------------------------
   // Removes a committed tag in one batch; moves `latest` to the newest

@@ -670,3 +670,75 @@ TEST_CASE("a record whose chunk list was swapped is Corruption, even with sound 
   CHECK(report->problems[0].param == "a");
   CHECK(ReadBack(*store, "t", file, "b") == b);
 }
+
+TEST_CASE("ranged reads fetch only the chunks that hold the range", "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  const uint64_t seed = ckptkv::testing::TestSeed("ranged reads");
+  std::mt19937_64 rng(seed);
+  std::vector<uint8_t> bytes = RandomBytes(rng, 5 * kChunk + 123);
+  SaveTag(*store, "t", {{"big", bytes}, {"small", RandomBytes(rng, 100)}});
+  auto rec = store->GetTensorRecord("t", "mp_rank_00_model_states.pt", "big");
+  REQUIRE(rec.ok());
+  for (int trial = 0; trial < 50; ++trial) {
+    uint64_t off = rng() % bytes.size();
+    uint64_t len = rng() % (bytes.size() - off + 1);
+    std::vector<uint8_t> out(len);
+    uint64_t before = store->BlockBytesRead();
+    Status s = store->ReadTensorRange(*rec.value().get(), off, len, out.data(), "t/big");
+    INFO(s.ToString() << " off " << off << " len " << len);
+    REQUIRE(s.ok());
+    CHECK(std::equal(out.begin(), out.end(), bytes.begin() + static_cast<ptrdiff_t>(off)));
+    uint64_t chunks = len == 0 ? 0 : (off + len - 1) / kChunk - off / kChunk + 1;
+    uint64_t read = store->BlockBytesRead() - before;
+    CHECK(read <= chunks * kChunk);
+    CHECK(read + kChunk > chunks * kChunk);  // every needed chunk, the last may be short
+  }
+  std::vector<uint8_t> out(10);
+  Status bad =
+      store->ReadTensorRange(*rec.value().get(), bytes.size() - 5, 10, out.data(), "t/big");
+  CHECK(bad.IsInvalidArgument());
+  CHECK(bad.message().find("outside") != std::string::npos);
+  auto small = store->GetTensorRecord("t", "mp_rank_00_model_states.pt", "small");
+  REQUIRE(small.ok());
+  REQUIRE(store->ReadTensorRange(*small.value().get(), 10, 20, out.data(), "t/small").ok());
+}
+
+TEST_CASE("placements round-trip through tensor records", "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  REQUIRE(store->BeginTag("t").ok());
+  std::vector<uint8_t> bytes(64, 1);
+  TensorMeta meta;
+  meta.dtype = fb::DType::Float32;
+  meta.shape = {16};
+  Placement pl;
+  pl.flat_group = 1;
+  pl.flat_offset = 32;
+  pl.flat_numel = 16;
+  pl.state = "exp_avg";
+  pl.tp_rank = 1;
+  pl.tp_degree = 2;
+  pl.segments = {{"a.weight", 0, 10, 40}, {"b.bias", 10, 6, 0}};
+  meta.placement = pl;
+  ByteSource src;
+  src.length = bytes.size();
+  src.data = bytes.data();
+  REQUIRE(store->PutTensor("t", "f", "x", meta, src).ok());
+  REQUIRE(store->PutFile("t", "f", EmptyTree()).ok());
+  REQUIRE(store->CommitTag("t", CommitOptions()).ok());
+  auto rec = store->GetTensorRecord("t", "f", "x");
+  REQUIRE(rec.ok());
+  const fb::Placement* p = rec.value()->placement();
+  REQUIRE(p != nullptr);
+  CHECK(p->flat_group() == 1);
+  CHECK(p->flat_offset() == 32);
+  CHECK(p->state()->str() == "exp_avg");
+  CHECK(p->tp_rank() == 1);
+  CHECK(p->tp_degree() == 2);
+  REQUIRE(p->segments()->size() == 2);
+  CHECK(p->segments()->Get(0)->param()->str() == "a.weight");
+  CHECK(p->segments()->Get(0)->shard_start() == 40);
+  CHECK(p->segments()->Get(1)->numel() == 6);
+  CHECK(p->param() == nullptr);
+}
