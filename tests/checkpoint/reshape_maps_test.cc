@@ -3,6 +3,7 @@
 // and the module run by hand), and the errors for reshapes it rejects.
 #include <catch2/catch.hpp>
 
+#include "checkpoint/descriptor.h"
 #include "checkpoint/reshape_maps.h"
 
 using namespace ckptkv::checkpoint;
@@ -190,4 +191,34 @@ TEST_CASE("model_3d_desc.reshape rejects what DeepSpeed rejects", "[unit][checkp
   auto tp = Model3dDesc{1, 3, 1}.Reshape({1, 2, 1});
   REQUIRE(!tp.ok());
   CHECK_THAT(tp.status().message(), Catch::Contains("valid target tp degrees: 1, 3"));
+}
+
+TEST_CASE("get_zero_files: first prefix with files, numeric (dp, mp) order", "[unit][checkpoint]") {
+  const std::vector<std::string> files = {
+      "mp_rank_01_model_states.pt",
+      "zero_pp_rank_10_mp_rank_00_optim_states.pt",
+      "zero_pp_rank_2_mp_rank_01_optim_states.pt",
+      "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+      "zero_pp_rank_0_mp_rank_00_model_states.pt",
+      "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+      "mp_rank_00_model_states.pt",
+  };
+  CHECK(GetZeroFiles(files) ==
+        std::vector<std::string>{"zero_pp_rank_2_mp_rank_00_optim_states.pt",
+                                 "zero_pp_rank_2_mp_rank_01_optim_states.pt",
+                                 "zero_pp_rank_10_mp_rank_00_optim_states.pt"});
+  CHECK(GetZeroFiles({"bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                      "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"}) ==
+        std::vector<std::string>{"bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                 "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"});
+  auto c = ClassifyFiles(files);
+  CHECK(c.model ==
+        std::vector<std::string>{"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"});
+  CHECK(c.zero_model == std::vector<std::string>{"zero_pp_rank_0_mp_rank_00_model_states.pt"});
+  CHECK(c.zero.size() == 3);
+  // Lexicographic, as DeepSpeed's get_files_with_prefix sorts.
+  CHECK(GetFilesWithPrefix({"a/mp_rank_10_model_states.pt", "a/mp_rank_100_model_states.pt",
+                            "layer_01-model_00-model_states.pt"},
+                           "mp_rank_") ==
+        std::vector<std::string>{"a/mp_rank_100_model_states.pt", "a/mp_rank_10_model_states.pt"});
 }
