@@ -154,7 +154,9 @@ class Encoder {
       tensors_.push_back(StateTensor{param, t});
     }
     auto s = b_.CreateString(param);
-    auto dev = b_.CreateString(t.device().str());
+    // A meta tensor stands for a tensor whose bytes are stored separately
+    // (planned files of a reshape); it loads on the CPU.
+    auto dev = b_.CreateString(t.is_meta() ? std::string("cpu") : t.device().str());
     fb::NodeBuilder nb(b_);
     nb.add_kind(fb::NodeKind::Tensor);
     nb.add_s(s);

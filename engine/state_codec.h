@@ -7,6 +7,9 @@
 // twice (same storage, offset, sizes, strides, dtype) is stored once and
 // both nodes name the same path, so load returns one shared tensor.
 //
+// Meta-device tensors are recorded as CPU tensors: writers that plan a file
+// first and store each tensor's bytes later encode placeholders.
+//
 // DecodeState rebuilds the IValue from a verified tree, asking `tensor_for`
 // for each distinct param path once.
 #ifndef CKPTKV_ENGINE_STATE_CODEC_H_

@@ -1,0 +1,71 @@
+// Fragments and the one query everything else is built on.
+//
+// A stored tensor of a sharded checkpoint is a fragment of a global tensor
+// (one per parameter and optimizer state: "param" for the training weights,
+// "fp32" for the master weights, "exp_avg", "exp_avg_sq"). Its Placement
+// says where it sits: a rectangle of the global tensor (TP shards), or a
+// flat buffer made of segments of the flattened TP shards of several
+// parameters (ZeRO partitions). A FragmentSource answers "copy this
+// rectangle of (param, state) into this tensor"; FillFromPlacement builds
+// any stored tensor from a source by asking for the rectangles its
+// placement covers. See docs/fragments.md.
+#ifndef CKPTKV_CHECKPOINT_FRAGMENTS_H_
+#define CKPTKV_CHECKPOINT_FRAGMENTS_H_
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+#include "checkpoint/model_spec.h"
+#include "store/status.h"
+#include "store/store.h"
+
+namespace ckptkv::checkpoint {
+
+struct Rect {
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> shape;
+  int64_t numel() const { return Numel(shape); }
+  bool empty() const { return numel() == 0; }
+};
+
+// The intersection of two rectangles (empty shape entries when disjoint).
+Rect Intersect(const Rect& a, const Rect& b);
+bool Contains(const Rect& outer, const Rect& inner);
+
+// Elements [begin, end) of a row-major block of `shape`, cut into
+// rectangles that are each contiguous in that order (at most 2*rank-1).
+struct FlatRect {
+  Rect rect;           // in block coordinates
+  int64_t flat_begin;  // index of its first element in the block
+};
+std::vector<FlatRect> SplitFlatRange(const std::vector<int64_t>& shape, int64_t begin, int64_t end);
+
+class FragmentSource {
+ public:
+  virtual ~FragmentSource() = default;
+  // Copies rectangle `rect` of the global tensor of (param, state) into
+  // `out` (shape == rect.shape; any dtype and device; a view is written in
+  // place). Elements no fragment covers are left as they are.
+  virtual Status Fill(const std::string& param, const std::string& state, const Rect& rect,
+                      at::Tensor out) = 0;
+  // A stored record whose bytes are exactly the tensor `placement` asks
+  // for in `dtype` (a writer links it instead of copying), or nullptr.
+  virtual const fb::TensorRecord* Exact(const Placement& placement, fb::DType dtype) {
+    (void)placement;
+    (void)dtype;
+    return nullptr;
+  }
+};
+
+// The rectangle of the global tensor that TP rank `tp_rank` of `tp` holds.
+Rect ShardRect(const ModelSpec& spec, const ParamSpec& p, int tp_rank, int tp);
+
+// Fills `out` (zeroed first) with the elements `placement` says it holds.
+Status FillFromPlacement(const ModelSpec& spec, const Placement& placement, FragmentSource& source,
+                         at::Tensor out);
+
+}  // namespace ckptkv::checkpoint
+
+#endif  // CKPTKV_CHECKPOINT_FRAGMENTS_H_

@@ -1,0 +1,92 @@
+// The fragments of a stored tag and the query over them.
+//
+// TagIndex reads only records (no tensor bytes): every tensor with a
+// placement becomes one or more pieces, each a rectangle of a global tensor
+// that is contiguous in the stored tensor. The planner lists, for a target
+// rectangle of (param, state), the pieces that intersect it and the byte
+// ranges (hence chunks) they need; the executor reads exactly those ranges,
+// moves them to the target device and places each intersection there with
+// narrow/copy. Replicated copies (TP-replicated parameters, tied
+// embeddings) are read once.
+#ifndef CKPTKV_CHECKPOINT_TAG_INDEX_H_
+#define CKPTKV_CHECKPOINT_TAG_INDEX_H_
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "checkpoint/fragments.h"
+#include "store/store.h"
+
+namespace ckptkv::checkpoint {
+
+struct StoredTensor {
+  std::string file, path;
+  TensorRecordRef record;
+  Placement placement;
+};
+
+struct Piece {
+  size_t tensor = 0;   // index into TagIndex::tensors()
+  Rect rect;           // in global coordinates; contiguous row-major in the tensor
+  int64_t elem_begin;  // element of the stored tensor where it starts
+};
+
+struct ParamInfo {
+  std::vector<int64_t> global_shape;
+  int shard_dim = -1;
+};
+
+struct ReadStep {
+  size_t tensor = 0;
+  uint64_t byte_offset = 0, byte_length = 0;
+  uint64_t first_chunk = 0, chunks = 0;  // chunks of the stored tensor it touches
+  Rect target;                           // the intersection, in global coordinates
+};
+
+class TagIndex : public FragmentSource {
+ public:
+  static Result<std::unique_ptr<TagIndex>> Build(const Store& store, const std::string& tag);
+
+  const std::string& tag() const { return tag_; }
+  const std::vector<StoredTensor>& tensors() const { return tensors_; }
+  const std::map<std::string, ParamInfo>& params() const { return params_; }
+  // States stored for a parameter ("param", "fp32", ...).
+  std::vector<std::string> States(const std::string& param) const;
+
+  // The planner: the reads that fill `rect` of (param, state). A "param"
+  // query with no training-weight fragments falls back to "fp32".
+  Result<std::vector<ReadStep>> Plan(const std::string& param, const std::string& state,
+                                     const Rect& rect) const;
+  // The executor.
+  Status Fill(const std::string& param, const std::string& state, const Rect& rect,
+              at::Tensor out) override;
+  const fb::TensorRecord* Exact(const Placement& placement, fb::DType dtype) override;
+
+  // The whole global tensor of (param, state) on `device`, in the stored dtype.
+  Result<at::Tensor> Assemble(const std::string& param, const std::string& state,
+                              const std::string& device = "cpu");
+
+ private:
+  TagIndex(const Store& store, std::string tag) : store_(store), tag_(std::move(tag)) {}
+  const std::vector<Piece>* PiecesFor(const std::string& param, const std::string& state) const;
+
+  const Store& store_;
+  std::string tag_;
+  std::vector<StoredTensor> tensors_;
+  std::map<std::string, ParamInfo> params_;
+  std::map<std::string, std::vector<Piece>> pieces_;  // param + '\n' + state
+  std::map<std::string, size_t> exact_;               // placement signature -> tensor
+};
+
+// Placement of a stored record (fb) as the writer's struct.
+Placement PlacementOf(const fb::Placement& p);
+// "closest: a, b, c" among names, by edit distance.
+std::string Closest(const std::string& name, std::vector<std::string> names);
+// A string that is equal for equal placements of the same dtype.
+std::string PlacementSignature(const Placement& p, fb::DType dtype);
+
+}  // namespace ckptkv::checkpoint
+
+#endif  // CKPTKV_CHECKPOINT_TAG_INDEX_H_

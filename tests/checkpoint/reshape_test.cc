@@ -1,0 +1,288 @@
+// Fragment queries and reshape: a synthetic checkpoint reshaped to another
+// layout equals, bit for bit, the one synthesized at that layout.
+#include <ATen/ATen.h>
+
+#include <catch2/catch.hpp>
+#include <random>
+
+#include "checkpoint/fragments.h"
+#include "checkpoint/reshape.h"
+#include "checkpoint/synth.h"
+#include "checkpoint/tag_index.h"
+#include "checkpoint/zero_layout.h"
+#include "engine/state_codec.h"
+#include "tests/test_util.h"
+
+using namespace ckptkv;
+using namespace ckptkv::checkpoint;
+using ckptkv::testing::TempDir;
+
+namespace {
+
+std::unique_ptr<Store> OpenStore(const std::string& dir) {
+  StoreOptions o;
+  o.chunk_size = 16 * 1024;
+  auto r = Store::Open(dir, o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  return std::move(r).value();
+}
+
+GptConfig SmallGpt() {
+  GptConfig c;
+  c.layers = 4;
+  c.hidden = 64;
+  c.vocab = 1000;
+  c.vocab_multiple = 128;
+  c.max_positions = 32;
+  return c;
+}
+
+void SynthTag(Store& s, const std::string& tag, int tp, int pp, int dp, int zero, bool bf16) {
+  SynthOptions o;
+  o.model = SmallGpt();
+  o.layout = TrainLayout{tp, pp, dp, zero, bf16};
+  o.seed = 42;
+  auto r = Synth(s, tag, o, WriteOptions());
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+}
+
+at::Tensor Read(const Store& s, const std::string& tag, const std::string& file,
+                const std::string& param) {
+  auto rec = s.GetTensorRecord(tag, file, param);
+  INFO(tag << "/" << file << ":" << param << " " << rec.status().ToString());
+  REQUIRE(rec.ok());
+  std::vector<int64_t> shape(rec.value()->shape()->begin(), rec.value()->shape()->end());
+  at::Tensor t = at::empty(shape, ToScalarType(rec.value()->dtype()));
+  REQUIRE(s.ReadTensor(*rec.value().get(), static_cast<uint8_t*>(t.data_ptr()),
+                       rec.value()->byte_length(), "read")
+              .ok());
+  return t;
+}
+
+// Every tensor of every file equal, and the same files and tensor paths.
+void RequireSameTensors(const Store& s, const std::string& a, const std::string& b) {
+  auto fa = s.ListFiles(a);
+  auto fb = s.ListFiles(b);
+  REQUIRE(fa.ok());
+  REQUIRE(fb.ok());
+  REQUIRE(*fa == *fb);
+  for (const auto& f : *fa) {
+    auto pa = s.ListParams(a, f);
+    auto pb = s.ListParams(b, f);
+    REQUIRE(*pa == *pb);
+    for (const auto& p : *pa) {
+      auto ra = s.GetTensorRecord(a, f, p);
+      auto rb = s.GetTensorRecord(b, f, p);
+      INFO(f << ":" << p);
+      // Equal bytes have equal whole-tensor digests.
+      const bool same = ra.value()->digest()->lo() == rb.value()->digest()->lo() &&
+                        ra.value()->digest()->hi() == rb.value()->digest()->hi();
+      if (!same) {
+        CHECK(at::equal(Read(s, a, f, p), Read(s, b, f, p)));
+      }
+      CHECK(same);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a flat range splits into contiguous rectangles that tile it", "[unit][checkpoint]") {
+  const uint64_t seed = ckptkv::testing::TestSeed("flat range split");
+  std::mt19937_64 rng(seed);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::vector<int64_t> shape;
+    const int rank = 1 + static_cast<int>(rng() % 3);
+    for (int d = 0; d < rank; ++d) shape.push_back(1 + static_cast<int64_t>(rng() % 6));
+    const int64_t n = Numel(shape);
+    int64_t b = static_cast<int64_t>(rng() % (n + 1));
+    int64_t e = b + static_cast<int64_t>(rng() % (n - b + 1));
+    at::Tensor block = at::arange(n, at::kLong).view(shape);
+    at::Tensor seen = at::zeros({n}, at::kLong);
+    for (const FlatRect& fr : SplitFlatRange(shape, b, e)) {
+      at::Tensor v = block;
+      for (int d = 0; d < rank; ++d) v = v.narrow(d, fr.rect.offsets[d], fr.rect.shape[d]);
+      at::Tensor flat = v.reshape({-1});
+      // Contiguous and starting where it says.
+      REQUIRE(flat.numel() > 0);
+      CHECK(flat[0].item<int64_t>() == fr.flat_begin);
+      CHECK(at::equal(flat, at::arange(fr.flat_begin, fr.flat_begin + flat.numel(), at::kLong)));
+      seen.index_add_(0, flat, at::ones_like(flat));
+    }
+    at::Tensor expect = at::zeros({n}, at::kLong);
+    if (e > b) expect.narrow(0, b, e - b).fill_(1);
+    CHECK(at::equal(seen, expect));
+  }
+}
+
+TEST_CASE("ZeRO stage 1/2 layout matches DeepSpeed's worked example", "[unit][checkpoint]") {
+  // dp=4, sizes [10,7,5]: total 22, alignment 8, aligned 24, partitions of 6.
+  FlatLayout l = Zero12Layout({10, 7, 5}, 4);
+  CHECK(l.partition_size == 6);
+  CHECK(l.paddings == std::vector<int64_t>{0, 0, 0, 2});
+  REQUIRE(l.pieces[1].size() == 2);
+  CHECK(l.pieces[1][0].param == 0);
+  CHECK(l.pieces[1][0].start == 0);
+  CHECK(l.pieces[1][0].numel == 4);
+  CHECK(l.pieces[1][0].param_offset == 6);
+  CHECK(l.pieces[1][1].param == 1);
+  CHECK(l.pieces[1][1].start == 4);
+  CHECK(l.pieces[1][1].numel == 2);
+  // Stage 3, dp=2, A(5), B(4): rank0=[A0..A2,B0,B1], rank1=[A3,A4,pad,B2,B3].
+  FlatLayout z3 = Zero3Layout({5, 4}, 2);
+  CHECK(z3.partition_size == 5);
+  REQUIRE(z3.pieces[1].size() == 2);
+  CHECK(z3.pieces[1][0].numel == 2);
+  CHECK(z3.pieces[1][0].param_offset == 3);
+  CHECK(z3.pieces[1][1].start == 3);
+  CHECK(z3.pieces[1][1].param_offset == 2);
+  CHECK(z3.paddings == std::vector<int64_t>{0, 1});
+}
+
+TEST_CASE("synth at one layout reshaped to another equals synth at the other",
+          "[unit][checkpoint][reshape]") {
+  struct Case {
+    int tp, pp, dp, zero;
+    int ntp, npp, ndp;
+    bool bf16;
+  };
+  const Case cases[] = {
+      {2, 2, 2, 2, 1, 1, 1, true},  {4, 2, 2, 2, 2, 1, 1, true},  {4, 2, 2, 2, 1, 1, 4, true},
+      {1, 1, 4, 1, 2, 2, 1, true},  {2, 1, 3, 2, 2, 1, 2, false}, {1, 2, 2, 3, 2, 1, 3, true},
+      {2, 2, 1, 3, 1, 1, 2, false}, {2, 2, 2, 1, 2, 2, 1, true},
+  };
+  for (const Case& c : cases) {
+    DYNAMIC_SECTION("tp" << c.tp << "pp" << c.pp << "dp" << c.dp << " z" << c.zero << " -> tp"
+                         << c.ntp << "pp" << c.npp << "dp" << c.ndp) {
+      TempDir dir;
+      auto store = OpenStore(dir.path());
+      SynthTag(*store, "src", c.tp, c.pp, c.dp, c.zero, c.bf16);
+      SynthTag(*store, "want", c.ntp, c.npp, c.ndp, c.zero, c.bf16);
+      ReshapeOptions o;
+      o.tp = c.ntp;
+      o.pp = c.npp;
+      o.dp = c.ndp;
+      o.out_tag = "got";
+      auto r = Reshape(*store, "src", o);
+      INFO(r.status().ToString());
+      REQUIRE(r.ok());
+      CHECK(r->bytes_read > 0);
+      RequireSameTensors(*store, "got", "want");
+    }
+  }
+}
+
+TEST_CASE("reshape reads fragments, links unchanged tensors, and changes what must change",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthTag(*store, "src", 2, 2, 2, 2, true);
+  // Only DP changes: the model files keep their tensors (linked, no bytes read for them).
+  ReshapeOptions o;
+  o.tp = 2;
+  o.pp = 2;
+  o.dp = 1;
+  o.out_tag = "dp1";
+  auto r = Reshape(*store, "src", o);
+  REQUIRE(r.ok());
+  CHECK(r->write.linked_tensors > 0);
+  const std::string model = "mp_rank_01_model_states.pt";
+  auto a = store->GetTensorRecord("src", model, "module/tied_modules.embed.word_embeddings.weight");
+  auto b = store->GetTensorRecord("dp1", model, "module/tied_modules.embed.word_embeddings.weight");
+  REQUIRE(a.ok());
+  REQUIRE(b.ok());
+  CHECK(a.value()->digest()->lo() == b.value()->digest()->lo());
+  // The optimizer partitions did change: dp1 holds what two ranks held.
+  auto p0 = store->GetTensorRecord("src", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                   "optimizer_state_dict/base_optimizer_state/state/0/exp_avg");
+  auto p1 = store->GetTensorRecord("dp1", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                   "optimizer_state_dict/base_optimizer_state/state/0/exp_avg");
+  REQUIRE(p0.ok());
+  REQUIRE(p1.ok());
+  CHECK(p1.value()->byte_length() >= 2 * p0.value()->byte_length() - 16);
+  // A different seed at the same layout is detected as different.
+  SynthOptions so;
+  so.model = SmallGpt();
+  so.layout = TrainLayout{2, 2, 1, 2, true};
+  so.seed = 43;
+  REQUIRE(Synth(*store, "other", so, WriteOptions()).ok());
+  auto x =
+      store->GetTensorRecord("other", model, "module/tied_modules.embed.word_embeddings.weight");
+  CHECK(x.value()->digest()->lo() != b.value()->digest()->lo());
+  // Impossible layouts are refused with the reason.
+  o.tp = 3;
+  o.out_tag = "bad";
+  auto bad = Reshape(*store, "src", o);
+  CHECK(bad.status().IsInvalidArgument());
+  CHECK(bad.status().message().find("tp must divide") != std::string::npos);
+  o.tp = 2;
+  o.pp = 3;
+  bad = Reshape(*store, "src", o);
+  CHECK(bad.status().message().find("pipeline stages") != std::string::npos);
+}
+
+TEST_CASE("a query assembles a full parameter from TP shards and from ZeRO partitions",
+          "[unit][checkpoint]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthTag(*store, "tp", 4, 1, 1, 2, false);
+  SynthTag(*store, "one", 1, 1, 1, 2, false);
+  auto tp = TagIndex::Build(*store, "tp");
+  auto one = TagIndex::Build(*store, "one");
+  REQUIRE(tp.ok());
+  REQUIRE(one.ok());
+  for (const char* name : {"2.self_attention.dense.weight", "2.mlp.dense_h_to_4h.weight",
+                           "tied_modules.embed.word_embeddings.weight", "5.input_layernorm.bias"}) {
+    for (const char* state : {"param", "fp32", "exp_avg"}) {
+      INFO(name << " " << state);
+      auto x = (*tp)->Assemble(name, state);
+      auto y = (*one)->Assemble(name, state);
+      REQUIRE(x.ok());
+      REQUIRE(y.ok());
+      CHECK(at::equal(*x, *y));
+    }
+  }
+  // The stored single shard of tp1 is the assembled tensor.
+  at::Tensor whole =
+      Read(*store, "one", "mp_rank_00_model_states.pt", "module/2.self_attention.dense.weight");
+  CHECK(at::equal(whole, *(*tp)->Assemble("2.self_attention.dense.weight", "param")));
+  // A slice reads only the chunks that hold it.
+  auto plan = (*tp)->Plan("2.mlp.dense_h_to_4h.weight", "param", Rect{{0, 0}, {4, 64}});
+  REQUIRE(plan.ok());
+  REQUIRE(plan->size() == 1);
+  CHECK((*plan)[0].byte_length == 4 * 64 * 4);
+  auto missing = (*tp)->Assemble("2.mlp.dense_h_to_4h.wieght", "param");
+  CHECK(missing.status().IsNotFound());
+  CHECK(missing.status().message().find("2.mlp.dense_h_to_4h.weight") != std::string::npos);
+}
+
+TEST_CASE("universal export and import round-trip to any layout", "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthTag(*store, "src", 2, 2, 2, 2, true);
+  auto u = ExportUniversal(*store, "src", "uni", WriteOptions());
+  INFO(u.status().ToString());
+  REQUIRE(u.ok());
+  auto files = store->ListFiles("uni");
+  REQUIRE(files.ok());
+  const std::string emb = "zero/tied_modules.embed.word_embeddings.weight/fp32.pt";
+  at::Tensor full = Read(*store, "uni", emb, "param");
+  CHECK(full.size(0) == SmallGpt().vocab);  // padding cropped
+  CHECK(full.size(1) == SmallGpt().hidden);
+  auto ix = TagIndex::Build(*store, "src");
+  REQUIRE(ix.ok());
+  at::Tensor padded = *(*ix)->Assemble("tied_modules.embed.word_embeddings.weight", "fp32");
+  CHECK(at::equal(full, padded.narrow(0, 0, SmallGpt().vocab)));
+  for (auto [tp, pp, dp, zero] : {std::tuple{1, 1, 3, 2}, std::tuple{4, 2, 1, 1}}) {
+    DYNAMIC_SECTION("import to tp" << tp << " pp" << pp << " dp" << dp << " z" << zero) {
+      SynthTag(*store, "want", tp, pp, dp, zero, true);
+      auto r = ImportUniversal(*store, "uni", TrainLayout{tp, pp, dp, zero, true}, "got",
+                               WriteOptions());
+      INFO(r.status().ToString());
+      REQUIRE(r.ok());
+      RequireSameTensors(*store, "got", "want");
+    }
+  }
+}
