@@ -14,6 +14,7 @@
 #include "checkpoint/descriptor.h"
 #include "checkpoint/file_names.h"
 #include "checkpoint/merge_state.h"
+#include "checkpoint/naive_reshape.h"
 #include "checkpoint/state_view.h"
 #include "checkpoint/zero_checkpoint.h"
 #include "engine/kv_checkpoint_engine.h"
@@ -662,4 +663,53 @@ TEST_CASE("DeepSpeedCheckpoint: PipelineModule layer-file maps", "[unit][checkpo
   // Final norm: only the first file is loaded.
   CHECK(c->GetFinalNormFiles(0).value().size() == 2);
   CHECK(Equal(T(At(c->GetFinalNormState(0).value(), {"weight"})), Fill(60, {kHidden})));
+}
+
+TEST_CASE("naive reshape: load whole, merge_state, save at the new degrees", "[unit][checkpoint]") {
+  TempDir dir;
+  {
+    TagBuilder b(dir.path());
+    BuildTag(b, "t", 1, 2, 2);
+  }  // the engine releases the store
+  auto stats = NaiveReshape(dir.path(), "t", Model3dDesc{1, 1, 1}, "naive");
+  REQUIRE(stats.ok());
+  CHECK(stats->source == Model3dDesc{1, 2, 2});
+  CHECK(stats->target == Model3dDesc{1, 1, 1});
+  CHECK(stats->files_loaded == 2 + 4);
+  CHECK(stats->files_written == 2);
+  CHECK(stats->tensor_bytes_read > 0);
+  CHECK(stats->block_bytes_read <= stats->tensor_bytes_read);
+  CHECK(stats->tensor_bytes_written > 0);
+  CHECK(stats->seconds > 0);
+  // Expansion and an existing output tag are refused.
+  CHECK(NaiveReshape(dir.path(), "t", Model3dDesc{1, 4, 1}, "grow").status().IsInvalidArgument());
+  CHECK(NaiveReshape(dir.path(), "t", Model3dDesc{1, 1, 1}, "naive").status().IsAlreadyExists());
+  CHECK(NaiveReshape(dir.path(), "nope", Model3dDesc{1, 1, 1}, "x").status().IsNotFound());
+
+  KvEngineConfig config;
+  config.db = dir.path();
+  KvCheckpointEngine engine(config);
+  REQUIRE(engine.open(dir.path(), "naive"));
+  Store& store = *engine.store();
+  CHECK(store.ListFiles("naive").value() ==
+        std::vector<std::string>{ModelFileName(0), ZeroOptimFileName(0, 0)});
+  CHECK(GetModel3dDescriptor(store, "naive").value() == Model3dDesc{1, 1, 1});
+  CHECK(store.Latest().value() == std::optional<std::string>("t"));
+  const c10::IValue model = engine.load(dir.path() + "/naive/" + ModelFileName(0));
+  CHECK(
+      Equal(T(At(model, {"module", "2.self_attention.dense.weight"})),
+            at::cat({T(At(ModelState(0, 0, 1, 2), {"module", "2.self_attention.dense.weight"})),
+                     T(At(ModelState(0, 1, 1, 2), {"module", "2.self_attention.dense.weight"}))})));
+  CHECK(At(model, {"mp_world_size"}).toInt() == 1);
+  CHECK(!Has(model, "only_in_first"));
+  const c10::IValue zero = engine.load(dir.path() + "/naive/" + ZeroOptimFileName(0, 0));
+  std::vector<at::Tensor> parts;
+  for (auto [dp, mp] : std::vector<std::pair<int, int>>{{0, 0}, {1, 0}, {0, 1}, {1, 1}}) {
+    parts.push_back(Stripped(dp, mp, 2, 0.1));
+  }
+  CHECK(
+      Equal(T(At(zero, {"optimizer_state_dict", "base_optimizer_state", "state", "0", "exp_avg"})),
+            at::cat(parts)));
+  CHECK(At(zero, {"optimizer_state_dict", "partition_count"}).toIntVector() ==
+        std::vector<int64_t>{1});
 }
