@@ -260,7 +260,7 @@ TEST_CASE("peek: first values, slices, every dtype, out of range", "[tools][kv-b
   CHECK(dims.err.find("dimensions") != std::string::npos);
 }
 
-TEST_CASE("diff: added, removed, reshaped, changed; reads only differing chunks",
+TEST_CASE("diff: added, removed, reshaped, changed, reading only differing chunks",
           "[tools][kv-browser]") {
   Fixture f;
   Run r = KvBrowser(f.db, {"diff", "step1", "step2", "--json"});
@@ -408,7 +408,7 @@ TEST_CASE("rm, keep and gc: plan first, write only when asked", "[tools][kv-brow
   CHECK(missing.err.find("closest: step3") != std::string::npos);
 }
 
-TEST_CASE("reads while a writer holds the store; writes are refused", "[tools][kv-browser]") {
+TEST_CASE("reads while a writer holds the store, and refuses to write", "[tools][kv-browser]") {
   Fixture f;
   StoreOptions o;
   o.create_if_missing = false;
