@@ -106,6 +106,7 @@ Status FillFromPlacement(const ModelSpec& spec, const Placement& pl, FragmentSou
                          at::Tensor out) {
   out.zero_();
   if (out.numel() == 0) return Status::OK();
+  source.Prefer(pl.tp_rank, pl.tp_degree);
   if (pl.segments.empty()) {
     if (pl.param.empty()) {
       return Status::InvalidArgument("placement names neither a parameter nor segments");

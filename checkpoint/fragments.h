@@ -50,6 +50,12 @@ class FragmentSource {
   // place). Elements no fragment covers are left as they are.
   virtual Status Fill(const std::string& param, const std::string& state, const Rect& rect,
                       at::Tensor out) = 0;
+  // Among replicated copies, prefer those of TP rank range `tp_rank` of
+  // `tp_degree` (DeepSpeed reads the files of the matching TP ranks).
+  virtual void Prefer(int tp_rank, int tp_degree) {
+    (void)tp_rank;
+    (void)tp_degree;
+  }
   // A stored record whose bytes are exactly the tensor `placement` asks
   // for in `dtype` (a writer links it instead of copying), or nullptr.
   virtual const fb::TensorRecord* Exact(const Placement& placement, fb::DType dtype) {

@@ -79,6 +79,7 @@ class MasterAsParam : public FragmentSource {
               at::Tensor out) override {
     return inner_.Fill(param, state == "param" ? "fp32" : state, rect, out);
   }
+  void Prefer(int tp_rank, int tp_degree) override { inner_.Prefer(tp_rank, tp_degree); }
 
  private:
   FragmentSource& inner_;
@@ -87,7 +88,8 @@ class MasterAsParam : public FragmentSource {
 // Records the reads a fill would make, without reading.
 class PlanningSource : public FragmentSource {
  public:
-  explicit PlanningSource(const TagIndex& index) : index_(index) {}
+  explicit PlanningSource(TagIndex& index) : index_(index) {}
+  void Prefer(int tp_rank, int tp_degree) override { index_.Prefer(tp_rank, tp_degree); }
   Status Fill(const std::string& param, const std::string& state, const Rect& rect,
               at::Tensor) override {
     ASSIGN_OR_RETURN(std::vector<ReadStep> s, index_.Plan(param, state, rect));
@@ -97,7 +99,7 @@ class PlanningSource : public FragmentSource {
   std::vector<ReadStep> steps;
 
  private:
-  const TagIndex& index_;
+  TagIndex& index_;
 };
 
 Result<ReshapeReport> WritePlanned(Store& store, TagIndex& index, const SourceInfo& info,
@@ -335,8 +337,18 @@ Result<ReshapePlan> PlanReshape(const Store& store, const std::string& tag, int 
     for (const auto& [impl, pl] : f.placements) {
       auto dtype = ToDType(c10::typeMetaToScalarType(impl->dtype()), f.name);
       if (!dtype.ok()) return dtype.status();
-      if (index->Exact(pl, *dtype) != nullptr) {
+      auto add_source = [&](const std::string& file) {
+        auto sc = ParseFileName(file);
+        if (!sc) return;
+        if (optim && sc->kind == FileKind::kOptimStates) {
+          sources.insert(sc->dp_rank * from.tp * from.pp + sc->mp_rank);
+        } else if (!optim) {
+          sources.insert(sc->mp_rank);
+        }
+      };
+      if (const StoredTensor* same = index->ExactStored(pl, *dtype)) {
         plan.tensors_linked++;
+        add_source(same->file);
         continue;
       }
       PlanningSource ps(*index);
@@ -354,13 +366,7 @@ Result<ReshapePlan> PlanReshape(const Store& store, const std::string& tag, int 
           }
         }
         if (st.record->inline_data()) plan.bytes_to_read += s.byte_length;
-        auto sc = ParseFileName(st.file);
-        if (!sc) continue;
-        if (optim && sc->kind == FileKind::kOptimStates) {
-          sources.insert(sc->dp_rank * from.tp * from.pp + sc->mp_rank);
-        } else if (!optim) {
-          sources.insert(sc->mp_rank);
-        }
+        add_source(st.file);
       }
     }
     auto& target = optim ? plan.zero_files[c->dp_rank][key] : plan.model_files[key];

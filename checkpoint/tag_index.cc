@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "engine/state_codec.h"
 #include "schema/records.h"
@@ -175,7 +176,16 @@ Result<std::vector<ReadStep>> TagIndex::Plan(const std::string& param, const std
   }
   std::vector<ReadStep> steps;
   std::vector<Rect> covered;
+  // Preferred copies first, so replicated data comes from the matching ranks.
+  std::vector<const Piece*> order;
   for (const Piece& pc : *pieces) {
+    if (Preferred(pc)) order.push_back(&pc);
+  }
+  for (const Piece& pc : *pieces) {
+    if (!Preferred(pc)) order.push_back(&pc);
+  }
+  for (const Piece* pcp : order) {
+    const Piece& pc = *pcp;
     Rect inter = Intersect(pc.rect, rect);
     if (inter.empty()) continue;
     bool dup = false;
@@ -221,9 +231,7 @@ Status TagIndex::Fill(const std::string& param, const std::string& state, const 
     const c10::ScalarType type = ToScalarType(st.record->dtype());
     const int64_t es = static_cast<int64_t>(DTypeSize(st.record->dtype()));
     at::Tensor buf = at::empty({static_cast<int64_t>(s.byte_length) / es}, type);
-    RETURN_IF_ERROR(store_.ReadTensorRange(*st.record.get(), s.byte_offset, s.byte_length,
-                                           static_cast<uint8_t*>(buf.data_ptr()),
-                                           tag_ + "/" + st.file + ":" + st.path));
+    RETURN_IF_ERROR(ReadBytes(s, static_cast<uint8_t*>(buf.data_ptr())));
     if (out.device() != buf.device()) buf = buf.to(out.device());
     at::Tensor src = buf.as_strided(s.target.shape, RowMajorStrides(pc->rect.shape), 0);
     at::Tensor dst = out;
@@ -234,6 +242,56 @@ Status TagIndex::Fill(const std::string& param, const std::string& state, const 
     dst.copy_(src);
   }
   return Status::OK();
+}
+
+bool TagIndex::Preferred(const Piece& p) const {
+  if (prefer_degree_ <= 0) return false;
+  const Placement& pl = tensors_[p.tensor].placement;
+  if (pl.tp_degree <= 0) return false;
+  // Rank ranges [r/R, (r+1)/R) of the two degrees overlap.
+  const int64_t a0 = int64_t{pl.tp_rank} * prefer_degree_;
+  const int64_t a1 = a0 + prefer_degree_;
+  const int64_t b0 = int64_t{prefer_rank_} * pl.tp_degree;
+  const int64_t b1 = b0 + pl.tp_degree;
+  return a0 < b1 && b0 < a1;
+}
+
+Status TagIndex::ReadBytes(const ReadStep& s, uint8_t* dst) {
+  const StoredTensor& st = tensors_[s.tensor];
+  const std::string where = tag_ + "/" + st.file + ":" + st.path;
+  const uint64_t cs = st.record->chunk_size();
+  // Large reads go straight to the store; small ones share decoded chunks.
+  if (s.chunks == 0 || s.chunks > 2 || cache_limit_ == 0) {
+    return store_.ReadTensorRange(*st.record.get(), s.byte_offset, s.byte_length, dst, where);
+  }
+  const uint64_t total = st.record->byte_length();
+  for (uint64_t c = s.first_chunk; c < s.first_chunk + s.chunks; ++c) {
+    const auto key = std::make_pair(s.tensor, c);
+    auto it = cache_.find(key);
+    if (it == cache_.end()) {
+      std::string bytes(std::min(cs, total - c * cs), '\0');
+      RETURN_IF_ERROR(store_.ReadTensorRange(*st.record.get(), c * cs, bytes.size(),
+                                             reinterpret_cast<uint8_t*>(bytes.data()), where));
+      cache_bytes_ += bytes.size();
+      it = cache_.emplace(key, std::move(bytes)).first;
+      cache_order_.push_back(key);
+      while (cache_bytes_ > cache_limit_ && cache_order_.size() > 1) {
+        auto old = cache_.find(cache_order_.front());
+        cache_bytes_ -= old->second.size();
+        cache_.erase(old);
+        cache_order_.pop_front();
+      }
+    }
+    const uint64_t lo = std::max(s.byte_offset, c * cs);
+    const uint64_t hi = std::min(s.byte_offset + s.byte_length, c * cs + it->second.size());
+    std::memcpy(dst + (lo - s.byte_offset), it->second.data() + (lo - c * cs), hi - lo);
+  }
+  return Status::OK();
+}
+
+const StoredTensor* TagIndex::ExactStored(const Placement& placement, fb::DType dtype) const {
+  auto it = exact_.find(PlacementSignature(placement, dtype));
+  return it == exact_.end() ? nullptr : &tensors_[it->second];
 }
 
 const fb::TensorRecord* TagIndex::Exact(const Placement& placement, fb::DType dtype) {

@@ -11,6 +11,7 @@
 #ifndef CKPTKV_CHECKPOINT_TAG_INDEX_H_
 #define CKPTKV_CHECKPOINT_TAG_INDEX_H_
 
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -63,6 +64,14 @@ class TagIndex : public FragmentSource {
   Status Fill(const std::string& param, const std::string& state, const Rect& rect,
               at::Tensor out) override;
   const fb::TensorRecord* Exact(const Placement& placement, fb::DType dtype) override;
+  // The stored tensor Exact would link, or nullptr.
+  const StoredTensor* ExactStored(const Placement& placement, fb::DType dtype) const;
+  void Prefer(int tp_rank, int tp_degree) override {
+    prefer_rank_ = tp_rank;
+    prefer_degree_ = tp_degree;
+  }
+  // Bytes of decoded chunks kept for reuse by neighbouring small reads.
+  void set_cache_bytes(uint64_t bytes) { cache_limit_ = bytes; }
 
   // The whole global tensor of (param, state) on `device`, in the stored dtype.
   Result<at::Tensor> Assemble(const std::string& param, const std::string& state,
@@ -71,6 +80,8 @@ class TagIndex : public FragmentSource {
  private:
   TagIndex(const Store& store, std::string tag) : store_(store), tag_(std::move(tag)) {}
   const std::vector<Piece>* PiecesFor(const std::string& param, const std::string& state) const;
+  bool Preferred(const Piece& p) const;
+  Status ReadBytes(const ReadStep& s, uint8_t* dst);
 
   const Store& store_;
   std::string tag_;
@@ -78,6 +89,11 @@ class TagIndex : public FragmentSource {
   std::map<std::string, ParamInfo> params_;
   std::map<std::string, std::vector<Piece>> pieces_;  // param + '\n' + state
   std::map<std::string, size_t> exact_;               // placement signature -> tensor
+  int prefer_rank_ = -1, prefer_degree_ = -1;
+  // Decoded chunks, (tensor, chunk) -> bytes, evicted oldest first.
+  std::map<std::pair<size_t, uint64_t>, std::string> cache_;
+  std::deque<std::pair<size_t, uint64_t>> cache_order_;
+  uint64_t cache_bytes_ = 0, cache_limit_ = 64u << 20;
 };
 
 // Placement of a stored record (fb) as the writer's struct.

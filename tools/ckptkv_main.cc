@@ -6,6 +6,10 @@
 //   ckptkv verify --db DIR [--tag T] [--json]
 //   ckptkv gc     --db DIR [--dry-run] [--json]
 //   ckptkv rm     --db DIR TAG
+//   ckptkv synth  --db DIR --tag T --tp N --pp M --dp K --zero-stage S [--dtype bf16|fp32] ...
+//   ckptkv reshape --db DIR --tag T --tp N --pp M --dp K [--out-tag T2] [--device D] [--plan]
+//   ckptkv export-universal --db DIR --tag T [--out-tag T2]
+//   ckptkv import-universal --db DIR --tag T --tp N --pp M --dp K --out-tag T2
 //
 // Exit codes: 0 success; 1 usage errors, missing stores or tags and other
 // failures; 2 corruption (verify problems, a checkpoint that loads wrong);
@@ -22,6 +26,7 @@
 #include "tools/admin.h"
 #include "tools/bench.h"
 #include "tools/demo.h"
+#include "tools/reshape_cmd.h"
 
 namespace {
 
@@ -67,6 +72,9 @@ int Run(int argc, char** argv) {
   bench_cmd->add_flag("--keep", bench.keep, "keep the scratch directory");
   bench_cmd->add_flag("-v,--verbose", bench.verbose, "show the engines' log lines");
 
+  CheckpointCommands checkpoint_cmds;
+  checkpoint_cmds.Add(app);
+
   std::string db;
   bool json = false;
   auto* ls_cmd = app.add_subcommand("ls", "list the committed tags of a store");
@@ -100,6 +108,7 @@ int Run(int argc, char** argv) {
     return RunDemo(demo);
   }
   if (*bench_cmd) return RunBench(bench);
+  if (auto rc = checkpoint_cmds.Run()) return *rc;
   if (*ls_cmd) return RunLs(db, json);
   if (*verify_cmd) {
     std::optional<std::string> t;

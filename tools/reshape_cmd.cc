@@ -1,0 +1,193 @@
+#include "tools/reshape_cmd.h"
+
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/reshape.h"
+#include "checkpoint/synth.h"
+#include "tools/admin.h"
+#include "tools/proc_stats.h"
+
+namespace ckptkv::tools {
+
+using checkpoint::TrainLayout;
+using json = nlohmann::json;
+
+namespace {
+
+Result<std::unique_ptr<Store>> OpenStore(const std::string& db, bool create) {
+  StoreOptions o;
+  o.create_if_missing = create;
+  return Store::Open(db, o);
+}
+
+json LayoutJson(const TrainLayout& l) {
+  return json{{"tp", l.tp},
+              {"pp", l.pp},
+              {"dp", l.dp},
+              {"zero_stage", l.zero_stage},
+              {"dtype", l.bf16 ? "bf16" : "fp32"}};
+}
+
+void PrintReport(const checkpoint::ReshapeReport& r, const std::string& what, bool as_json) {
+  const uint64_t rss = PeakRssBytes();
+  if (as_json) {
+    json j{{"from", LayoutJson(r.from)},     {"to", LayoutJson(r.to)},
+           {"out_tag", r.out_tag},           {"files", r.write.files},
+           {"tensors", r.write.tensors},     {"linked_tensors", r.write.linked_tensors},
+           {"bytes_read", r.bytes_read},     {"logical_bytes", r.write.logical_bytes},
+           {"new_bytes", r.write.new_bytes}, {"seconds", r.seconds},
+           {"peak_rss_bytes", rss}};
+    std::cout << j.dump(2) << std::endl;
+    return;
+  }
+  std::cout << what << " " << r.from.ToString() << " -> " << r.to.ToString() << " as tag "
+            << r.out_tag << "\n"
+            << "  read    " << r.bytes_read << " bytes of blocks\n"
+            << "  wrote   " << r.write.files << " files, " << r.write.tensors << " tensors ("
+            << r.write.linked_tensors << " linked), " << r.write.logical_bytes << " logical bytes, "
+            << r.write.new_bytes << " new bytes\n"
+            << "  time    " << r.seconds << " s, peak RSS " << rss / (1 << 20) << " MiB"
+            << std::endl;
+}
+
+}  // namespace
+
+void CheckpointCommands::Add(CLI::App& app) {
+  auto layout_opts = [&](CLI::App* c) {
+    c->add_option("--tp", tp_, "tensor-parallel degree")->check(CLI::Range(1, 1024));
+    c->add_option("--pp", pp_, "pipeline-parallel degree")->check(CLI::Range(1, 1024));
+    c->add_option("--dp", dp_, "data-parallel degree")->check(CLI::Range(1, 65536));
+  };
+  synth_ = app.add_subcommand(
+      "synth", "write a synthetic GPT checkpoint with DeepSpeed's files at a chosen layout");
+  synth_->add_option("--db", db_, "store directory (created if absent)")->required();
+  synth_->add_option("--tag", tag_, "tag to write")->required();
+  layout_opts(synth_);
+  synth_->add_option("--zero-stage", zero_stage_, "ZeRO stage")->check(CLI::Range(1, 3));
+  synth_->add_option("--dtype", dtype_, "training dtype")->check(CLI::IsMember({"bf16", "fp32"}));
+  synth_->add_option("--layers", layers_, "transformer layers")->check(CLI::Range(1, 4096));
+  synth_->add_option("--hidden", hidden_, "hidden size")->check(CLI::Range(8, 1 << 16));
+  synth_->add_option("--vocab", vocab_, "vocabulary (padded to --vocab-multiple)")
+      ->check(CLI::Range(1, 1 << 24));
+  synth_->add_option("--vocab-multiple", vocab_multiple_, "vocabulary padding multiple")
+      ->check(CLI::Range(1, 1 << 20));
+  synth_->add_option("--positions", positions_, "position embeddings")
+      ->check(CLI::Range(1, 1 << 20));
+  synth_->add_option("--seed", seed_, "seed of every value");
+  synth_->add_option("--iteration", iteration_, "training iteration recorded");
+  synth_->add_flag("--overwrite", overwrite_, "replace an existing tag");
+  synth_->add_flag("--json", json_, "JSON output");
+
+  reshape_ = app.add_subcommand(
+      "reshape", "rewrite a DeepSpeed checkpoint tag at a new (tp, pp, dp) as a new tag");
+  reshape_->add_option("--db", db_, "store directory")->required();
+  reshape_->add_option("--tag", tag_, "source tag")->required();
+  layout_opts(reshape_);
+  reshape_->add_option("--out-tag", out_tag_, "new tag (default <tag>_tpN_ppM_dpK)");
+  reshape_->add_option("--device", device_, "where fragments are assembled: cpu, cuda, cuda:N");
+  reshape_->add_flag("--plan", plan_, "print what would be read; write nothing");
+  reshape_->add_flag("--overwrite", overwrite_, "replace an existing out tag");
+  reshape_->add_flag("--json", json_, "JSON output");
+
+  export_ = app.add_subcommand(
+      "export-universal", "write a tag's topology-free universal form (ds_to_universal) as a tag");
+  export_->add_option("--db", db_, "store directory")->required();
+  export_->add_option("--tag", tag_, "source tag")->required();
+  export_->add_option("--out-tag", out_tag_, "new tag (default <tag>_universal)");
+  export_->add_option("--device", device_, "cpu, cuda, cuda:N");
+  export_->add_flag("--overwrite", overwrite_, "replace an existing out tag");
+  export_->add_flag("--json", json_, "JSON output");
+
+  import_ = app.add_subcommand("import-universal",
+                               "load a universal tag into any (tp, pp, dp) as a new tag");
+  import_->add_option("--db", db_, "store directory")->required();
+  import_->add_option("--tag", tag_, "universal tag")->required();
+  layout_opts(import_);
+  import_->add_option("--zero-stage", zero_stage_, "ZeRO stage")->check(CLI::Range(1, 3));
+  import_->add_option("--dtype", dtype_, "training dtype")->check(CLI::IsMember({"bf16", "fp32"}));
+  import_->add_option("--out-tag", out_tag_, "new tag")->required();
+  import_->add_option("--device", device_, "cpu, cuda, cuda:N");
+  import_->add_flag("--overwrite", overwrite_, "replace an existing out tag");
+  import_->add_flag("--json", json_, "JSON output");
+}
+
+std::optional<int> CheckpointCommands::Run() {
+  const bool any = synth_->parsed() || reshape_->parsed() || export_->parsed() || import_->parsed();
+  if (!any) return std::nullopt;
+  auto store = OpenStore(db_, /*create=*/synth_->parsed());
+  if (!store.ok()) return ReportError(store.status());
+  checkpoint::WriteOptions w;
+  w.device = device_;
+  w.overwrite = overwrite_;
+  if (synth_->parsed()) {
+    checkpoint::SynthOptions o;
+    o.model.layers = layers_;
+    o.model.hidden = hidden_;
+    o.model.vocab = vocab_;
+    o.model.vocab_multiple = vocab_multiple_;
+    o.model.max_positions = positions_;
+    o.layout = TrainLayout{tp_, pp_, dp_, zero_stage_, dtype_ == "bf16"};
+    o.seed = seed_;
+    o.iteration = iteration_;
+    w.set_latest = true;
+    auto r = checkpoint::Synth(**store, tag_, o, w);
+    if (!r.ok()) return ReportError(r.status());
+    if (json_) {
+      json j;
+      j["tag"] = tag_;
+      j["layout"] = LayoutJson(o.layout);
+      j["files"] = r->files;
+      j["tensors"] = r->tensors;
+      j["logical_bytes"] = r->logical_bytes;
+      j["new_bytes"] = r->new_bytes;
+      j["seconds"] = r->seconds;
+      std::cout << j.dump(2) << std::endl;
+    } else {
+      std::cout << "synth " << tag_ << ": " << o.layout.ToString() << ", " << r->files << " files, "
+                << r->tensors << " tensors, " << r->logical_bytes << " bytes in " << r->seconds
+                << " s" << std::endl;
+    }
+    return 0;
+  }
+  if (reshape_->parsed() && plan_) {
+    auto plan = checkpoint::PlanReshape(**store, tag_, tp_, pp_, dp_);
+    if (!plan.ok()) return ReportError(plan.status());
+    json zero = json::array();
+    for (const auto& m : plan->zero_files) zero.push_back(m);
+    json j;
+    j["from"] = LayoutJson(plan->from);
+    j["to"] = LayoutJson(plan->to);
+    j["model_files"] = plan->model_files;
+    j["zero_files"] = zero;
+    j["bytes_to_read"] = plan->bytes_to_read;
+    j["tensors_linked"] = plan->tensors_linked;
+    std::cout << (json_ ? j.dump(2) : j.dump()) << std::endl;
+    return 0;
+  }
+  Result<checkpoint::ReshapeReport> r = Status::OK();
+  std::string what;
+  if (reshape_->parsed()) {
+    checkpoint::ReshapeOptions o;
+    o.tp = tp_;
+    o.pp = pp_;
+    o.dp = dp_;
+    o.out_tag = out_tag_;
+    o.write = w;
+    r = checkpoint::Reshape(**store, tag_, o);
+    what = "reshaped " + tag_;
+  } else if (export_->parsed()) {
+    r = checkpoint::ExportUniversal(**store, tag_,
+                                    out_tag_.empty() ? tag_ + "_universal" : out_tag_, w);
+    what = "exported " + tag_ + " (universal)";
+  } else {
+    r = checkpoint::ImportUniversal(
+        **store, tag_, TrainLayout{tp_, pp_, dp_, zero_stage_, dtype_ == "bf16"}, out_tag_, w);
+    what = "imported " + tag_;
+  }
+  if (!r.ok()) return ReportError(r.status());
+  PrintReport(*r, what, json_);
+  return 0;
+}
+
+}  // namespace ckptkv::tools
