@@ -13,7 +13,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "store/names.h"
 #include "store/store.h"
+#include "tests/raw_db.h"
 #include "tests/test_util.h"
 #include "tests/tools/kv_browser_fixture.h"
 
@@ -518,4 +520,24 @@ TEST_CASE("bad input: clear messages and exit codes", "[tools][kv-browser]") {
   for (const Run* run : {&nostore, &plain, &tag, &param, &file}) {
     CHECK(run->err.find("rocksdb") == std::string::npos);
   }
+}
+
+TEST_CASE("a corrupt record is exit code 2 with the record named, never a crash",
+          "[tools][kv-browser]") {
+  Fixture f;
+  {
+    testing::RawDb raw(f.db);
+    raw.Put("tensors", TensorKey("step2", testing::kModelFile, "module/layers.0.weight"),
+            std::string(40, '\x7f'));
+  }
+  Run tree = KvBrowser(f.db, {"tree", "step2"});
+  CHECK(tree.rc == 2);
+  CHECK(tree.err.find("module/layers.0.weight") != std::string::npos);
+  Run verify = KvBrowser(f.db, {"verify", "--json"});
+  CHECK(verify.rc == 2);
+  json v = verify.j();
+  REQUIRE(v["problems"].size() == 1);
+  CHECK(v["problems"][0]["tag"] == "step2");
+  CHECK(v["problems"][0]["param"] == "module/layers.0.weight");
+  CHECK(KvBrowser(f.db, {"tree", "step1"}).rc == 0);  // other tags still browse
 }
