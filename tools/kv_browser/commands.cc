@@ -48,15 +48,15 @@ void RenderTags(const json& j) {
   std::printf("  %-22s %-19s %5s %7s %12s %12s %12s %7s\n", "tag", "committed", "files", "tensors",
               "logical", "new", "shared", "dedup");
   for (const auto& t : j) {
-    std::string dedup =
-        t["dedup_ratio"].is_null()
-            ? "-"
-            : FormatNumber(std::round(t["dedup_ratio"].get<double>() * 100) / 100) + "x";
+    char dedup[32] = "-";
+    if (!t["dedup_ratio"].is_null()) {
+      std::snprintf(dedup, sizeof dedup, "%.2fx", t["dedup_ratio"].get<double>());
+    }
     std::printf("%c %-22s %-19s %5s %7s %12s %12s %12s %7s\n", t["latest"].get<bool>() ? '*' : ' ',
                 Str(t["tag"]).c_str(), Str(t["committed_at"]).c_str(), Str(t["files"]).c_str(),
                 Str(t["tensors"]).c_str(), HumanBytes(U(t["logical_bytes"])).c_str(),
                 HumanBytes(U(t["new_bytes"])).c_str(), HumanBytes(U(t["shared_bytes"])).c_str(),
-                dedup.c_str());
+                dedup);
   }
   std::printf(
       "(* = latest; new = bytes first written by the commit; shared = bytes of blocks "
