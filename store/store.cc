@@ -784,6 +784,68 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
   return stats;
 }
 
+Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& file,
+                                     const std::string& param, const fb::TensorRecord& source,
+                                     const std::optional<Placement>& placement) {
+  RETURN_IF_ERROR(ValidateFile(file));
+  RETURN_IF_ERROR(ValidateParam(param));
+  const std::string where = tag + "/" + file + ":" + param;
+  RETURN_IF_ERROR(CheckTensorRecord(source, where + " (link source)"));
+  PendingTag* pending;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu_);
+    auto it = impl_->pending_.find(tag);
+    if (it == impl_->pending_.end()) {
+      return Status::FailedPrecondition("save into tag " + Quote(tag) +
+                                        " without create; call create(" + Quote(tag) + ") first");
+    }
+    pending = &it->second;
+  }
+  TensorMeta meta;
+  meta.dtype = source.dtype();
+  if (source.shape()) meta.shape.assign(source.shape()->begin(), source.shape()->end());
+  meta.requires_grad = source.requires_grad();
+  meta.placement = placement;
+  WriteStats stats;
+  stats.logical_bytes = source.byte_length();
+  std::vector<Digest> digests;
+  std::string record;
+  if (source.inline_data()) {
+    const uint8_t* p = source.inline_data()->data();
+    record = BuildTensorRecord(meta, source.byte_length(), source.chunk_size(), {}, p,
+                               Digest::Of(p, source.byte_length()));
+  } else {
+    for (const auto* c : *source.chunks()) digests.push_back(FromFb(*c));
+    std::shared_lock<std::shared_mutex> gc_guard(impl_->gc_mu_);
+    for (const Digest& d : digests) {
+      {
+        std::lock_guard<std::mutex> lock(impl_->mu_);
+        if (pending->pinned.count(d)) continue;
+        auto w = impl_->written_.find(d);
+        if (w != impl_->written_.end()) {
+          pending->unindexed[d] = w->second;
+          pending->pinned.insert(d);
+          continue;
+        }
+      }
+      ASSIGN_OR_RETURN(bool indexed, impl_->IsIndexed(d));
+      if (!indexed) {
+        return Status::NotFound(where + ": block " + d.Hex() +
+                                " of the source record is not in the store");
+      }
+      std::lock_guard<std::mutex> lock(impl_->mu_);
+      pending->pinned.insert(d);
+    }
+    stats.chunks = digests.size();
+    record = BuildTensorRecord(meta, source.byte_length(), source.chunk_size(), digests, nullptr,
+                               DigestOfChunks(digests));
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  pending->files[file].tensors[param] = std::move(record);
+  pending->stats.Add(stats);
+  return stats;
+}
+
 Status Store::PutFile(const std::string& tag, const std::string& file, std::string state_tree) {
   RETURN_IF_ERROR(ValidateFile(file));
   if (VerifiedStateTree(state_tree) == nullptr) {

@@ -190,6 +190,12 @@ class Store {
   Result<WriteStats> PutTensor(const std::string& tag, const std::string& file,
                                const std::string& param, const TensorMeta& meta,
                                const ByteSource& bytes);
+  // Stages a record that names the same bytes as `source`, a record of a
+  // committed tag of this store (or of this pending tag), with its own
+  // placement: no block is read or written. NotFound if a block is gone.
+  Result<WriteStats> LinkTensor(const std::string& tag, const std::string& file,
+                                const std::string& param, const fb::TensorRecord& source,
+                                const std::optional<Placement>& placement);
   // Stages the state tree of a file. Replaces an earlier PutFile of the same
   // file in this pending tag, together with its tensors.
   Status PutFile(const std::string& tag, const std::string& file, std::string state_tree);

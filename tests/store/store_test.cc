@@ -742,3 +742,34 @@ TEST_CASE("placements round-trip through tensor records", "[unit][store]") {
   CHECK(p->segments()->Get(1)->numel() == 6);
   CHECK(p->param() == nullptr);
 }
+
+TEST_CASE("a linked tensor shares the source's blocks and survives the source's deletion",
+          "[unit][store]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  std::mt19937_64 rng(11);
+  std::vector<uint8_t> bytes = RandomBytes(rng, 3 * kChunk + 5);
+  SaveTag(*store, "a", {{"w", bytes}});
+  auto src = store->GetTensorRecord("a", "mp_rank_00_model_states.pt", "w");
+  REQUIRE(src.ok());
+  REQUIRE(store->BeginTag("b").ok());
+  Placement pl;
+  pl.param = "w";
+  pl.state = "param";
+  auto linked = store->LinkTensor("b", "f", "w2", *src.value().get(), pl);
+  INFO(linked.status().ToString());
+  REQUIRE(linked.ok());
+  CHECK(linked->new_bytes == 0);
+  CHECK(linked->chunks == 4);
+  REQUIRE(store->PutFile("b", "f", EmptyTree()).ok());
+  auto info = store->CommitTag("b", CommitOptions());
+  REQUIRE(info.ok());
+  CHECK(info->new_bytes == 0);
+  REQUIRE(store->DeleteTag("a").ok());
+  REQUIRE(store->Gc().ok());
+  CHECK(ReadBack(*store, "b", "f", "w2") == bytes);
+  auto rec = store->GetTensorRecord("b", "f", "w2");
+  REQUIRE(rec.ok());
+  CHECK(rec.value()->placement()->param()->str() == "w");
+  CHECK(store->Verify().value().ok());
+}
