@@ -27,47 +27,22 @@ struct Builder {
   c10::ScalarType lp_dtype() const { return L.bf16 ? at::kBFloat16 : at::kFloat; }
 
   Placement RectPlacement(const ParamSpec& p, int tp_rank, const std::string& state) const {
-    Placement pl;
-    const Rect r = ShardRect(spec, p, tp_rank, L.tp);
-    pl.param = p.name;
-    pl.state = state;
-    pl.global_shape = p.global_shape;
-    pl.offsets = r.offsets;
-    pl.shard_shape = r.shape;
-    pl.tp_rank = tp_rank;
-    pl.tp_degree = L.tp;
-    pl.shard_dim = p.shard_dim;
-    return pl;
+    return ShardPlacement(p, tp_rank, L.tp, state);
   }
 
-  // Layout of group g of stage pp, TP rank tp (the TP shard sizes are the
-  // same on every TP rank).
-  Result<std::pair<std::vector<int>, FlatLayout>> Group(int pp, int g) const {
+  // Layout of group g of stage pp (the TP shard sizes are the same on every
+  // TP rank) and the names of its parameters in buffer order.
+  Result<std::pair<std::vector<std::string>, FlatLayout>> Group(int pp, int g) const {
     ASSIGN_OR_RETURN(std::vector<int> idx, spec.StageGroup(pp, g, L.pp));
+    std::vector<std::string> names;
     std::vector<int64_t> numels;
     for (int i : idx) {
       ASSIGN_OR_RETURN(auto shape, spec.ShardShape(spec.params()[i], L.tp));
+      names.push_back(spec.params()[i].name);
       numels.push_back(Numel(shape));
     }
     FlatLayout fl = L.zero_stage == 3 ? Zero3Layout(numels, L.dp) : Zero12Layout(numels, L.dp);
-    return std::make_pair(std::move(idx), std::move(fl));
-  }
-
-  Placement FlatPlacement(const std::vector<int>& idx, const FlatLayout& fl, int g, int dp_rank,
-                          int tp_rank, const std::string& state, int64_t numel) const {
-    Placement pl;
-    pl.state = state;
-    pl.flat_group = g;
-    pl.flat_offset = L.zero_stage == 3 ? 0 : dp_rank * fl.partition_size;
-    pl.flat_numel = numel;
-    pl.tp_rank = tp_rank;
-    pl.tp_degree = L.tp;
-    for (const FlatPiece& pc : fl.pieces[dp_rank]) {
-      if (pc.start >= numel) continue;
-      pl.segments.push_back(
-          PlacementSegment{spec.params()[idx[pc.param]].name, pc.start, pc.numel, pc.param_offset});
-    }
-    return pl;
+    return std::make_pair(std::move(names), std::move(fl));
   }
 
   IValue Add(PlannedFile& f, const std::vector<int64_t>& shape, c10::ScalarType dtype,
@@ -199,11 +174,12 @@ struct Builder {
     GenericList mappings = AnyList();
     for (int g = 0; g < spec.groups(); ++g) {
       ASSIGN_OR_RETURN(auto grp, Group(pp, g));
-      const auto& [idx, fl] = grp;
+      const auto& [names, fl] = grp;
       const int64_t P = fl.partition_size;
       const int64_t pad = fl.paddings[r];
       auto flat = [&](const std::string& s, int64_t n) {
-        return Add(f, {n}, at::kFloat, FlatPlacement(idx, fl, g, r, tp, s, n));
+        return Add(f, {n}, at::kFloat,
+                   FlatPlacement(names, fl, g, r, tp, L.tp, L.zero_stage, s, n));
       };
       state.insert(IValue(int64_t{g}), GroupState(g, flat("exp_avg", P), flat("exp_avg_sq", P)));
       // Stage 1/2 strip the padding of the fp32 partition; stage 3 keeps it.
@@ -215,7 +191,7 @@ struct Builder {
         GenericDict fa = StrDict();
         fa.insert("numel", IValue(pc.numel));
         fa.insert("start", IValue(pc.start));
-        m.insert(spec.params()[idx[pc.param]].name, fa);
+        m.insert(names[pc.param], fa);
       }
       mappings.push_back(m);
     }
@@ -245,6 +221,40 @@ struct Builder {
 };
 
 }  // namespace
+
+Placement ShardPlacement(const ParamSpec& p, int tp_rank, int tp, const std::string& state) {
+  Placement pl;
+  pl.param = p.name;
+  pl.state = state;
+  pl.global_shape = p.global_shape;
+  pl.offsets.assign(p.global_shape.size(), 0);
+  pl.shard_shape = p.global_shape;
+  if (p.shard_dim >= 0) {
+    pl.shard_shape[p.shard_dim] /= tp;
+    pl.offsets[p.shard_dim] = pl.shard_shape[p.shard_dim] * tp_rank;
+  }
+  pl.tp_rank = tp_rank;
+  pl.tp_degree = tp;
+  pl.shard_dim = p.shard_dim;
+  return pl;
+}
+
+Placement FlatPlacement(const std::vector<std::string>& names, const FlatLayout& fl, int group,
+                        int dp_rank, int tp_rank, int tp, int zero_stage, const std::string& state,
+                        int64_t numel) {
+  Placement pl;
+  pl.state = state;
+  pl.flat_group = group;
+  pl.flat_offset = zero_stage == 3 ? 0 : dp_rank * fl.partition_size;
+  pl.flat_numel = numel;
+  pl.tp_rank = tp_rank;
+  pl.tp_degree = tp;
+  for (const FlatPiece& pc : fl.pieces[dp_rank]) {
+    if (pc.start >= numel) continue;
+    pl.segments.push_back(PlacementSegment{names[pc.param], pc.start, pc.numel, pc.param_offset});
+  }
+  return pl;
+}
 
 std::string TrainLayout::ToString() const {
   return "tp" + std::to_string(tp) + " x pp" + std::to_string(pp) + " x dp" + std::to_string(dp) +

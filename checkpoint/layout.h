@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "checkpoint/model_spec.h"
+#include "checkpoint/zero_layout.h"
 #include "store/store.h"
 
 namespace ckptkv::checkpoint {
@@ -55,6 +56,19 @@ struct PlannedFile {
 // REQUIRES: spec.CheckLayout(layout.tp, layout.pp) is OK.
 Result<std::vector<PlannedFile>> PlanFiles(const ModelSpec& spec, const TrainLayout& layout,
                                            const CheckpointMeta& meta);
+
+// The placement of TP rank `tp_rank`'s shard of `p` at TP degree `tp`:
+// state "param", "placeholder" (ZeRO-3's empty module tensors) or an
+// optimizer state name.
+Placement ShardPlacement(const ParamSpec& p, int tp_rank, int tp, const std::string& state);
+
+// The placement of one rank's flat ZeRO buffer of parameter group `group`,
+// `numel` elements long, whose parameters in buffer order are `names`
+// (stage 1/2: the buffer sits at dp_rank * partition_size of the group's
+// flat buffer; stage 3: each rank's buffer is its own).
+Placement FlatPlacement(const std::vector<std::string>& names, const FlatLayout& fl, int group,
+                        int dp_rank, int tp_rank, int tp, int zero_stage, const std::string& state,
+                        int64_t numel);
 
 // A meta-device tensor standing for a stored tensor of this shape and type.
 at::Tensor Placeholder(const std::vector<int64_t>& shape, c10::ScalarType dtype);

@@ -38,13 +38,15 @@ Status Guard(const std::string& where, F&& f) {
 }
 
 Result<WriteStats> SaveTensor(Store& store, const std::string& tag, const std::string& file,
-                              const std::string& param, const at::Tensor& tensor) {
+                              const std::string& param, const at::Tensor& tensor,
+                              const Placement* placement) {
   const std::string where = tag + "/" + file + ":" + param;
   ASSIGN_OR_RETURN(fb::DType dtype, ToDType(tensor.scalar_type(), where));
   TensorMeta meta;
   meta.dtype = dtype;
   meta.shape = tensor.sizes().vec();
   meta.requires_grad = tensor.requires_grad();
+  if (placement != nullptr) meta.placement = *placement;
   at::Tensor t = tensor.detach();
   if (t.is_conj()) t = t.resolve_conj();
   if (t.is_neg()) t = t.resolve_neg();
@@ -110,6 +112,7 @@ KvCheckpointEngine::~KvCheckpointEngine() {
     for (const auto& [tag, dir] : save_dirs_) {
       spdlog::warn("[ckptkv] tag {} was created but never committed; its blocks await gc", tag);
       store_->AbortTag(tag);
+      if (config_.placer) config_.placer->EndTag(tag);
     }
   }
 }
@@ -201,12 +204,17 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
   ThrowIfError(ValidateFile(target.file));
   const std::string where = target.tag + "/" + target.file;
   EncodedState encoded = ValueOrThrow(EncodeState(state_dict, where));
+  TensorPlacer::Placements placements;
+  if (config_.placer) placements = config_.placer->Place(target.tag, target.file, state_dict);
   ThrowIfError(store_->ClearFile(target.tag, target.file));
   SaveReport report;
   for (const auto& st : encoded.tensors) {
     WriteStats stats;
+    auto pl = placements.find(st.tensor.unsafeGetTensorImpl());
+    const Placement* placement = pl == placements.end() ? nullptr : &pl->second;
     ThrowIfError(Guard(where, [&] {
-      ASSIGN_OR_RETURN(stats, SaveTensor(*store_, target.tag, target.file, st.param, st.tensor));
+      ASSIGN_OR_RETURN(
+          stats, SaveTensor(*store_, target.tag, target.file, st.param, st.tensor, placement));
       return Status::OK();
     }));
     report.stats.Add(stats);
@@ -235,6 +243,7 @@ bool KvCheckpointEngine::commit(const CommitInfo& info) {
   options.set_latest = info.save_latest;
   last_commit_ = ValueOrThrow(store_->CommitTag(info.tag, options));
   save_dirs_.erase(info.tag);
+  if (config_.placer) config_.placer->EndTag(info.tag);
   spdlog::info("[ckptkv] Checkpoint {} is ready now! ({} files, {} tensors, {} bytes, {} new)",
                info.tag, last_commit_.files.size(), last_commit_.tensors,
                last_commit_.logical_bytes, last_commit_.new_bytes);

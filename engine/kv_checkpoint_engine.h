@@ -8,8 +8,10 @@
 //
 // save writes only the chunks the store does not have yet; commit makes the
 // tag visible in one synced batch and (unless save_latest is false) moves
-// `latest`. Re-committing an existing tag fails with AlreadyExists unless
-// config.overwrite is set, in which case the new tag replaces it atomically.
+// `latest`. With config.placer set, save records where each tensor sits in
+// its global tensor (fragment placements, docs/fragments.md), so that
+// reshape queries can plan without loading files. Re-committing an existing tag fails with
+// AlreadyExists unless config.overwrite is set, in which case the new tag replaces it atomically.
 #ifndef CKPTKV_ENGINE_KV_CHECKPOINT_ENGINE_H_
 #define CKPTKV_ENGINE_KV_CHECKPOINT_ENGINE_H_
 
@@ -22,10 +24,27 @@
 
 namespace ckptkv {
 
+// Says which fragment of which global tensor each tensor of a saved file
+// is. checkpoint::DeepSpeedPlacer does it for DeepSpeed's file names.
+class TensorPlacer {
+ public:
+  using Placements = std::map<const c10::TensorImpl*, Placement>;
+  virtual ~TensorPlacer() = default;
+  // Placements of the tensors of `state`, about to be saved as `file` of
+  // the pending `tag`; tensors left out are stored without one. A placer
+  // that cannot place a file returns nothing (and says why in the log):
+  // placements are an index, never a reason to fail a save.
+  virtual Placements Place(const std::string& tag, const std::string& file,
+                           const c10::IValue& state) = 0;
+  // `tag` was committed or abandoned: drop what was kept for it.
+  virtual void EndTag(const std::string& tag) { (void)tag; }
+};
+
 struct KvEngineConfig {
   std::string db;      // store directory; empty = the save_dir / load_dir given
   StoreOptions store;  // options for opening (and creating) the store
   bool overwrite = false;
+  std::shared_ptr<TensorPlacer> placer;  // none: tensors are stored without placements
 };
 
 // What the last save or commit cost.
