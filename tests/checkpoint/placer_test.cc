@@ -1,0 +1,263 @@
+// DeepSpeedPlacer: a DeepSpeed checkpoint saved file by file through
+// KvCheckpointEngine gets the same fragment placements `ckptkv synth` writes,
+// so it reshapes like one; files that disagree with their layout are saved
+// without placements, never refused.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <catch2/catch.hpp>
+
+#include "checkpoint/file_names.h"
+#include "checkpoint/placer.h"
+#include "checkpoint/reshape.h"
+#include "checkpoint/synth.h"
+#include "checkpoint/tag_index.h"
+#include "engine/kv_checkpoint_engine.h"
+#include "tests/test_util.h"
+
+using namespace ckptkv;
+using namespace ckptkv::checkpoint;
+using ckptkv::testing::TempDir;
+
+namespace {
+
+constexpr uint32_t kChunk = 16 * 1024;
+
+GptConfig SmallGpt() {
+  GptConfig c;
+  c.layers = 4;
+  c.hidden = 64;
+  c.vocab = 1000;
+  c.vocab_multiple = 128;
+  c.max_positions = 32;
+  return c;
+}
+
+void SynthInto(const std::string& dir, const std::string& tag, const TrainLayout& layout) {
+  StoreOptions so;
+  so.chunk_size = kChunk;
+  auto store = Store::Open(dir, so);
+  REQUIRE(store.ok());
+  SynthOptions o;
+  o.model = SmallGpt();
+  o.layout = layout;
+  o.seed = 7;
+  auto r = Synth(**store, tag, o, WriteOptions());
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+}
+
+// DeepSpeed saves model-state files before optimizer files.
+std::vector<std::string> SaveOrder(std::vector<std::string> files) {
+  std::stable_sort(files.begin(), files.end(), [](const std::string& a, const std::string& b) {
+    auto rank = [](const std::string& f) {
+      auto c = ParseFileName(f);
+      return c && c->kind == FileKind::kOptimStates ? 1 : 0;
+    };
+    return rank(a) < rank(b);
+  });
+  return files;
+}
+
+KvEngineConfig Config(const std::string& db, std::shared_ptr<TensorPlacer> placer = nullptr) {
+  KvEngineConfig c;
+  c.db = db;
+  c.store.chunk_size = kChunk;
+  c.placer = std::move(placer);
+  return c;
+}
+
+// Loads every file of `tag` from the store at `from` and saves it, in
+// `files` order, into the store at `to` through an engine with `placer`.
+void Resave(const std::string& from, const std::string& to, const std::string& tag,
+            const std::vector<std::string>& files, std::shared_ptr<TensorPlacer> placer) {
+  KvCheckpointEngine src(Config(from));
+  REQUIRE(src.open(from, tag).value() == tag);
+  KvCheckpointEngine dst(Config(to, std::move(placer)));
+  dst.makedirs(to, true);
+  dst.create(to, tag);
+  for (const auto& f : files)
+    dst.save(src.load(from + "/" + tag + "/" + f), to + "/" + tag + "/" + f);
+  REQUIRE(dst.commit(tag));
+}
+
+std::string Describe(const Placement& p) {
+  std::string s = p.param + "/" + p.state + " g" + ShapeString(p.global_shape) + " o" +
+                  ShapeString(p.offsets) + " s" + ShapeString(p.shard_shape) + " flat " +
+                  std::to_string(p.flat_group) + "@" + std::to_string(p.flat_offset) + "+" +
+                  std::to_string(p.flat_numel) + " tp " + std::to_string(p.tp_rank) + "/" +
+                  std::to_string(p.tp_degree) + " dim " + std::to_string(p.shard_dim);
+  for (const auto& seg : p.segments) {
+    s += " [" + seg.param + " " + std::to_string(seg.start) + "+" + std::to_string(seg.numel) +
+         " @" + std::to_string(seg.shard_start) + "]";
+  }
+  return s;
+}
+
+// Every record of `tag` has the same placement (or none) in both stores.
+size_t RequireSamePlacements(const std::string& a_dir, const std::string& b_dir,
+                             const std::string& tag) {
+  auto a = Store::Open(a_dir, StoreOptions());
+  auto b = Store::Open(b_dir, StoreOptions());
+  REQUIRE(a.ok());
+  REQUIRE(b.ok());
+  size_t placed = 0;
+  auto files = (*a)->ListFiles(tag);
+  REQUIRE(files.ok());
+  REQUIRE(*files == (*b)->ListFiles(tag).value());
+  for (const auto& f : *files) {
+    auto params = (*a)->ListParams(tag, f);
+    REQUIRE(params.ok());
+    REQUIRE(*params == (*b)->ListParams(tag, f).value());
+    for (const auto& p : *params) {
+      auto ra = (*a)->GetTensorRecord(tag, f, p);
+      auto rb = (*b)->GetTensorRecord(tag, f, p);
+      REQUIRE(ra.ok());
+      REQUIRE(rb.ok());
+      INFO(f << ":" << p);
+      const fb::Placement* pa = ra.value()->placement();
+      const fb::Placement* pb = rb.value()->placement();
+      REQUIRE((pa == nullptr) == (pb == nullptr));
+      if (pa == nullptr) continue;
+      CHECK(Describe(PlacementOf(*pa)) == Describe(PlacementOf(*pb)));
+      placed++;
+    }
+  }
+  return placed;
+}
+
+size_t CountPlacements(const std::string& dir, const std::string& tag, const std::string& file) {
+  auto s = Store::Open(dir, StoreOptions());
+  REQUIRE(s.ok());
+  size_t n = 0;
+  const std::vector<std::string> params = (*s)->ListParams(tag, file).value();
+  for (const auto& p : params) {
+    if ((*s)->GetTensorRecord(tag, file, p).value()->placement() != nullptr) n++;
+  }
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("files saved through the engine get the placements synth writes, and reshape alike",
+          "[unit][checkpoint][reshape]") {
+  const TrainLayout layouts[] = {
+      {2, 2, 2, 2, true},   // ZeRO-2 bf16
+      {2, 1, 3, 1, false},  // ZeRO-1 fp32, padding at dp 3
+      {1, 2, 2, 3, true},   // ZeRO-3: empty module placeholders, per-parameter padding
+  };
+  for (const TrainLayout& from : layouts) {
+    DYNAMIC_SECTION(from.ToString()) {
+      TempDir a, b;
+      SynthInto(a.path(), "t", from);
+      std::vector<std::string> files;
+      {
+        auto s = Store::Open(a.path(), StoreOptions());
+        REQUIRE(s.ok());
+        files = SaveOrder((*s)->ListFiles("t").value());
+      }
+      Resave(a.path(), b.path(), "t", files, std::make_shared<DeepSpeedPlacer>());
+      CHECK(RequireSamePlacements(a.path(), b.path(), "t") > 0);
+
+      // The engine-saved tag reshapes to what synth writes at the target.
+      const TrainLayout to{1, 1, 2, from.zero_stage, from.bf16};
+      StoreOptions so;
+      so.chunk_size = kChunk;
+      auto store = Store::Open(b.path(), so);
+      REQUIRE(store.ok());
+      SynthOptions o;
+      o.model = SmallGpt();
+      o.layout = to;
+      o.seed = 7;
+      REQUIRE(Synth(**store, "expect", o, WriteOptions()).ok());
+      ReshapeOptions ro;
+      ro.tp = to.tp;
+      ro.pp = to.pp;
+      ro.dp = to.dp;
+      ro.out_tag = "reshaped";
+      auto r = Reshape(**store, "t", ro);
+      INFO(r.status().ToString());
+      REQUIRE(r.ok());
+      const std::vector<std::string> expect_files = (*store)->ListFiles("expect").value();
+      for (const auto& f : expect_files) {
+        const std::vector<std::string> params = (*store)->ListParams("expect", f).value();
+        for (const auto& p : params) {
+          INFO(f << ":" << p);
+          auto re = (*store)->GetTensorRecord("expect", f, p);
+          auto rr = (*store)->GetTensorRecord("reshaped", f, p);
+          REQUIRE(rr.ok());
+          CHECK(re.value()->digest()->lo() == rr.value()->digest()->lo());
+          CHECK(re.value()->digest()->hi() == rr.value()->digest()->hi());
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("the placer leaves files it cannot place unplaced and says why",
+          "[unit][checkpoint][reshape]") {
+  TempDir a, b;
+  SynthInto(a.path(), "t", TrainLayout{2, 1, 2, 2, true});
+  const std::string model0 = ModelFileName(0);
+  const std::string optim0 = ZeroOptimFileName(0, 0, true);
+  c10::IValue model_state, optim_state;
+  {
+    KvCheckpointEngine src(Config(a.path()));
+    REQUIRE(src.open(a.path(), "t").value() == "t");
+    model_state = src.load(a.path() + "/t/" + model0);
+    optim_state = src.load(a.path() + "/t/" + optim0);
+  }
+  DeepSpeedPlacer placer;
+
+  SECTION("an optimizer file before its model file") {
+    auto r = placer.TryPlace("u", optim0, optim_state);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().IsInvalidArgument());
+    CHECK_THAT(r.status().ToString(), Catch::Contains(model0 + " first"));
+    // The engine still saves it, without placements.
+    auto shared = std::make_shared<DeepSpeedPlacer>();
+    Resave(a.path(), b.path(), "t", {optim0, model0}, shared);
+    CHECK(CountPlacements(b.path(), "t", optim0) == 0);
+    CHECK(CountPlacements(b.path(), "t", model0) > 0);
+  }
+
+  SECTION("param_slice_mappings that disagree with param_shapes") {
+    REQUIRE(placer.TryPlace("u", model0, model_state).ok());
+    REQUIRE(placer.TryPlace("u", optim0, optim_state).value().size() >= 3);
+    // Shift one fragment address: the flat buffer is not laid out as the
+    // model file's param_shapes say, so nothing can be placed safely.
+    c10::IValue bad = optim_state.deepcopy();
+    auto osd = bad.toGenericDict().at("optimizer_state_dict").toGenericDict();
+    auto mapping = osd.at("param_slice_mappings").toList().get(0).toGenericDict();
+    auto first = mapping.begin();
+    const std::string name = first->key().toStringRef();
+    auto fa = first->value().toGenericDict();
+    fa.insert_or_assign("start", fa.at("start").toInt() + 1);
+    auto r = placer.TryPlace("u", optim0, bad);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().ToString(), Catch::Contains("param_slice_mappings of " + name));
+    CHECK(placer.Place("u", optim0, bad).empty());
+  }
+
+  SECTION("a module tensor whose shape disagrees with param_shapes") {
+    c10::IValue bad = model_state.deepcopy();
+    auto module = bad.toGenericDict().at("module").toGenericDict();
+    const std::string name = module.begin()->key().toStringRef();
+    module.insert_or_assign(name, at::zeros({3, 5}));
+    auto r = placer.TryPlace("u", model0, bad);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().ToString(), Catch::Contains("module tensor " + name));
+  }
+
+  SECTION("files that are not DeepSpeed's get no placements and no error") {
+    auto r = placer.TryPlace("u", "client_state.pt", model_state);
+    REQUIRE(r.ok());
+    CHECK(r->empty());
+  }
+
+  SECTION("a committed tag's cached model metadata is dropped") {
+    REQUIRE(placer.TryPlace("u", model0, model_state).ok());
+    placer.EndTag("u");
+    CHECK_FALSE(placer.TryPlace("u", optim0, optim_state).ok());
+  }
+}
