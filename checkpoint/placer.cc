@@ -2,9 +2,14 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 #include "checkpoint/file_names.h"
 #include "checkpoint/layout.h"
 #include "checkpoint/zero_layout.h"
+#include "engine/state_codec.h"
+#include "checkpoint/tag_index.h"
+#include "schema/records.h"
 
 namespace ckptkv::checkpoint {
 
@@ -328,6 +333,76 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceOptim(const std::string& 
     }
   }
   return out;
+}
+
+Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std::string& out_tag,
+                                DeepSpeedPlacer& placer) {
+  PlaceTagReport report;
+  report.out_tag = out_tag.empty() ? tag : out_tag;
+  ASSIGN_OR_RETURN(TagInfo info, store.GetTag(tag));
+  ASSIGN_OR_RETURN(std::optional<std::string> latest, store.Latest());
+  std::vector<std::string> files = info.files;
+  // Model-state files first: optimizer files are laid out from them.
+  std::stable_sort(files.begin(), files.end(), [](const std::string& a, const std::string& b) {
+    auto optim = [](const std::string& f) {
+      auto c = ParseFileName(f);
+      return c && c->kind == FileKind::kOptimStates;
+    };
+    return !optim(a) && optim(b);
+  });
+  const std::string work = "\x01place:" + tag;  // the placer's cache key for this pass
+  RETURN_IF_ERROR(store.BeginTag(report.out_tag, /*overwrite=*/true));
+  auto staged = [&]() -> Status {
+    for (const std::string& file : files) {
+      const std::string where = tag + "/" + file;
+      ASSIGN_OR_RETURN(std::string tree_bytes, store.GetFileTree(tag, file));
+      const fb::StateTree* tree = VerifiedStateTree(tree_bytes);
+      if (tree == nullptr) return Status::Corruption(where + ": state tree fails verification");
+      // Tensors as meta-device stand-ins: shapes and types, no bytes.
+      std::map<std::string, const c10::TensorImpl*> impl_of;
+      TensorLoader loader = [&](const std::string& param,
+                                const std::string&) -> Result<at::Tensor> {
+        ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
+        std::vector<int64_t> shape;
+        if (rec->shape()) shape.assign(rec->shape()->begin(), rec->shape()->end());
+        at::Tensor t = Placeholder(shape, ToScalarType(rec->dtype()));
+        impl_of[param] = t.unsafeGetTensorImpl();
+        return t;
+      };
+      ASSIGN_OR_RETURN(c10::IValue state, DecodeState(*tree, loader, where));
+      Result<TensorPlacer::Placements> placed = placer.TryPlace(work, file, state);
+      if (!placed.ok()) report.unplaced_files.emplace_back(file, placed.status().ToString());
+      ASSIGN_OR_RETURN(std::vector<std::string> params, store.ListParams(tag, file));
+      for (const std::string& param : params) {
+        ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
+        std::optional<Placement> pl;
+        if (rec->placement() != nullptr) pl = PlacementOf(*rec->placement());
+        auto impl = impl_of.find(param);
+        if (placed.ok() && impl != impl_of.end()) {
+          auto it = placed->find(impl->second);
+          if (it != placed->end()) {
+            pl = it->second;
+            report.placed_tensors++;
+          }
+        }
+        RETURN_IF_ERROR(store.LinkTensor(report.out_tag, file, param, *rec.get(), pl).status());
+        report.tensors++;
+      }
+      RETURN_IF_ERROR(store.PutFile(report.out_tag, file, std::move(tree_bytes)));
+      report.files++;
+    }
+    CommitOptions co;
+    co.overwrite = true;
+    co.set_latest = latest && *latest == tag;
+    co.layout = info.layout;
+    return store.CommitTag(report.out_tag, co).status();
+  }();
+  placer.EndTag(work);
+  if (!staged.ok()) {
+    store.AbortTag(report.out_tag);
+    return staged.WithContext("placing tag " + tag);
+  }
+  return report;
 }
 
 }  // namespace ckptkv::checkpoint

@@ -69,6 +69,22 @@ class DeepSpeedPlacer : public TensorPlacer {
   std::map<std::string, std::map<int, ModelInfo>> tags_;  // tag -> mp rank -> model info
 };
 
+// Records placements for a committed tag saved without them (by an engine
+// with no placer, or before the placer existed): reads the files' state
+// trees and tensor records, never tensor bytes, and commits `out_tag` (the
+// same tag by default, replaced atomically) whose records name the same
+// blocks with placements added. Files the placer cannot place keep their
+// records as they were and are listed with the reason.
+struct PlaceTagReport {
+  std::string out_tag;
+  uint64_t files = 0;
+  uint64_t tensors = 0;
+  uint64_t placed_tensors = 0;
+  std::vector<std::pair<std::string, std::string>> unplaced_files;  // file, why
+};
+Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std::string& out_tag,
+                                DeepSpeedPlacer& placer);
+
 }  // namespace ckptkv::checkpoint
 
 #endif  // CKPTKV_CHECKPOINT_PLACER_H_

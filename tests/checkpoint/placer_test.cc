@@ -137,6 +137,41 @@ size_t CountPlacements(const std::string& dir, const std::string& tag, const std
   return n;
 }
 
+// `tag` in the store at `dir` reshapes to what synth writes at tp1 pp1 dp2.
+void RequireReshapesLikeSynth(const std::string& dir, const std::string& tag,
+                              const TrainLayout& from) {
+  const TrainLayout to{1, 1, 2, from.zero_stage, from.bf16};
+  StoreOptions so;
+  so.chunk_size = kChunk;
+  auto store = Store::Open(dir, so);
+  REQUIRE(store.ok());
+  SynthOptions o;
+  o.model = SmallGpt();
+  o.layout = to;
+  o.seed = 7;
+  REQUIRE(Synth(**store, "expect", o, WriteOptions()).ok());
+  ReshapeOptions ro;
+  ro.tp = to.tp;
+  ro.pp = to.pp;
+  ro.dp = to.dp;
+  ro.out_tag = "reshaped";
+  auto r = Reshape(**store, tag, ro);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  const std::vector<std::string> expect_files = (*store)->ListFiles("expect").value();
+  for (const auto& f : expect_files) {
+    const std::vector<std::string> params = (*store)->ListParams("expect", f).value();
+    for (const auto& p : params) {
+      INFO(f << ":" << p);
+      auto re = (*store)->GetTensorRecord("expect", f, p);
+      auto rr = (*store)->GetTensorRecord("reshaped", f, p);
+      REQUIRE(rr.ok());
+      CHECK(re.value()->digest()->lo() == rr.value()->digest()->lo());
+      CHECK(re.value()->digest()->hi() == rr.value()->digest()->hi());
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE("files saved through the engine get the placements synth writes, and reshape alike",
@@ -159,37 +194,7 @@ TEST_CASE("files saved through the engine get the placements synth writes, and r
       Resave(a.path(), b.path(), "t", files, std::make_shared<DeepSpeedPlacer>());
       CHECK(RequireSamePlacements(a.path(), b.path(), "t") > 0);
 
-      // The engine-saved tag reshapes to what synth writes at the target.
-      const TrainLayout to{1, 1, 2, from.zero_stage, from.bf16};
-      StoreOptions so;
-      so.chunk_size = kChunk;
-      auto store = Store::Open(b.path(), so);
-      REQUIRE(store.ok());
-      SynthOptions o;
-      o.model = SmallGpt();
-      o.layout = to;
-      o.seed = 7;
-      REQUIRE(Synth(**store, "expect", o, WriteOptions()).ok());
-      ReshapeOptions ro;
-      ro.tp = to.tp;
-      ro.pp = to.pp;
-      ro.dp = to.dp;
-      ro.out_tag = "reshaped";
-      auto r = Reshape(**store, "t", ro);
-      INFO(r.status().ToString());
-      REQUIRE(r.ok());
-      const std::vector<std::string> expect_files = (*store)->ListFiles("expect").value();
-      for (const auto& f : expect_files) {
-        const std::vector<std::string> params = (*store)->ListParams("expect", f).value();
-        for (const auto& p : params) {
-          INFO(f << ":" << p);
-          auto re = (*store)->GetTensorRecord("expect", f, p);
-          auto rr = (*store)->GetTensorRecord("reshaped", f, p);
-          REQUIRE(rr.ok());
-          CHECK(re.value()->digest()->lo() == rr.value()->digest()->lo());
-          CHECK(re.value()->digest()->hi() == rr.value()->digest()->hi());
-        }
-      }
+      RequireReshapesLikeSynth(b.path(), "t", from);
     }
   }
 }
@@ -260,4 +265,43 @@ TEST_CASE("the placer leaves files it cannot place unplaced and says why",
     placer.EndTag("u");
     CHECK_FALSE(placer.TryPlace("u", optim0, optim_state).ok());
   }
+}
+
+TEST_CASE("PlaceTag adds placements to a tag saved without them, reading no tensor bytes",
+          "[unit][checkpoint][reshape]") {
+  const TrainLayout from{2, 2, 2, 2, true};
+  TempDir a, b;
+  SynthInto(a.path(), "t", from);
+  std::vector<std::string> files;
+  {
+    auto s = Store::Open(a.path(), StoreOptions());
+    REQUIRE(s.ok());
+    files = SaveOrder((*s)->ListFiles("t").value());
+  }
+  Resave(a.path(), b.path(), "t", files, nullptr);
+  {
+    auto store = Store::Open(b.path(), StoreOptions());
+    REQUIRE(store.ok());
+    ReshapeOptions ro;
+    ro.tp = 1;
+    ro.out_tag = "x";
+    auto r = Reshape(**store, "t", ro);
+    REQUIRE_FALSE(r.ok());
+    CHECK_THAT(r.status().ToString(), Catch::Contains("placement"));
+
+    DeepSpeedPlacer placer;
+    const uint64_t read0 = (*store)->BlockBytesRead();
+    auto rep = PlaceTag(**store, "t", "", placer);
+    INFO(rep.status().ToString());
+    REQUIRE(rep.ok());
+    CHECK(rep->out_tag == "t");
+    CHECK(rep->files == files.size());
+    CHECK(rep->unplaced_files.empty());
+    CHECK(rep->placed_tensors > 0);
+    CHECK(rep->placed_tensors < rep->tensors);  // optimizer steps are not fragments
+    CHECK((*store)->BlockBytesRead() == read0);
+    CHECK((*store)->Latest().value() == std::optional<std::string>("t"));
+  }
+  CHECK(RequireSamePlacements(a.path(), b.path(), "t") > 0);
+  RequireReshapesLikeSynth(b.path(), "t", from);
 }
