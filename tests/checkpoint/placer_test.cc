@@ -33,18 +33,27 @@ GptConfig SmallGpt() {
   return c;
 }
 
-void SynthInto(const std::string& dir, const std::string& tag, const TrainLayout& layout) {
-  StoreOptions so;
-  so.chunk_size = kChunk;
-  auto store = Store::Open(dir, so);
-  REQUIRE(store.ok());
+void SynthTag(Store& store, const std::string& tag, const TrainLayout& layout) {
   SynthOptions o;
   o.model = SmallGpt();
   o.layout = layout;
   o.seed = 7;
-  auto r = Synth(**store, tag, o, WriteOptions());
+  auto r = Synth(store, tag, o, WriteOptions());
   INFO(r.status().ToString());
   REQUIRE(r.ok());
+}
+
+std::unique_ptr<Store> OpenStore(const std::string& dir) {
+  StoreOptions so;
+  so.chunk_size = kChunk;
+  auto store = Store::Open(dir, so);
+  INFO(store.status().ToString());
+  REQUIRE(store.ok());
+  return std::move(store).value();
+}
+
+void SynthInto(const std::string& dir, const std::string& tag, const TrainLayout& layout) {
+  SynthTag(*OpenStore(dir), tag, layout);
 }
 
 // DeepSpeed saves model-state files before optimizer files.
@@ -141,30 +150,23 @@ size_t CountPlacements(const std::string& dir, const std::string& tag, const std
 void RequireReshapesLikeSynth(const std::string& dir, const std::string& tag,
                               const TrainLayout& from) {
   const TrainLayout to{1, 1, 2, from.zero_stage, from.bf16};
-  StoreOptions so;
-  so.chunk_size = kChunk;
-  auto store = Store::Open(dir, so);
-  REQUIRE(store.ok());
-  SynthOptions o;
-  o.model = SmallGpt();
-  o.layout = to;
-  o.seed = 7;
-  REQUIRE(Synth(**store, "expect", o, WriteOptions()).ok());
+  auto store = OpenStore(dir);
+  SynthTag(*store, "expect", to);
   ReshapeOptions ro;
   ro.tp = to.tp;
   ro.pp = to.pp;
   ro.dp = to.dp;
   ro.out_tag = "reshaped";
-  auto r = Reshape(**store, tag, ro);
+  auto r = Reshape(*store, tag, ro);
   INFO(r.status().ToString());
   REQUIRE(r.ok());
-  const std::vector<std::string> expect_files = (*store)->ListFiles("expect").value();
+  const std::vector<std::string> expect_files = store->ListFiles("expect").value();
   for (const auto& f : expect_files) {
-    const std::vector<std::string> params = (*store)->ListParams("expect", f).value();
+    const std::vector<std::string> params = store->ListParams("expect", f).value();
     for (const auto& p : params) {
       INFO(f << ":" << p);
-      auto re = (*store)->GetTensorRecord("expect", f, p);
-      auto rr = (*store)->GetTensorRecord("reshaped", f, p);
+      auto re = store->GetTensorRecord("expect", f, p);
+      auto rr = store->GetTensorRecord("reshaped", f, p);
       REQUIRE(rr.ok());
       CHECK(re.value()->digest()->lo() == rr.value()->digest()->lo());
       CHECK(re.value()->digest()->hi() == rr.value()->digest()->hi());
