@@ -8,6 +8,7 @@
 //   ckptkv rm     --db DIR TAG
 //   ckptkv synth  --db DIR --tag T --tp N --pp M --dp K --zero-stage S [--dtype bf16|fp32] ...
 //   ckptkv reshape --db DIR --tag T --tp N --pp M --dp K [--out-tag T2] [--device D] [--plan]
+//                  [--naive]
 //   ckptkv export-universal --db DIR --tag T [--out-tag T2]
 //   ckptkv import-universal --db DIR --tag T --tp N --pp M --dp K --out-tag T2
 //

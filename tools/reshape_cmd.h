@@ -17,6 +17,10 @@ class CheckpointCommands {
   std::optional<int> Run();
 
  private:
+  // reshape --naive: checkpoint::NaiveReshape (DeepSpeed's way), which
+  // opens the store itself.
+  int RunNaive();
+
   CLI::App* synth_ = nullptr;
   CLI::App* reshape_ = nullptr;
   CLI::App* export_ = nullptr;
@@ -27,7 +31,7 @@ class CheckpointCommands {
   int64_t hidden_ = 256, vocab_ = 1000, vocab_multiple_ = 1024, positions_ = 512;
   uint64_t seed_ = 1;
   int64_t iteration_ = 1000;
-  bool plan_ = false, json_ = false, overwrite_ = false;
+  bool plan_ = false, json_ = false, overwrite_ = false, naive_ = false;
 };
 
 }  // namespace ckptkv::tools

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end checks of the ckptkv program: the demo resumes exactly, the
 # admin commands report and clean a store, a damaged store is exit code 2,
-# bad input is exit code 1, and the bench's JSON holds every scenario.
+# bad input is exit code 1, the naive (DeepSpeed) reshape writes a tag that
+# loads and refuses expansions, and the bench's JSON holds every scenario.
 # Usage: cli_test.sh path/to/ckptkv
 set -uo pipefail
 ckptkv=$1
@@ -64,6 +65,37 @@ for s in full_save_raw full_save_torch full_save_kv resave_unchanged_kv resave_1
          frozen_series_kv load_kv load_torch; do
   check "bench reports $s" grep -q "\"$s\"" "$tmp/out"
 done
+
+# The naive reshape (DeepSpeed's way) on a tiny tp2 x pp2 x dp2 checkpoint.
+ds=$tmp/ds
+expect_rc 0 "synth of a tiny DeepSpeed checkpoint" "$ckptkv" synth --db "$ds" --tag src \
+  --tp 2 --pp 2 --dp 2 --zero-stage 2 --layers 2 --hidden 64 --vocab 100
+expect_rc 0 "reshape --naive to tp1 pp1 dp1" "$ckptkv" reshape --naive --db "$ds" --tag src \
+  --tp 1 --pp 1 --dp 1 --out-tag naive --json
+check "naive reshape loaded files" grep -Eq '"files_loaded": [1-9]' "$tmp/out"
+check "naive reshape read blocks" grep -Eq '"bytes_read": [1-9]' "$tmp/out"
+check "naive reshape wrote one model and one optimizer file" grep -q '"files": 2' "$tmp/out"
+expect_rc 0 "ls after the naive reshape" "$ckptkv" ls --db "$ds" --json
+check "ls lists the naive tag" grep -q '"naive"' "$tmp/out"
+expect_rc 0 "verify of the naive tag" "$ckptkv" verify --db "$ds" --tag naive
+# Its files load whole again (and its layout is discovered from them).
+expect_rc 0 "the naive tag loads" "$ckptkv" reshape --naive --db "$ds" --tag naive \
+  --tp 1 --pp 1 --dp 1 --out-tag naive_again --json
+check "the naive tag's files were loaded" grep -Eq '"files_loaded": [1-9]' "$tmp/out"
+expect_rc 1 "reshape --naive refuses a TP expansion" "$ckptkv" reshape --naive --db "$ds" \
+  --tag src --tp 4 --pp 2 --dp 2
+check "the TP refusal names the dimension" grep -q "tp 2 -> 4 is an expansion" "$tmp/err"
+expect_rc 1 "reshape --naive refuses a DP expansion" "$ckptkv" reshape --naive --db "$ds" \
+  --tag src --tp 1 --pp 1 --dp 4
+check "the DP refusal names the dimension" grep -q "DP: 2 ---> 4" "$tmp/err"
+expect_rc 1 "reshape --naive --plan" "$ckptkv" reshape --naive --plan --db "$ds" --tag src
+check "says --naive and --plan do not combine" grep -q "do not combine" "$tmp/err"
+expect_rc 1 "reshape --naive --device cuda" "$ckptkv" reshape --naive --device cuda --db "$ds" \
+  --tag src
+check "says --naive is CPU only" grep -q "CPU only" "$tmp/err"
+expect_rc 1 "reshape --naive of a missing store" "$ckptkv" reshape --naive --db "$tmp/nope" \
+  --tag src
+check "the missing store was not created" test ! -e "$tmp/nope"
 
 echo "$pass passed, $failures failed"
 [ "$failures" -eq 0 ]
