@@ -31,6 +31,7 @@
 #include "engine/torch_checkpoint_engine.h"
 #include "store/store.h"
 #include "tools/admin.h"
+#include "tools/bench_reshape.h"
 #include "tools/proc_stats.h"
 
 namespace fs = std::filesystem;
@@ -388,36 +389,12 @@ std::string Fixed(double v, int prec = 2) {
   return buf;
 }
 
-}  // namespace
-
-int RunBench(const BenchOptions& o) {
-  // With --json, stdout carries only the JSON object: log lines go to stderr.
-  if (o.json) spdlog::set_default_logger(spdlog::stderr_color_mt("ckptkv-bench"));
-  if (!o.verbose) spdlog::set_level(spdlog::level::warn);
-  at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-  std::ostream& log = o.json ? std::cerr : std::cout;  // progress never pollutes the JSON
-
-  // Scratch directory: always a fresh one, removed at the end.
-  std::string parent = o.dir.empty() ? "/tmp" : o.dir;
+// The core scenarios: saves and loads of one synthetic state dict under
+// `root`. With --json the results go into *out_json, otherwise tables are
+// printed. Returns 0, or 2 if a loaded checkpoint differs from the saved one.
+int RunCoreBench(const BenchOptions& o, const std::string& root, std::ostream& log,
+                 json* out_json) {
   std::error_code ec;
-  fs::create_directories(parent, ec);
-  std::string tmpl = (fs::path(parent) / "ckptkv-bench-XXXXXX").string();
-  std::vector<char> buf(tmpl.begin(), tmpl.end());
-  buf.push_back('\0');
-  if (::mkdtemp(buf.data()) == nullptr) {
-    return ReportError(Status::IOError("cannot make a scratch directory under '" + parent +
-                                       "': " + std::strerror(errno)));
-  }
-  const std::string root = buf.data();
-  struct Cleanup {
-    std::string dir;
-    bool keep;
-    ~Cleanup() {
-      std::error_code ec;
-      if (!keep) fs::remove_all(dir, ec);
-    }
-  } cleanup{root, o.keep};
-
   const BlockDurability main_d =
       o.durability == "wal" ? BlockDurability::kWal : BlockDurability::kFlush;
   const BlockDurability alt_d =
@@ -731,11 +708,7 @@ int RunBench(const BenchOptions& o) {
   }
 
   if (o.json) {
-    MachineInfo mi = GetMachineInfo(root);
-    json out;
-    out["machine"] = {
-        {"cpu_model", mi.cpu_model}, {"cores", mi.cores}, {"mem_total_bytes", mi.mem_total_bytes},
-        {"kernel", mi.kernel},       {"disk", mi.disk},   {"filesystem", mi.filesystem}};
+    json& out = *out_json;
     out["size_mb"] = o.size_mb;
     out["options"] = {{"chunk_kb", o.chunk_kb},
                       {"durability", DurabilityName(main_d)},
@@ -750,15 +723,10 @@ int RunBench(const BenchOptions& o) {
     out["scenarios"] = std::move(scen);
     out["ratios"] = ratios;
     out["targets"] = targets_j;
-    std::cout << out.dump(2) << std::endl;
     return rc;
   }
 
-  MachineInfo mi = GetMachineInfo(root);
-  std::printf("\nmachine: %s, %u cores, %s RAM, %s, %s on %s\n", mi.cpu_model.c_str(), mi.cores,
-              HumanBytes(mi.mem_total_bytes).c_str(), mi.kernel.c_str(), mi.filesystem.c_str(),
-              mi.disk.c_str());
-  std::printf("state dict: %zu tensors, %s; chunk %u KiB; %zu store workers; loads %s\n\n",
+  std::printf("\nstate dict: %zu tensors, %s; chunk %u KiB; %zu store workers; loads %s\n\n",
               n_tensors, HumanBytes(logical).c_str(), o.chunk_kb, workers,
               dropped ? "from a cold page cache" : "from a warm page cache");
   std::printf("%-22s %8s %11s %9s %11s %9s %9s %9s %11s %13s\n", "scenario", "seconds",
@@ -795,6 +763,69 @@ int RunBench(const BenchOptions& o) {
     if (ratios.contains(extra)) std::printf("%-48s %10.4f\n", extra, ratios.value(extra, 0.0));
   }
   std::printf("\nloaded checkpoints equal the saved state: %s\n", rc == 0 ? "yes" : "NO");
+  return rc;
+}
+
+}  // namespace
+
+int RunBench(const BenchOptions& o) {
+  const bool core = o.scenarios == "all" || o.scenarios == "core";
+  const bool reshape = o.scenarios == "all" || o.scenarios == "reshape";
+  if (!core && !reshape) {
+    return ReportError(Status::InvalidArgument("--scenarios '" + o.scenarios +
+                                               "': valid values are all, core and reshape"));
+  }
+  // Checked before the core scenarios, which take minutes at full size.
+  if (reshape) {
+    if (Status st = CheckReshapeBenchOptions(o); !st.ok()) return ReportError(st);
+  }
+  // With --json, stdout carries only the JSON object: log lines go to stderr.
+  if (o.json) spdlog::set_default_logger(spdlog::stderr_color_mt("ckptkv-bench"));
+  if (!o.verbose) spdlog::set_level(spdlog::level::warn);
+  at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  std::ostream& log = o.json ? std::cerr : std::cout;  // progress never pollutes the JSON
+
+  // Scratch directory: always a fresh one, removed at the end.
+  std::string parent = o.dir.empty() ? "/tmp" : o.dir;
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  std::string tmpl = (fs::path(parent) / "ckptkv-bench-XXXXXX").string();
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  if (::mkdtemp(buf.data()) == nullptr) {
+    return ReportError(Status::IOError("cannot make a scratch directory under '" + parent +
+                                       "': " + std::strerror(errno)));
+  }
+  const std::string root = buf.data();
+  struct Cleanup {
+    std::string dir;
+    bool keep;
+    ~Cleanup() {
+      std::error_code ec;
+      if (!keep) fs::remove_all(dir, ec);
+    }
+  } cleanup{root, o.keep};
+
+  MachineInfo mi = GetMachineInfo(root);
+  json out;
+  out["machine"] = {
+      {"cpu_model", mi.cpu_model}, {"cores", mi.cores}, {"mem_total_bytes", mi.mem_total_bytes},
+      {"kernel", mi.kernel},       {"disk", mi.disk},   {"filesystem", mi.filesystem}};
+  if (!o.json) {
+    std::printf("machine: %s, %u cores, %s RAM, %s, %s on %s\n", mi.cpu_model.c_str(), mi.cores,
+                HumanBytes(mi.mem_total_bytes).c_str(), mi.kernel.c_str(), mi.filesystem.c_str(),
+                mi.disk.c_str());
+    std::fflush(stdout);
+  }
+  int rc = 0;
+  // The core scenarios' state dict is freed before the reshape children run.
+  if (core) rc = RunCoreBench(o, root, log, &out);
+  if (reshape) {
+    std::fflush(stdout);
+    const int reshape_rc = RunReshapeBench(o, root, log, &out);
+    if (rc == 0) rc = reshape_rc;
+  }
+  if (o.json) std::cout << out.dump(2) << std::endl;
   return rc;
 }
 

@@ -2,6 +2,8 @@
 //
 //   ckptkv demo   [--db DIR] [--steps N] [--every K]
 //   ckptkv bench  [--dir DIR] [--size-mb N] [--json] [--durability flush|wal] [--chunk-kb N]
+//                 [--scenarios all|core|reshape] [--reshape-layers N] [--reshape-hidden H]
+//                 [--reshape-vocab V]
 //   ckptkv ls     --db DIR [--json]
 //   ckptkv verify --db DIR [--tag T] [--json]
 //   ckptkv gc     --db DIR [--dry-run] [--json]
@@ -52,7 +54,13 @@ int Run(int argc, char** argv) {
 
   BenchOptions bench;
   auto* bench_cmd = app.add_subcommand(
-      "bench", "measure ckptkv against raw writes and torch files on a synthetic state dict");
+      "bench",
+      "measure ckptkv against raw writes and torch files on a synthetic state dict, and its "
+      "reshape against DeepSpeed's naive one on a synthetic DeepSpeed checkpoint");
+  bench_cmd
+      ->add_option("--scenarios", bench.scenarios,
+                   "core (saves and loads), reshape (fragment vs naive reshape) or all")
+      ->check(CLI::IsMember({"all", "core", "reshape"}));
   bench_cmd->add_option("--dir", bench.dir,
                         "parent directory for the scratch data (default /tmp); a fresh "
                         "subdirectory is made and removed");
@@ -69,9 +77,21 @@ int Run(int argc, char** argv) {
   bench_cmd->add_option("--series", bench.series_saves, "saves in the frozen-base series")
       ->check(CLI::Range(2, 1000));
   bench_cmd->add_flag("!--no-drop-caches", bench.drop_caches,
-                      "do not drop the page cache before the load scenarios");
+                      "do not drop the page cache before the load scenarios and reshape steps");
   bench_cmd->add_flag("--keep", bench.keep, "keep the scratch directory");
   bench_cmd->add_flag("-v,--verbose", bench.verbose, "show the engines' log lines");
+  bench_cmd
+      ->add_option("--reshape-layers", bench.reshape_layers,
+                   "transformer layers of the reshape source (a multiple of its pp 2)")
+      ->check(CLI::Range(2, 4096));
+  bench_cmd
+      ->add_option("--reshape-hidden", bench.reshape_hidden,
+                   "hidden size of the reshape source (a multiple of its tp 4)")
+      ->check(CLI::Range(8, 1 << 16));
+  bench_cmd
+      ->add_option("--reshape-vocab", bench.reshape_vocab,
+                   "vocabulary of the reshape source (padded to a multiple of 1024)")
+      ->check(CLI::Range(1, 1 << 24));
 
   CheckpointCommands checkpoint_cmds;
   checkpoint_cmds.Add(app);

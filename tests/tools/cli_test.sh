@@ -2,7 +2,8 @@
 # End-to-end checks of the ckptkv program: the demo resumes exactly, the
 # admin commands report and clean a store, a damaged store is exit code 2,
 # bad input is exit code 1, the naive (DeepSpeed) reshape writes a tag that
-# loads and refuses expansions, and the bench's JSON holds every scenario.
+# loads and refuses expansions, and the bench's JSON holds every scenario,
+# the reshape rows included.
 # Usage: cli_test.sh path/to/ckptkv
 set -uo pipefail
 ckptkv=$1
@@ -60,7 +61,8 @@ done
 expect_rc 2 "verify of a damaged store" "$ckptkv" verify --db "$db"
 check "verify names a damaged tag" grep -q "problem: tag=global_step" "$tmp/err"
 
-expect_rc 0 "bench --json" "$ckptkv" bench --size-mb 16 --series 3 --json --dir "$tmp"
+expect_rc 0 "bench --json (core)" "$ckptkv" bench --scenarios core --size-mb 16 --series 3 --json \
+  --dir "$tmp"
 for s in full_save_raw full_save_torch full_save_kv resave_unchanged_kv resave_10pct_kv \
          frozen_series_kv load_kv load_torch; do
   check "bench reports $s" grep -q "\"$s\"" "$tmp/out"
@@ -96,6 +98,25 @@ check "says --naive is CPU only" grep -q "CPU only" "$tmp/err"
 expect_rc 1 "reshape --naive of a missing store" "$ckptkv" reshape --naive --db "$tmp/nope" \
   --tag src
 check "the missing store was not created" test ! -e "$tmp/nope"
+
+# The bench's reshape scenarios at a tiny size: both rows, with figures.
+expect_rc 1 "bench --reshape-layers 3" "$ckptkv" bench --scenarios reshape --reshape-layers 3
+check "names --reshape-layers" grep -q -- "--reshape-layers 3" "$tmp/err"
+expect_rc 0 "bench --scenarios reshape --json" "$ckptkv" bench --scenarios reshape --json \
+  --reshape-layers 2 --reshape-hidden 64 --reshape-vocab 100 --no-drop-caches --dir "$tmp"
+# Per row and method, "seconds" and "bytes_read" (10 spaces deep) above 0.
+positive=$(awk '
+  /^      "tp[0-9]_pp[0-9]_dp[0-9]": \{/ { row = $1 }
+  /^        "(fragment|naive)": \{/ { method = $1 }
+  /^          "(seconds|bytes_read)": / { v = $2; sub(",", "", v); if (v + 0 > 0) print row method $1 }
+' "$tmp/out" | sort -u | wc -l)
+check "bench: both rows, both methods, positive seconds and bytes read (got $positive of 8)" \
+  test "$positive" -eq 8
+check "bench labels the naive baseline of the DP expansion" \
+  grep -q '"naive_target": "tp1 pp1 dp1 (DeepSpeed cannot expand DP)"' "$tmp/out"
+check "bench reports the RSS floor" grep -q '"floor"' "$tmp/out"
+check "bench --scenarios reshape runs no core scenario" bash -c "! grep -q full_save_kv '$tmp/out'"
+check "bench removed its scratch directory" bash -c "! ls -d '$tmp'/ckptkv-bench-* 2>/dev/null"
 
 echo "$pass passed, $failures failed"
 [ "$failures" -eq 0 ]
