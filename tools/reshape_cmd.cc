@@ -3,10 +3,13 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "checkpoint/naive_reshape.h"
+#include "checkpoint/placer.h"
 #include "checkpoint/reshape.h"
 #include "checkpoint/synth.h"
 #include "tools/admin.h"
@@ -127,15 +130,70 @@ void CheckpointCommands::Add(CLI::App& app) {
   import_->add_option("--device", device_, "cpu, cuda, cuda:N");
   import_->add_flag("--overwrite", overwrite_, "replace an existing out tag");
   import_->add_flag("--json", json_, "JSON output");
+
+  place_ = app.add_subcommand(
+      "place",
+      "record fragment placements for a DeepSpeed tag saved without them (reads no tensor bytes)");
+  place_->add_option("--db", db_, "store directory")->required();
+  place_->add_option("--tag", tag_, "tag to index")->required();
+  place_->add_option("--out-tag", out_tag_,
+                     "write the placed tag under this name (default: replace "
+                     "the tag itself, atomically)");
+  place_
+      ->add_option("--rules", rules_file_,
+                   "sharding rules file: lines REGEX=DIM (DIM -1 = replicated), first match "
+                   "wins; default: Megatron's")
+      ->check(CLI::ExistingFile);
+  place_->add_flag("--json", json_, "JSON output");
+}
+
+int CheckpointCommands::RunPlace() {
+  checkpoint::ShardingRules rules = checkpoint::ShardingRules::MegatronDefaults();
+  if (!rules_file_.empty()) {
+    std::ifstream in(rules_file_);
+    std::stringstream text;
+    text << in.rdbuf();
+    auto parsed = checkpoint::ShardingRules::Parse(text.str());
+    if (!parsed.ok()) return ReportError(parsed.status().WithContext(rules_file_));
+    rules = std::move(parsed).value();
+  }
+  auto store = OpenStore(db_, /*create=*/false);
+  if (!store.ok()) return ReportError(store.status());
+  checkpoint::DeepSpeedPlacer placer(std::move(rules));
+  auto r = checkpoint::PlaceTag(**store, tag_, out_tag_, placer);
+  if (!r.ok()) return ReportError(r.status());
+  if (json_) {
+    json unplaced = json::array();
+    for (const auto& [file, why] : r->unplaced_files) {
+      unplaced.push_back(json{{"file", file}, {"why", why}});
+    }
+    json j{{"tag", tag_},
+           {"out_tag", r->out_tag},
+           {"files", r->files},
+           {"tensors", r->tensors},
+           {"placed_tensors", r->placed_tensors},
+           {"unplaced_files", unplaced}};
+    std::cout << j.dump(2) << std::endl;
+  } else {
+    std::cout << "placed " << tag_ << " as " << r->out_tag << ": " << r->files << " files, "
+              << r->placed_tensors << " of " << r->tensors << " tensors placed\n";
+    for (const auto& [file, why] : r->unplaced_files) {
+      std::cout << "  unplaced " << file << ": " << why << "\n";
+    }
+    std::cout << std::flush;
+  }
+  return 0;
 }
 
 std::optional<int> CheckpointCommands::Run() {
-  const bool any = synth_->parsed() || reshape_->parsed() || export_->parsed() || import_->parsed();
+  const bool any = synth_->parsed() || reshape_->parsed() || export_->parsed() ||
+                   import_->parsed() || place_->parsed();
   if (!any) return std::nullopt;
   // With --json, stdout carries only the JSON object: log lines (the
   // engine's commit line) go to stderr.
   if (json_) spdlog::set_default_logger(spdlog::stderr_color_mt("ckptkv"));
   if (reshape_->parsed() && naive_) return RunNaive();
+  if (place_->parsed()) return RunPlace();
   const double t0 = NowSeconds();
   auto store = OpenStore(db_, /*create=*/synth_->parsed());
   if (!store.ok()) return ReportError(store.status());

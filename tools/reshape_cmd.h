@@ -20,11 +20,15 @@ class CheckpointCommands {
   // reshape --naive: checkpoint::NaiveReshape (DeepSpeed's way), which
   // opens the store itself.
   int RunNaive();
+  // place: checkpoint::PlaceTag.
+  int RunPlace();
 
   CLI::App* synth_ = nullptr;
   CLI::App* reshape_ = nullptr;
   CLI::App* export_ = nullptr;
   CLI::App* import_ = nullptr;
+  CLI::App* place_ = nullptr;
+  std::string rules_file_;
   std::string db_, tag_, out_tag_, device_ = "cpu", dtype_ = "bf16";
   int tp_ = 1, pp_ = 1, dp_ = 1, zero_stage_ = 2;
   int layers_ = 4;

@@ -2,7 +2,8 @@
 # End-to-end checks of the ckptkv program: the demo resumes exactly, the
 # admin commands report and clean a store, a damaged store is exit code 2,
 # bad input is exit code 1, the naive (DeepSpeed) reshape writes a tag that
-# loads and refuses expansions, and the bench's JSON holds every scenario,
+# loads and refuses expansions, place indexes tags saved without placements
+# (and names the files it cannot place), and the bench's JSON holds every scenario,
 # the reshape rows included.
 # Usage: cli_test.sh path/to/ckptkv
 set -uo pipefail
@@ -98,6 +99,26 @@ check "says --naive is CPU only" grep -q "CPU only" "$tmp/err"
 expect_rc 1 "reshape --naive of a missing store" "$ckptkv" reshape --naive --db "$tmp/nope" \
   --tag src
 check "the missing store was not created" test ! -e "$tmp/nope"
+
+# place: index a tag whose files were saved without placements.
+expect_rc 0 "place a synth tag under a new name" "$ckptkv" place --db "$ds" --tag src \
+  --out-tag src_placed --json
+check "place placed tensors" grep -Eq '"placed_tensors": [1-9]' "$tmp/out"
+check "place left no file unplaced" grep -q '"unplaced_files": \[\]' "$tmp/out"
+expect_rc 0 "the placed tag plans a reshape" "$ckptkv" reshape --db "$ds" --tag src_placed \
+  --tp 1 --pp 1 --dp 1 --plan --json
+check "the plan reads bytes" grep -Eq '"bytes_to_read": [1-9]' "$tmp/out"
+# merge_state concatenated replicated tensors too: the naive tag's module
+# disagrees with its param_shapes, so its model file stays unplaced.
+expect_rc 0 "place the naive tag" "$ckptkv" place --db "$ds" --tag naive --json
+check "place names the naive tag's unplaced model file" grep -q '"file": "mp_rank_00_model_states.pt"' "$tmp/out"
+check "and says why" grep -q 'param_shapes says' "$tmp/out"
+expect_rc 0 "verify after place" "$ckptkv" verify --db "$ds"
+expect_rc 1 "place of a missing tag" "$ckptkv" place --db "$ds" --tag nope
+check "place names the missing tag" grep -q "nope" "$tmp/err"
+printf '(\n' >"$tmp/rules.bad"
+expect_rc 1 "place with a bad rules file" "$ckptkv" place --db "$ds" --tag src --rules "$tmp/rules.bad"
+check "the rules error names the file" grep -q "rules.bad" "$tmp/err"
 
 # The bench's reshape scenarios at a tiny size: both rows, with figures.
 expect_rc 1 "bench --reshape-layers 3" "$ckptkv" bench --scenarios reshape --reshape-layers 3
