@@ -256,35 +256,55 @@ bool TagIndex::Preferred(const Piece& p) const {
   return a0 < b1 && b0 < a1;
 }
 
+Status TagIndex::CopyChunk(size_t tensor, uint64_t chunk, uint64_t lo, uint64_t hi, uint8_t* dst) {
+  const StoredTensor& st = tensors_[tensor];
+  const uint64_t cs = st.record->chunk_size();
+  const auto key = std::make_pair(tensor, chunk);
+  auto it = cache_.find(key);
+  if (it == cache_.end()) {
+    std::string bytes(std::min(cs, st.record->byte_length() - chunk * cs), '\0');
+    RETURN_IF_ERROR(store_.ReadTensorRange(*st.record.get(), chunk * cs, bytes.size(),
+                                           reinterpret_cast<uint8_t*>(bytes.data()),
+                                           tag_ + "/" + st.file + ":" + st.path));
+    cache_bytes_ += bytes.size();
+    it = cache_.emplace(key, std::move(bytes)).first;
+    cache_order_.push_back(key);
+    while (cache_bytes_ > cache_limit_ && cache_order_.size() > 1) {
+      auto old = cache_.find(cache_order_.front());
+      cache_bytes_ -= old->second.size();
+      cache_.erase(old);
+      cache_order_.pop_front();
+    }
+  }
+  std::memcpy(dst, it->second.data() + (lo - chunk * cs), hi - lo);
+  return Status::OK();
+}
+
 Status TagIndex::ReadBytes(const ReadStep& s, uint8_t* dst) {
   const StoredTensor& st = tensors_[s.tensor];
-  const std::string where = tag_ + "/" + st.file + ":" + st.path;
-  const uint64_t cs = st.record->chunk_size();
-  // Large reads go straight to the store; small ones share decoded chunks.
-  if (s.chunks == 0 || s.chunks > 2 || cache_limit_ == 0) {
-    return store_.ReadTensorRange(*st.record.get(), s.byte_offset, s.byte_length, dst, where);
+  if (s.chunks == 0 || cache_limit_ == 0) {
+    return store_.ReadTensorRange(*st.record.get(), s.byte_offset, s.byte_length, dst,
+                                  tag_ + "/" + st.file + ":" + st.path);
   }
-  const uint64_t total = st.record->byte_length();
+  const uint64_t cs = st.record->chunk_size();
+  const uint64_t begin = s.byte_offset, end = s.byte_offset + s.byte_length;
+  // Whole chunks inside the range go straight from the store; chunks the
+  // range covers only in part go through the cache, because the pieces next
+  // to this one (the neighbouring parameters of a flat buffer, the other
+  // rows of a shard) read the rest of them.
+  uint64_t whole_lo = (begin + cs - 1) / cs * cs;
+  uint64_t whole_hi = end / cs * cs;
+  if (s.chunks <= 2 || whole_hi <= whole_lo) whole_lo = whole_hi = begin;
+  if (whole_hi > whole_lo) {
+    RETURN_IF_ERROR(store_.ReadTensorRange(*st.record.get(), whole_lo, whole_hi - whole_lo,
+                                           dst + (whole_lo - begin),
+                                           tag_ + "/" + st.file + ":" + st.path));
+  }
   for (uint64_t c = s.first_chunk; c < s.first_chunk + s.chunks; ++c) {
-    const auto key = std::make_pair(s.tensor, c);
-    auto it = cache_.find(key);
-    if (it == cache_.end()) {
-      std::string bytes(std::min(cs, total - c * cs), '\0');
-      RETURN_IF_ERROR(store_.ReadTensorRange(*st.record.get(), c * cs, bytes.size(),
-                                             reinterpret_cast<uint8_t*>(bytes.data()), where));
-      cache_bytes_ += bytes.size();
-      it = cache_.emplace(key, std::move(bytes)).first;
-      cache_order_.push_back(key);
-      while (cache_bytes_ > cache_limit_ && cache_order_.size() > 1) {
-        auto old = cache_.find(cache_order_.front());
-        cache_bytes_ -= old->second.size();
-        cache_.erase(old);
-        cache_order_.pop_front();
-      }
-    }
-    const uint64_t lo = std::max(s.byte_offset, c * cs);
-    const uint64_t hi = std::min(s.byte_offset + s.byte_length, c * cs + it->second.size());
-    std::memcpy(dst + (lo - s.byte_offset), it->second.data() + (lo - c * cs), hi - lo);
+    const uint64_t lo = std::max(begin, c * cs);
+    const uint64_t hi = std::min(end, (c + 1) * cs);
+    if (lo >= hi || (lo >= whole_lo && hi <= whole_hi)) continue;
+    RETURN_IF_ERROR(CopyChunk(s.tensor, c, lo, hi, dst + (lo - begin)));
   }
   return Status::OK();
 }

@@ -82,6 +82,8 @@ class TagIndex : public FragmentSource {
   const std::vector<Piece>* PiecesFor(const std::string& param, const std::string& state) const;
   bool Preferred(const Piece& p) const;
   Status ReadBytes(const ReadStep& s, uint8_t* dst);
+  // Bytes [lo, hi) of chunk `chunk` of a stored tensor, through the cache.
+  Status CopyChunk(size_t tensor, uint64_t chunk, uint64_t lo, uint64_t hi, uint8_t* dst);
 
   const Store& store_;
   std::string tag_;
