@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "checkpoint/writer.h"
 #include "engine/state_codec.h"
 #include "schema/records.h"
 #include "store/names.h"
@@ -321,6 +322,7 @@ const fb::TensorRecord* TagIndex::Exact(const Placement& placement, fb::DType dt
 
 Result<at::Tensor> TagIndex::Assemble(const std::string& param, const std::string& state,
                                       const std::string& device) {
+  RETURN_IF_ERROR(CheckDevice(device));
   auto it = params_.find(param);
   if (it == params_.end()) {
     std::vector<std::string> names;

@@ -19,6 +19,12 @@ Status CheckDevice(const std::string& device) {
                                     "' asked for, but this LibTorch has no CUDA support or no "
                                     "GPU is present; use --device cpu");
       }
+      const int n = static_cast<int>(at::getNumGPUs());
+      if (d.has_index() && d.index() >= n) {
+        return Status::InvalidArgument(
+            "device '" + device + "' does not exist: " + std::to_string(n) +
+            " CUDA device(s) present, cuda:0 to cuda:" + std::to_string(n - 1));
+      }
       return Status::OK();
     }
   } catch (const c10::Error&) {
@@ -78,11 +84,20 @@ Result<WriteReport> WriteTag(Store& store, const std::string& tag, const ModelSp
           stats = store.LinkTensor(tag, f.name, st.param, *same, it->second);
           report.linked_tensors++;
         } else {
-          at::Tensor out = at::empty(
-              st.tensor.sizes(), at::TensorOptions().dtype(st.tensor.scalar_type()).device(device));
-          Status s = FillFromPlacement(spec, it->second, source, out);
+          // LibTorch reports device trouble (out of memory, a lost GPU) by
+          // throwing: the pending tag is dropped and the error returned.
+          Status s;
+          try {
+            at::Tensor out =
+                at::empty(st.tensor.sizes(),
+                          at::TensorOptions().dtype(st.tensor.scalar_type()).device(device));
+            s = FillFromPlacement(spec, it->second, source, out);
+            if (s.ok()) stats = PutHost(store, tag, f.name, st.param, out, it->second);
+          } catch (const c10::Error& e) {
+            s = Status::IOError(std::string("on ") + options.device + ": " +
+                                e.what_without_backtrace());
+          }
           if (!s.ok()) return fail(s.WithContext(where + ":" + st.param));
-          stats = PutHost(store, tag, f.name, st.param, out, it->second);
         }
       }
       if (!stats.ok()) return fail(stats.status());

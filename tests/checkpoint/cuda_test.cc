@@ -297,6 +297,13 @@ TEST_CASE("without CUDA, a CUDA device is refused by name with what to use inste
   auto i = ImportUniversal(*store, "uni", TrainLayout{1, 1, 1, 1, true}, "back", cuda);
   CHECK(i.status().code() == Status::Code::kNotSupported);
   CHECK_FALSE(TagExists(*store, "back"));
+  // A query on a device is checked the same way.
+  auto ix = TagIndex::Build(*store, "src");
+  REQUIRE(ix.ok());
+  const std::string param = (*ix)->params().begin()->first;
+  CHECK((*ix)->Assemble(param, "fp32", "cuda").status().code() == Status::Code::kNotSupported);
+  CHECK((*ix)->Assemble(param, "fp32", "gpu").status().code() == Status::Code::kInvalidArgument);
+  CHECK((*ix)->Assemble(param, "fp32", "cpu").ok());
 
   // The engine: a load mapped to CUDA names the tensor and says what to do.
   KvEngineConfig config;
