@@ -365,7 +365,6 @@ Result<ReshapePlan> PlanReshape(const Store& store, const std::string& tag, int 
                 st.record->byte_length() - (s.first_chunk + k) * st.record->chunk_size());
           }
         }
-        if (st.record->inline_data()) plan.bytes_to_read += s.byte_length;
         add_source(st.file);
       }
     }

@@ -53,7 +53,8 @@ Result<ReshapeReport> Reshape(Store& store, const std::string& tag, const Reshap
 // What a reshape would read, in DeepSpeed's index conventions: for each new
 // model file "pp,tp" the old mp indices (pp-major) it reads from, for each
 // new dp rank the old zero-file indices (dp*(pp*tp)+mp) per "pp,tp", and
-// the bytes of the chunks to read. Nothing is written.
+// the bytes of the distinct chunks to read (inline tensors cost no block
+// read and are not counted). Nothing is written.
 struct ReshapePlan {
   TrainLayout from, to;
   std::map<std::string, std::vector<int>> model_files;
