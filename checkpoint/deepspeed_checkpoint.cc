@@ -9,6 +9,7 @@
 #include "checkpoint/descriptor.h"
 #include "checkpoint/file_names.h"
 #include "checkpoint/state_view.h"
+#include "engine/state_codec.h"
 #include "store/store.h"
 
 namespace ckptkv::checkpoint {
@@ -37,59 +38,12 @@ std::optional<size_t> PyIndex(int i, size_t size) {
 // holds a tensor (the caller then loads the file).
 std::optional<c10::IValue> NodeToIValue(const fb::Node* n) {
   if (n == nullptr) return c10::IValue();
-  switch (n->kind()) {
-    case fb::NodeKind::None:
-      return c10::IValue();
-    case fb::NodeKind::Bool:
-      return c10::IValue(n->b());
-    case fb::NodeKind::Int:
-      return c10::IValue(static_cast<int64_t>(n->i()));
-    case fb::NodeKind::Double:
-      return c10::IValue(n->d());
-    case fb::NodeKind::ComplexDouble:
-      return c10::IValue(c10::complex<double>(n->d(), n->d_imag()));
-    case fb::NodeKind::String:
-      return c10::IValue(n->s() ? n->s()->str() : std::string());
-    case fb::NodeKind::Device:
-      try {
-        return c10::IValue(c10::Device(n->s() ? n->s()->str() : std::string("cpu")));
-      } catch (const c10::Error&) {
-        return std::nullopt;
-      }
-    case fb::NodeKind::List: {
-      c10::impl::GenericList list(c10::AnyType::get());
-      for (const fb::Node* item : Items(n)) {
-        auto v = NodeToIValue(item);
-        if (!v) return std::nullopt;
-        list.push_back(std::move(*v));
-      }
-      return c10::IValue(list);
-    }
-    case fb::NodeKind::Tuple: {
-      std::vector<c10::IValue> items;
-      for (const fb::Node* item : Items(n)) {
-        auto v = NodeToIValue(item);
-        if (!v) return std::nullopt;
-        items.push_back(std::move(*v));
-      }
-      return c10::IValue(c10::ivalue::Tuple::create(std::move(items)));
-    }
-    case fb::NodeKind::Dict: {
-      c10::TypePtr key_type = c10::AnyType::get();
-      if (n->key_kind() == fb::NodeKind::String) key_type = c10::StringType::get();
-      if (n->key_kind() == fb::NodeKind::Int) key_type = c10::IntType::get();
-      c10::impl::GenericDict dict(key_type, c10::AnyType::get());
-      for (const auto& [k, v] : DictEntries(n)) {
-        auto key = NodeToIValue(k);
-        auto value = NodeToIValue(v);
-        if (!key || !value) return std::nullopt;
-        dict.insert_or_assign(std::move(*key), std::move(*value));
-      }
-      return c10::IValue(dict);
-    }
-    default:
-      return std::nullopt;  // Tensor
-  }
+  const TensorLoader no_tensors = [](const std::string&, const std::string&) -> Result<at::Tensor> {
+    return Status::NotSupported("a tensor");
+  };
+  auto v = DecodeNode(n, no_tensors, "metadata");
+  if (!v.ok()) return std::nullopt;
+  return std::move(v).value();
 }
 
 std::optional<c10::IValue> DictGet(const c10::IValue& d, const std::string& key) {

@@ -55,19 +55,6 @@ void CountTensors(const c10::IValue& v, std::unordered_set<const void*>* seen, L
   }
 }
 
-Result<at::Tensor> ReadTensorCpu(const Store& store, const std::string& tag,
-                                 const std::string& file, const std::string& param) {
-  const std::string where = tag + "/" + file + ":" + param;
-  ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
-  std::vector<int64_t> shape;
-  if (rec->shape()) shape.assign(rec->shape()->begin(), rec->shape()->end());
-  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(ToScalarType(rec->dtype())));
-  RETURN_IF_ERROR(store.ReadTensor(*rec.get(), static_cast<uint8_t*>(t.data_ptr()),
-                                   static_cast<uint64_t>(t.numel()) * t.element_size(), where));
-  if (rec->requires_grad() && t.is_floating_point()) t.set_requires_grad(true);
-  return t;
-}
-
 }  // namespace
 
 FileLoader StoreFileLoader(const Store& store, const std::string& tag, LoadStats* stats) {
@@ -78,7 +65,7 @@ FileLoader StoreFileLoader(const Store& store, const std::string& tag, LoadStats
     TensorLoader tensor_for = [&](const std::string& param,
                                   const std::string& /*device*/) -> Result<at::Tensor> {
       try {
-        ASSIGN_OR_RETURN(at::Tensor t, ReadTensorCpu(store, tag, file, param));
+        ASSIGN_OR_RETURN(at::Tensor t, ReadStoredTensor(store, tag, file, param));
         if (stats) {
           stats->tensors++;
           stats->tensor_bytes += t.numel() * t.element_size();

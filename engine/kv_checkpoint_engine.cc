@@ -77,12 +77,7 @@ Result<at::Tensor> LoadTensor(const Store& store, const std::string& tag, const 
                               const std::string& param, const std::string& saved_device,
                               const MapLocation& map_location) {
   const std::string where = tag + "/" + file + ":" + param;
-  ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
-  std::vector<int64_t> shape;
-  if (rec->shape()) shape.assign(rec->shape()->begin(), rec->shape()->end());
-  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(ToScalarType(rec->dtype())));
-  RETURN_IF_ERROR(store.ReadTensor(*rec.get(), static_cast<uint8_t*>(t.data_ptr()),
-                                   static_cast<uint64_t>(t.numel()) * t.element_size(), where));
+  ASSIGN_OR_RETURN(at::Tensor t, ReadStoredTensor(store, tag, file, param));
   c10::Device target = at::kCPU;
   if (map_location) {
     target = *map_location;
@@ -97,8 +92,11 @@ Result<at::Tensor> LoadTensor(const Store& store, const std::string& tag, const 
     return Status::InvalidArgument(where + ": tensor was saved from " + saved_device +
                                    " but CUDA is not available; load with map_location=cpu");
   }
-  if (!target.is_cpu()) t = t.to(target);
-  if (rec->requires_grad() && t.is_floating_point()) t.set_requires_grad(true);
+  if (!target.is_cpu()) {
+    const bool grad = t.requires_grad();
+    t = t.detach().to(target);
+    if (grad) t.set_requires_grad(true);
+  }
   return t;
 }
 

@@ -1,5 +1,6 @@
 #include "engine/state_codec.h"
 
+#include <ATen/Functions.h>
 #include <ATen/core/Dict.h>
 #include <ATen/core/List.h>
 #include <ATen/core/jit_type.h>
@@ -383,13 +384,31 @@ Result<EncodedState> EncodeState(const c10::IValue& state, const std::string& wh
 
 Result<c10::IValue> DecodeState(const fb::StateTree& tree, const TensorLoader& tensor_for,
                                 const std::string& where) {
+  return DecodeNode(tree.root(), tensor_for, where);
+}
+
+Result<c10::IValue> DecodeNode(const fb::Node* node, const TensorLoader& tensor_for,
+                               const std::string& where) {
   try {
     Decoder d(tensor_for, where);
-    return d.Decode(tree.root(), 0);
+    return d.Decode(node, 0);
   } catch (const c10::Error& e) {
     return Status::Corruption(where +
                               ": cannot rebuild the saved value: " + e.what_without_backtrace());
   }
+}
+
+Result<at::Tensor> ReadStoredTensor(const Store& store, const std::string& tag,
+                                    const std::string& file, const std::string& param) {
+  const std::string where = tag + "/" + file + ":" + param;
+  ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
+  std::vector<int64_t> shape;
+  if (rec->shape()) shape.assign(rec->shape()->begin(), rec->shape()->end());
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(ToScalarType(rec->dtype())));
+  RETURN_IF_ERROR(store.ReadTensor(*rec.get(), static_cast<uint8_t*>(t.data_ptr()),
+                                   static_cast<uint64_t>(t.numel()) * t.element_size(), where));
+  if (rec->requires_grad() && t.is_floating_point()) t.set_requires_grad(true);
+  return t;
 }
 
 Result<fb::DType> ToDType(c10::ScalarType type, const std::string& where) {

@@ -23,6 +23,7 @@
 
 #include "schema/records.h"
 #include "store/status.h"
+#include "store/store.h"
 
 namespace ckptkv {
 
@@ -44,6 +45,14 @@ using TensorLoader =
     std::function<Result<at::Tensor>(const std::string& param, const std::string& saved_device)>;
 Result<c10::IValue> DecodeState(const fb::StateTree& tree, const TensorLoader& tensor_for,
                                 const std::string& where);
+// One node of a state tree (a subtree), the same way.
+Result<c10::IValue> DecodeNode(const fb::Node* node, const TensorLoader& tensor_for,
+                               const std::string& where);
+
+// The stored tensor `param` of `tag`/`file`, read whole into host memory
+// (requires_grad as saved). Errors name tag/file:param.
+Result<at::Tensor> ReadStoredTensor(const Store& store, const std::string& tag,
+                                    const std::string& file, const std::string& param);
 
 // Stable dtype codes <-> LibTorch scalar types.
 Result<fb::DType> ToDType(c10::ScalarType type, const std::string& where);
