@@ -385,6 +385,15 @@ class Store::Impl {
   }
   Status WriteChunk(PendingTag* pending, const uint8_t* data, size_t len, Digest* out,
                     WriteStats* stats);
+  // The pending tag a save writes into; mu_ must be held.
+  Result<PendingTag*> PendingForSave(const std::string& tag) {
+    auto it = pending_.find(tag);
+    if (it == pending_.end()) {
+      return Status::FailedPrecondition("save into tag " + Quote(tag) +
+                                        " without create; call create(" + Quote(tag) + ") first");
+    }
+    return &it->second;
+  }
   Result<std::string> LatestTagUnlocked() const;
   Result<std::optional<TagInfo>> FindTag(const std::string& tag) const;
   Status TagNotFound(const std::string& tag) const;
@@ -700,12 +709,7 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
   PendingTag* pending;
   {
     std::lock_guard<std::mutex> lock(impl_->mu_);
-    auto it = impl_->pending_.find(tag);
-    if (it == impl_->pending_.end()) {
-      return Status::FailedPrecondition("save into tag " + Quote(tag) +
-                                        " without create; call create(" + Quote(tag) + ") first");
-    }
-    pending = &it->second;
+    ASSIGN_OR_RETURN(pending, impl_->PendingForSave(tag));
   }
   const std::string where = tag + "/" + file + ":" + param;
   uint64_t esize = DTypeSize(meta.dtype);
@@ -794,12 +798,7 @@ Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& 
   PendingTag* pending;
   {
     std::lock_guard<std::mutex> lock(impl_->mu_);
-    auto it = impl_->pending_.find(tag);
-    if (it == impl_->pending_.end()) {
-      return Status::FailedPrecondition("save into tag " + Quote(tag) +
-                                        " without create; call create(" + Quote(tag) + ") first");
-    }
-    pending = &it->second;
+    ASSIGN_OR_RETURN(pending, impl_->PendingForSave(tag));
   }
   TensorMeta meta;
   meta.dtype = source.dtype();
@@ -852,12 +851,8 @@ Status Store::PutFile(const std::string& tag, const std::string& file, std::stri
     return Status::InvalidArgument("state tree of " + tag + "/" + file + " is not a valid record");
   }
   std::lock_guard<std::mutex> lock(impl_->mu_);
-  auto it = impl_->pending_.find(tag);
-  if (it == impl_->pending_.end()) {
-    return Status::FailedPrecondition("save into tag " + Quote(tag) +
-                                      " without create; call create(" + Quote(tag) + ") first");
-  }
-  it->second.files[file].tree = std::move(state_tree);
+  ASSIGN_OR_RETURN(PendingTag * pending, impl_->PendingForSave(tag));
+  pending->files[file].tree = std::move(state_tree);
   return Status::OK();
 }
 
