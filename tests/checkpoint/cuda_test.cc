@@ -18,6 +18,7 @@
 #include "checkpoint/tag_index.h"
 #include "checkpoint/writer.h"
 #include "engine/kv_checkpoint_engine.h"
+#include "tests/checkpoint/small_gpt.h"
 #include "tests/test_util.h"
 
 using namespace ckptkv;
@@ -53,11 +54,7 @@ std::unique_ptr<Store> OpenStore(const std::string& dir) {
 
 SynthOptions SmallSynth(int tp, int pp, int dp, int zero, bool bf16, uint64_t seed = 42) {
   SynthOptions o;
-  o.model.layers = 4;
-  o.model.hidden = 64;
-  o.model.vocab = 1000;
-  o.model.vocab_multiple = 128;
-  o.model.max_positions = 32;
+  o.model = ckptkv::testing::SmallGpt();
   o.layout = TrainLayout{tp, pp, dp, zero, bf16};
   o.seed = seed;
   return o;

@@ -13,25 +13,17 @@
 #include "checkpoint/synth.h"
 #include "checkpoint/tag_index.h"
 #include "engine/kv_checkpoint_engine.h"
+#include "tests/checkpoint/small_gpt.h"
 #include "tests/test_util.h"
 
 using namespace ckptkv;
 using namespace ckptkv::checkpoint;
+using ckptkv::testing::SmallGpt;
 using ckptkv::testing::TempDir;
 
 namespace {
 
 constexpr uint32_t kChunk = 16 * 1024;
-
-GptConfig SmallGpt() {
-  GptConfig c;
-  c.layers = 4;
-  c.hidden = 64;
-  c.vocab = 1000;
-  c.vocab_multiple = 128;
-  c.max_positions = 32;
-  return c;
-}
 
 void SynthTag(Store& store, const std::string& tag, const TrainLayout& layout) {
   SynthOptions o;

@@ -13,10 +13,12 @@
 #include "checkpoint/tag_index.h"
 #include "checkpoint/zero_layout.h"
 #include "engine/state_codec.h"
+#include "tests/checkpoint/small_gpt.h"
 #include "tests/test_util.h"
 
 using namespace ckptkv;
 using namespace ckptkv::checkpoint;
+using ckptkv::testing::SmallGpt;
 using ckptkv::testing::TempDir;
 
 namespace {
@@ -28,16 +30,6 @@ std::unique_ptr<Store> OpenStore(const std::string& dir) {
   INFO(r.status().ToString());
   REQUIRE(r.ok());
   return std::move(r).value();
-}
-
-GptConfig SmallGpt() {
-  GptConfig c;
-  c.layers = 4;
-  c.hidden = 64;
-  c.vocab = 1000;
-  c.vocab_multiple = 128;
-  c.max_positions = 32;
-  return c;
 }
 
 void SynthTag(Store& s, const std::string& tag, int tp, int pp, int dp, int zero, bool bf16) {
