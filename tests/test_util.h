@@ -8,11 +8,27 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <random>
 #include <string>
 
+#include "store/status.h"
+
 namespace ckptkv::testing {
+
+// The message of the StatusError `f` throws ("" if it throws none), and
+// its code in *code when given (kOk if none).
+inline std::string MessageOf(const std::function<void()>& f, Status::Code* code = nullptr) {
+  try {
+    f();
+  } catch (const StatusError& e) {
+    if (code != nullptr) *code = e.status().code();
+    return e.what();
+  }
+  if (code != nullptr) *code = Status::Code::kOk;
+  return "";
+}
 
 // A fresh directory under $TMPDIR, removed when the object goes.
 class TempDir {

@@ -23,6 +23,7 @@
 
 using namespace ckptkv;
 using namespace ckptkv::checkpoint;
+using ckptkv::testing::MessageOf;
 using ckptkv::testing::TempDir;
 
 namespace {
@@ -176,17 +177,6 @@ void RequireSameTensor(const at::Tensor& want, const at::Tensor& got, const c10:
   at::Tensor g = got.detach().cpu().contiguous();
   const size_t n = static_cast<size_t>(w.numel()) * w.element_size();
   if (n > 0) CHECK(std::memcmp(w.data_ptr(), g.data_ptr(), n) == 0);
-}
-
-std::string MessageOf(const std::function<void()>& f, Status::Code* code) {
-  try {
-    f();
-  } catch (const StatusError& e) {
-    *code = e.status().code();
-    return e.what();
-  }
-  *code = Status::Code::kOk;
-  return "";
 }
 
 }  // namespace

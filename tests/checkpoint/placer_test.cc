@@ -49,6 +49,7 @@ void SynthInto(const std::string& dir, const std::string& tag, const TrainLayout
 }
 
 // DeepSpeed saves model-state files before optimizer files.
+
 std::vector<std::string> SaveOrder(std::vector<std::string> files) {
   std::stable_sort(files.begin(), files.end(), [](const std::string& a, const std::string& b) {
     auto rank = [](const std::string& f) {
@@ -58,6 +59,14 @@ std::vector<std::string> SaveOrder(std::vector<std::string> files) {
     return rank(a) < rank(b);
   });
   return files;
+}
+
+// Synth of `layout` as `tag` into the store at `dir`; its files in save order.
+std::vector<std::string> SynthFiles(const std::string& dir, const std::string& tag,
+                                    const TrainLayout& layout) {
+  auto store = OpenStore(dir);
+  SynthTag(*store, tag, layout);
+  return SaveOrder(store->ListFiles(tag).value());
 }
 
 KvEngineConfig Config(const std::string& db, std::shared_ptr<TensorPlacer> placer = nullptr) {
@@ -178,13 +187,7 @@ TEST_CASE("files saved through the engine get the placements synth writes, and r
   for (const TrainLayout& from : layouts) {
     DYNAMIC_SECTION(from.ToString()) {
       TempDir a, b;
-      SynthInto(a.path(), "t", from);
-      std::vector<std::string> files;
-      {
-        auto s = Store::Open(a.path(), StoreOptions());
-        REQUIRE(s.ok());
-        files = SaveOrder((*s)->ListFiles("t").value());
-      }
+      const std::vector<std::string> files = SynthFiles(a.path(), "t", from);
       Resave(a.path(), b.path(), "t", files, std::make_shared<DeepSpeedPlacer>());
       CHECK(RequireSamePlacements(a.path(), b.path(), "t") > 0);
 
@@ -265,13 +268,7 @@ TEST_CASE("PlaceTag adds placements to a tag saved without them, reading no tens
           "[unit][checkpoint][reshape]") {
   const TrainLayout from{2, 2, 2, 2, true};
   TempDir a, b;
-  SynthInto(a.path(), "t", from);
-  std::vector<std::string> files;
-  {
-    auto s = Store::Open(a.path(), StoreOptions());
-    REQUIRE(s.ok());
-    files = SaveOrder((*s)->ListFiles("t").value());
-  }
+  const std::vector<std::string> files = SynthFiles(a.path(), "t", from);
   Resave(a.path(), b.path(), "t", files, nullptr);
   {
     auto store = Store::Open(b.path(), StoreOptions());

@@ -17,6 +17,7 @@
 #include "tests/test_util.h"
 
 using namespace ckptkv;
+using ckptkv::testing::MessageOf;
 using ckptkv::testing::RawDb;
 using ckptkv::testing::TempDir;
 
@@ -167,15 +168,6 @@ Status::Code CodeOf(const std::function<void()>& f) {
     return e.status().code();
   }
   return Status::Code::kOk;
-}
-
-std::string MessageOf(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const StatusError& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace
