@@ -168,6 +168,37 @@ TEST_CASE("synth at one layout reshaped to another equals synth at the other",
   }
 }
 
+TEST_CASE("synth-reshape equality over random layout pairs (seeded)",
+          "[unit][checkpoint][reshape]") {
+  const uint64_t seed = ckptkv::testing::TestSeed("random layout pairs");
+  std::mt19937_64 rng(seed);
+  const int tps[] = {1, 2, 4}, pps[] = {1, 2, 4}, dps[] = {1, 2, 3, 4};
+  auto pick = [&](const auto& options) {
+    return options[rng() % (sizeof(options) / sizeof(options[0]))];
+  };
+  for (int trial = 0; trial < 12; ++trial) {
+    const int zero = 1 + static_cast<int>(rng() % 3);
+    const bool bf16 = rng() % 2 == 0;
+    const int tp = pick(tps), pp = pick(pps), dp = pick(dps);
+    const int ntp = pick(tps), npp = pick(pps), ndp = pick(dps);
+    INFO("seed " << seed << ": tp" << tp << "pp" << pp << "dp" << dp << " z" << zero
+                 << (bf16 ? " bf16" : " fp32") << " -> tp" << ntp << "pp" << npp << "dp" << ndp);
+    TempDir dir;
+    auto store = OpenStore(dir.path());
+    SynthTag(*store, "src", tp, pp, dp, zero, bf16);
+    SynthTag(*store, "want", ntp, npp, ndp, zero, bf16);
+    ReshapeOptions o;
+    o.tp = ntp;
+    o.pp = npp;
+    o.dp = ndp;
+    o.out_tag = "got";
+    auto r = Reshape(*store, "src", o);
+    INFO(r.status().ToString());
+    REQUIRE(r.ok());
+    RequireSameTensors(*store, "got", "want");
+  }
+}
+
 TEST_CASE("reshape reads fragments, links unchanged tensors, and changes what must change",
           "[unit][checkpoint][reshape]") {
   TempDir dir;
