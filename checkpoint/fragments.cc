@@ -104,41 +104,63 @@ Rect ShardRect(const ModelSpec& spec, const ParamSpec& p, int tp_rank, int tp) {
 
 Status FillFromPlacement(const ModelSpec& spec, const Placement& pl, FragmentSource& source,
                          at::Tensor out) {
+  return FillRangeFromPlacement(spec, pl, source, out.sizes().vec(), 0, out.numel(),
+                                out.view({-1}));
+}
+
+Status FillRangeFromPlacement(const ModelSpec& spec, const Placement& pl, FragmentSource& source,
+                              const std::vector<int64_t>& shape, int64_t begin, int64_t end,
+                              at::Tensor out) {
   out.zero_();
-  if (out.numel() == 0) return Status::OK();
+  const int64_t numel = Numel(shape);
+  if (begin < 0 || end > numel || begin > end || out.numel() != end - begin) {
+    return Status::InvalidArgument("elements [" + std::to_string(begin) + ", " +
+                                   std::to_string(end) + ") of a tensor of shape " +
+                                   ShapeString(shape) + " into " + std::to_string(out.numel()) +
+                                   " elements");
+  }
+  if (begin == end) return Status::OK();
   source.Prefer(pl.tp_rank, pl.tp_degree);
   if (pl.segments.empty()) {
     if (pl.param.empty()) {
       return Status::InvalidArgument("placement names neither a parameter nor segments");
     }
-    Rect r{pl.offsets, pl.shard_shape.empty() ? out.sizes().vec() : pl.shard_shape};
-    if (r.numel() != out.numel()) {
+    const Rect r{pl.offsets, pl.shard_shape.empty() ? shape : pl.shard_shape};
+    if (r.numel() != numel) {
       return Status::InvalidArgument("placement of " + pl.param + " covers " +
                                      ShapeString(r.shape) + " but the tensor has shape " +
-                                     ShapeString(out.sizes().vec()));
+                                     ShapeString(shape));
     }
-    if (r.empty()) return Status::OK();
-    return source.Fill(pl.param, pl.state, r, out.view(r.shape));
+    for (const FlatRect& fr : SplitFlatRange(r.shape, begin, end)) {
+      Rect g = fr.rect;
+      for (size_t d = 0; d < g.offsets.size(); ++d) g.offsets[d] += r.offsets[d];
+      at::Tensor dst = out.narrow(0, fr.flat_begin - begin, g.numel()).view(g.shape);
+      RETURN_IF_ERROR(source.Fill(pl.param, pl.state, g, dst));
+    }
+    return Status::OK();
   }
-  at::Tensor flat = out.view({-1});
   for (const auto& seg : pl.segments) {
     const ParamSpec* p = spec.Find(seg.param);
     if (p == nullptr) {
       return Status::InvalidArgument("placement segment names unknown parameter " + seg.param);
     }
     const Rect shard = ShardRect(spec, *p, std::max(0, pl.tp_rank), std::max(1, pl.tp_degree));
-    if (seg.start < 0 || seg.start + seg.numel > flat.numel() ||
+    if (seg.start < 0 || seg.start + seg.numel > numel ||
         seg.shard_start + seg.numel > shard.numel()) {
       return Status::InvalidArgument("segment of " + seg.param + " [" + std::to_string(seg.start) +
                                      ", +" + std::to_string(seg.numel) +
                                      ") does not fit its buffer");
     }
-    for (const FlatRect& fr :
-         SplitFlatRange(shard.shape, seg.shard_start, seg.shard_start + seg.numel)) {
+    // The part of this segment inside [begin, end), in the parameter's shard.
+    const int64_t lo = std::max(begin, seg.start);
+    const int64_t hi = std::min(end, seg.start + seg.numel);
+    if (lo >= hi) continue;
+    const int64_t shard_lo = seg.shard_start + (lo - seg.start);
+    for (const FlatRect& fr : SplitFlatRange(shard.shape, shard_lo, shard_lo + (hi - lo))) {
       Rect g = fr.rect;
       for (size_t d = 0; d < g.offsets.size(); ++d) g.offsets[d] += shard.offsets[d];
       at::Tensor dst =
-          flat.narrow(0, seg.start + (fr.flat_begin - seg.shard_start), g.numel()).view(g.shape);
+          out.narrow(0, (lo - begin) + (fr.flat_begin - shard_lo), g.numel()).view(g.shape);
       RETURN_IF_ERROR(source.Fill(seg.param, pl.state, g, dst));
     }
   }

@@ -49,6 +49,40 @@ Result<WriteStats> PutHost(Store& store, const std::string& tag, const std::stri
   return store.PutTensor(tag, file, param, meta, src);
 }
 
+// A tensor `placement` describes, assembled from `source` chunk by chunk as
+// the store asks for its bytes.
+Result<WriteStats> PutStreamed(Store& store, const std::string& tag, const std::string& file,
+                               const std::string& param, const ModelSpec& spec,
+                               const Placement& placement, FragmentSource& source,
+                               const std::vector<int64_t>& shape, c10::ScalarType dtype) {
+  const std::string where = tag + "/" + file + ":" + param;
+  TensorMeta meta;
+  ASSIGN_OR_RETURN(meta.dtype, ToDType(dtype, where));
+  meta.shape = shape;
+  meta.placement = placement;
+  const auto options = at::TensorOptions().dtype(dtype);
+  const uint64_t es = c10::elementSize(dtype);
+  ByteSource src;
+  src.length = static_cast<uint64_t>(Numel(shape)) * es;
+  src.fill = [&](uint64_t offset, uint64_t len, uint8_t* dst) -> Status {
+    if (offset % es != 0 || len % es != 0) {
+      return Status::InvalidArgument(where + ": a byte range [" + std::to_string(offset) + ", +" +
+                                     std::to_string(len) + ") that splits an element of " +
+                                     std::to_string(es) + " bytes");
+    }
+    const auto begin = static_cast<int64_t>(offset / es);
+    const auto n = static_cast<int64_t>(len / es);
+    try {
+      at::Tensor piece = at::from_blob(dst, {n}, options);
+      return FillRangeFromPlacement(spec, placement, source, shape, begin, begin + n, piece)
+          .WithContext(where);
+    } catch (const c10::Error& e) {
+      return Status::InvalidArgument(where + ": " + e.what_without_backtrace());
+    }
+  };
+  return store.PutTensor(tag, file, param, meta, src);
+}
+
 }  // namespace
 
 Result<WriteReport> WriteTag(Store& store, const std::string& tag, const ModelSpec& spec,
@@ -83,9 +117,16 @@ Result<WriteReport> WriteTag(Store& store, const std::string& tag, const ModelSp
         if (same != nullptr) {
           stats = store.LinkTensor(tag, f.name, st.param, *same, it->second);
           report.linked_tensors++;
+        } else if (device.is_cpu()) {
+          // Streamed: the store asks for one chunk at a time, in order, and
+          // each is assembled straight into its staging buffer, so no
+          // output tensor is ever held whole.
+          stats = PutStreamed(store, tag, f.name, st.param, spec, it->second, source,
+                              st.tensor.sizes().vec(), st.tensor.scalar_type());
         } else {
-          // LibTorch reports device trouble (out of memory, a lost GPU) by
-          // throwing: the pending tag is dropped and the error returned.
+          // Assembled whole on the device, then copied to the host. LibTorch
+          // reports device trouble (out of memory, a lost GPU) by throwing:
+          // the pending tag is dropped and the error returned.
           Status s;
           try {
             at::Tensor out =
