@@ -117,10 +117,11 @@ Result<WriteReport> WriteTag(Store& store, const std::string& tag, const ModelSp
         if (same != nullptr) {
           stats = store.LinkTensor(tag, f.name, st.param, *same, it->second);
           report.linked_tensors++;
-        } else if (device.is_cpu()) {
+        } else if (device.is_cpu() && store.chunk_size() % st.tensor.element_size() == 0) {
           // Streamed: the store asks for one chunk at a time, in order, and
           // each is assembled straight into its staging buffer, so no
-          // output tensor is ever held whole.
+          // output tensor is ever held whole. (A store whose chunks split
+          // elements takes the whole-tensor path below.)
           stats = PutStreamed(store, tag, f.name, st.param, spec, it->second, source,
                               st.tensor.sizes().vec(), st.tensor.scalar_type());
         } else {

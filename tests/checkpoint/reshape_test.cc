@@ -409,3 +409,24 @@ TEST_CASE("a reshape reads the chunks its plan names, each once", "[unit][checkp
     CHECK(r->bytes_read == plan->bytes_to_read);
   }
 }
+
+TEST_CASE("a store whose chunks split elements still reshapes exactly",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  StoreOptions so;
+  so.chunk_size = 4097;  // not a multiple of any element size but 1
+  auto opened = Store::Open(dir.path(), so);
+  REQUIRE(opened.ok());
+  Store& store = **opened;
+  SynthTag(store, "src", 2, 2, 2, 2, true);
+  SynthTag(store, "want", 1, 1, 3, 2, true);
+  ReshapeOptions o;
+  o.tp = 1;
+  o.pp = 1;
+  o.dp = 3;
+  o.out_tag = "got";
+  auto r = Reshape(store, "src", o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  RequireSameTensors(store, "got", "want");
+}
