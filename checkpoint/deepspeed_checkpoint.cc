@@ -46,14 +46,6 @@ std::optional<c10::IValue> NodeToIValue(const fb::Node* n) {
   return std::move(v).value();
 }
 
-std::optional<c10::IValue> DictGet(const c10::IValue& d, const std::string& key) {
-  if (!d.isGenericDict()) return std::nullopt;
-  const auto dict = d.toGenericDict();
-  auto it = dict.find(c10::IValue(key));
-  if (it == dict.end()) return std::nullopt;
-  return it->value();
-}
-
 std::string Ranks(int tp, int pp) {
   return "(tp " + std::to_string(tp) + ", pp " + std::to_string(pp) + ")";
 }
@@ -280,7 +272,8 @@ Result<c10::IValue> DeepSpeedCheckpoint::GetCheckpointValue(const std::string& k
   if (auto v = NodeToIValue(first.Find({key}))) return *v;
   // The value holds tensors: load the file, as DeepSpeed does.
   ASSIGN_OR_RETURN(c10::IValue sd, loader_(mp_rank_files_[0]));
-  return DictGet(sd, key).value_or(c10::IValue());
+  const c10::IValue* v = DictField(sd, key);
+  return v != nullptr ? *v : c10::IValue();
 }
 
 Result<c10::IValue> DeepSpeedCheckpoint::GetArgs() const { return GetCheckpointValue("args"); }
@@ -431,7 +424,7 @@ Result<std::vector<std::string>> DeepSpeedCheckpoint::ModuleLayerFiles(
 Result<c10::IValue> DeepSpeedCheckpoint::ModuleLayerState(const std::string& file,
                                                           const ModuleLayer& layer) const {
   ASSIGN_OR_RETURN(c10::IValue sd, loader_(file));
-  auto module = DictGet(sd, "module");
+  const c10::IValue* module = DictField(sd, "module");
   if (!module || !module->isGenericDict()) {
     return Status::InvalidArgument("tag '" + tag_ + "': " + file + " has no module dict");
   }

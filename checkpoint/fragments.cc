@@ -91,13 +91,13 @@ std::vector<FlatRect> SplitFlatRange(const std::vector<int64_t>& shape, int64_t 
   return out;
 }
 
-Rect ShardRect(const ModelSpec& spec, const ParamSpec& p, int tp_rank, int tp) {
+Rect ShardRect(const ParamSpec& p, int tp_rank, int tp) {
   Rect r;
   r.offsets.assign(p.global_shape.size(), 0);
   r.shape = p.global_shape;
   if (p.shard_dim >= 0) {
     r.shape[p.shard_dim] /= tp;
-    r.offsets[p.shard_dim] = spec.ShardOffset(p, tp_rank, tp);
+    r.offsets[p.shard_dim] = r.shape[p.shard_dim] * tp_rank;
   }
   return r;
 }
@@ -144,7 +144,7 @@ Status FillRangeFromPlacement(const ModelSpec& spec, const Placement& pl, Fragme
     if (p == nullptr) {
       return Status::InvalidArgument("placement segment names unknown parameter " + seg.param);
     }
-    const Rect shard = ShardRect(spec, *p, std::max(0, pl.tp_rank), std::max(1, pl.tp_degree));
+    const Rect shard = ShardRect(*p, std::max(0, pl.tp_rank), std::max(1, pl.tp_degree));
     if (seg.start < 0 || seg.start + seg.numel > numel ||
         seg.shard_start + seg.numel > shard.numel()) {
       return Status::InvalidArgument("segment of " + seg.param + " [" + std::to_string(seg.start) +

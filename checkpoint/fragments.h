@@ -66,7 +66,7 @@ class FragmentSource {
 };
 
 // The rectangle of the global tensor that TP rank `tp_rank` of `tp` holds.
-Rect ShardRect(const ModelSpec& spec, const ParamSpec& p, int tp_rank, int tp);
+Rect ShardRect(const ParamSpec& p, int tp_rank, int tp);
 
 // Fills `out` (zeroed first) with the elements `placement` says it holds.
 Status FillFromPlacement(const ModelSpec& spec, const Placement& placement, FragmentSource& source,

@@ -227,12 +227,9 @@ Placement ShardPlacement(const ParamSpec& p, int tp_rank, int tp, const std::str
   pl.param = p.name;
   pl.state = state;
   pl.global_shape = p.global_shape;
-  pl.offsets.assign(p.global_shape.size(), 0);
-  pl.shard_shape = p.global_shape;
-  if (p.shard_dim >= 0) {
-    pl.shard_shape[p.shard_dim] /= tp;
-    pl.offsets[p.shard_dim] = pl.shard_shape[p.shard_dim] * tp_rank;
-  }
+  Rect r = ShardRect(p, tp_rank, tp);
+  pl.offsets = std::move(r.offsets);
+  pl.shard_shape = std::move(r.shape);
   pl.tp_rank = tp_rank;
   pl.tp_degree = tp;
   pl.shard_dim = p.shard_dim;

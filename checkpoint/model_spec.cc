@@ -226,9 +226,4 @@ Result<std::vector<int64_t>> ModelSpec::ShardShape(const ParamSpec& p, int tp) c
   return s;
 }
 
-int64_t ModelSpec::ShardOffset(const ParamSpec& p, int tp_rank, int tp) const {
-  if (p.shard_dim < 0) return 0;
-  return p.global_shape[p.shard_dim] / tp * tp_rank;
-}
-
 }  // namespace ckptkv::checkpoint

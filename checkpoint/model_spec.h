@@ -83,9 +83,8 @@ class ModelSpec {
   Result<std::vector<int>> StageGroup(int stage, int group, int pp) const;
   // Global parameter indices held by a stage, in module order.
   Result<std::vector<int>> Stage(int stage, int pp) const;
-  // Shape of TP rank `tp_rank`'s shard and its offset in the shard dim.
+  // Shape of each TP rank's shard (fragments' ShardRect places it).
   Result<std::vector<int64_t>> ShardShape(const ParamSpec& p, int tp) const;
-  int64_t ShardOffset(const ParamSpec& p, int tp_rank, int tp) const;
   // Checks that every parameter splits evenly for tp and layers for pp.
   Status CheckLayout(int tp, int pp) const;
 

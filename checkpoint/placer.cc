@@ -17,18 +17,6 @@ namespace {
 
 using c10::IValue;
 
-const IValue* Get(const IValue& v, const std::string& key) {
-  if (!v.isGenericDict()) return nullptr;
-  const auto d = v.toGenericDict();
-  auto it = d.find(key);
-  return it == d.end() ? nullptr : &it->value();
-}
-
-std::optional<int64_t> IntOf(const IValue* v) {
-  if (v == nullptr || !v->isInt()) return std::nullopt;
-  return v->toInt();
-}
-
 // torch.Size / tuple / list of ints.
 std::optional<std::vector<int64_t>> ShapeOf(const IValue& v) {
   std::vector<int64_t> s;
@@ -66,8 +54,8 @@ std::string Str(const std::vector<int64_t>& v) { return ShapeString(v); }
 // A fragment_address saved as {"numel", "start"} or as (numel, start).
 std::optional<std::pair<int64_t, int64_t>> FragmentAddress(const IValue& v) {
   if (v.isGenericDict()) {
-    auto numel = IntOf(Get(v, "numel"));
-    auto start = IntOf(Get(v, "start"));
+    auto numel = DictInt(v, "numel");
+    auto start = DictInt(v, "start");
     if (numel && start) return std::make_pair(*numel, *start);
     return std::nullopt;
   }
@@ -133,23 +121,23 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& 
                                                              const IValue& state) {
   (void)file;
   ModelInfo info;
-  if (const IValue* dims = Get(state, "checkpoint_parallel_dimensions")) {
-    auto tp = IntOf(Get(*dims, "tp_degree"));
+  if (const IValue* dims = DictField(state, "checkpoint_parallel_dimensions")) {
+    auto tp = DictInt(*dims, "tp_degree");
     if (!tp || *tp < 1) {
       return Status::InvalidArgument(
           "checkpoint_parallel_dimensions has no tp_degree >= 1; expected {\"tp_degree\": N, "
           "\"pp_degree\": M}");
     }
     info.tp = static_cast<int>(*tp);
-  } else if (auto mpw = IntOf(Get(state, "mp_world_size")); mpw && *mpw >= 1) {
+  } else if (auto mpw = DictInt(state, "mp_world_size"); mpw && *mpw >= 1) {
     info.tp = static_cast<int>(*mpw);  // legacy: no pipeline
   }
-  if (auto dp = IntOf(Get(state, "dp_world_size")); dp && *dp >= 1) {
+  if (auto dp = DictInt(state, "dp_world_size"); dp && *dp >= 1) {
     info.dp = static_cast<int>(*dp);
   }
   const int tp_rank = TpOfMp(mp, info.tp);
   std::map<std::string, std::vector<int64_t>> shapes;
-  if (const IValue* ps = Get(state, "param_shapes"); ps != nullptr && !ps->isNone()) {
+  if (const IValue* ps = DictField(state, "param_shapes"); ps != nullptr && !ps->isNone()) {
     std::vector<IValue> groups = ListOf(ps);
     if (groups.empty() && ps->isGenericDict()) groups.push_back(*ps);
     for (size_t g = 0; g < groups.size(); ++g) {
@@ -172,7 +160,8 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& 
   Placements out;
   // Module tensors, nested dicts joined with '.', as named_parameters does.
   std::vector<std::pair<std::string, IValue>> todo;
-  if (const IValue* module = Get(state, "module"); module != nullptr && module->isGenericDict()) {
+  if (const IValue* module = DictField(state, "module");
+      module != nullptr && module->isGenericDict()) {
     todo.emplace_back("", *module);
   }
   while (!todo.empty()) {
@@ -230,22 +219,22 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceOptim(const std::string& 
     return Status::InvalidArgument(ModelFileName(mp) +
                                    " has no param_shapes, which lay out the flat buffers");
   }
-  const IValue* osd = Get(state, "optimizer_state_dict");
+  const IValue* osd = DictField(state, "optimizer_state_dict");
   if (osd == nullptr || !osd->isGenericDict()) {
     return Status::InvalidArgument("no optimizer_state_dict dict");
   }
-  const bool z3 = Get(*osd, "fp32_flat_groups") != nullptr;
-  const int stage = z3 ? 3 : static_cast<int>(IntOf(Get(*osd, "zero_stage")).value_or(2));
+  const bool z3 = DictField(*osd, "fp32_flat_groups") != nullptr;
+  const int stage = z3 ? 3 : static_cast<int>(DictInt(*osd, "zero_stage").value_or(2));
   if (stage < 1 || stage > 3) {
     return Status::InvalidArgument("zero_stage " + std::to_string(stage) + " is not 1, 2 or 3");
   }
-  const IValue* inner = Get(*osd, z3 ? "optimizer_state_dict" : "base_optimizer_state");
+  const IValue* inner = DictField(*osd, z3 ? "optimizer_state_dict" : "base_optimizer_state");
   std::vector<IValue> flats =
-      ListOf(Get(*osd, z3 ? "fp32_flat_groups" : "single_partition_of_fp32_groups"));
-  std::vector<IValue> paddings = ListOf(Get(*osd, "group_paddings"));
-  std::vector<IValue> mappings = ListOf(Get(*osd, "param_slice_mappings"));
-  const IValue* counts = Get(*osd, "partition_count");
-  const IValue* moments = inner ? Get(*inner, "state") : nullptr;
+      ListOf(DictField(*osd, z3 ? "fp32_flat_groups" : "single_partition_of_fp32_groups"));
+  std::vector<IValue> paddings = ListOf(DictField(*osd, "group_paddings"));
+  std::vector<IValue> mappings = ListOf(DictField(*osd, "param_slice_mappings"));
+  const IValue* counts = DictField(*osd, "partition_count");
+  const IValue* moments = inner ? DictField(*inner, "state") : nullptr;
   if (flats.size() != info.groups.size()) {
     return Status::InvalidArgument(std::to_string(flats.size()) +
                                    " flat fp32 groups but the model file's param_shapes has " +
@@ -358,15 +347,20 @@ Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std:
       ASSIGN_OR_RETURN(std::string tree_bytes, store.GetFileTree(tag, file));
       const fb::StateTree* tree = VerifiedStateTree(tree_bytes);
       if (tree == nullptr) return Status::Corruption(where + ": state tree fails verification");
-      // Tensors as meta-device stand-ins: shapes and types, no bytes.
-      std::map<std::string, const c10::TensorImpl*> impl_of;
+      // Tensors as meta-device stand-ins: shapes and types, no bytes. Each
+      // record is read once, here, and kept for the link below.
+      struct Loaded {
+        TensorRecordRef rec;
+        const c10::TensorImpl* impl = nullptr;
+      };
+      std::map<std::string, Loaded> loaded;
       TensorLoader loader = [&](const std::string& param,
                                 const std::string&) -> Result<at::Tensor> {
         ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
         std::vector<int64_t> shape;
         if (rec->shape()) shape.assign(rec->shape()->begin(), rec->shape()->end());
         at::Tensor t = Placeholder(shape, ToScalarType(rec->dtype()));
-        impl_of[param] = t.unsafeGetTensorImpl();
+        loaded[param] = Loaded{std::move(rec), t.unsafeGetTensorImpl()};
         return t;
       };
       ASSIGN_OR_RETURN(c10::IValue state, DecodeState(*tree, loader, where));
@@ -374,18 +368,22 @@ Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std:
       if (!placed.ok()) report.unplaced_files.emplace_back(file, placed.status().ToString());
       ASSIGN_OR_RETURN(std::vector<std::string> params, store.ListParams(tag, file));
       for (const std::string& param : params) {
-        ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
+        auto l = loaded.find(param);
+        if (l == loaded.end()) {  // a record the tree does not name
+          ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
+          l = loaded.emplace(param, Loaded{std::move(rec), nullptr}).first;
+        }
+        const fb::TensorRecord& rec = *l->second.rec.get();
         std::optional<Placement> pl;
-        if (rec->placement() != nullptr) pl = PlacementOf(*rec->placement());
-        auto impl = impl_of.find(param);
-        if (placed.ok() && impl != impl_of.end()) {
-          auto it = placed->find(impl->second);
+        if (rec.placement() != nullptr) pl = PlacementOf(*rec.placement());
+        if (placed.ok()) {
+          auto it = placed->find(l->second.impl);
           if (it != placed->end()) {
             pl = it->second;
             report.placed_tensors++;
           }
         }
-        RETURN_IF_ERROR(store.LinkTensor(report.out_tag, file, param, *rec.get(), pl).status());
+        RETURN_IF_ERROR(store.LinkTensor(report.out_tag, file, param, rec, pl).status());
         report.tensors++;
       }
       RETURN_IF_ERROR(store.PutFile(report.out_tag, file, std::move(tree_bytes)));

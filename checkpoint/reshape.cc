@@ -18,18 +18,6 @@ using GenericDict = c10::impl::GenericDict;
 
 GenericDict StrDict() { return GenericDict(c10::StringType::get(), c10::AnyType::get()); }
 
-const IValue* Get(const IValue& v, const std::string& key) {
-  if (!v.isGenericDict()) return nullptr;
-  auto d = v.toGenericDict();
-  auto it = d.find(key);
-  return it == d.end() ? nullptr : &it->value();
-}
-
-int64_t GetInt(const IValue& v, const std::string& key, int64_t dflt) {
-  const IValue* x = Get(v, key);
-  return x && x->isInt() ? x->toInt() : dflt;
-}
-
 double Seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -164,12 +152,12 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
   info.universal = !files.universal_optim.empty();
   ASSIGN_OR_RETURN(PlannedFile m0, LoadPlanned(store, tag, files.model.begin()->second));
   const IValue& sd = m0.state;
-  const IValue* dims = Get(sd, "checkpoint_parallel_dimensions");
+  const IValue* dims = DictField(sd, "checkpoint_parallel_dimensions");
   TrainLayout& L = info.layout;
-  L.tp =
-      dims ? static_cast<int>(GetInt(*dims, "tp_degree", 1)) : static_cast<int>(files.model.size());
-  L.pp = dims ? static_cast<int>(GetInt(*dims, "pp_degree", 1)) : 1;
-  L.dp = static_cast<int>(GetInt(sd, "dp_world_size", 1));
+  L.tp = dims ? static_cast<int>(DictInt(*dims, "tp_degree").value_or(1))
+              : static_cast<int>(files.model.size());
+  L.pp = dims ? static_cast<int>(DictInt(*dims, "pp_degree").value_or(1)) : 1;
+  L.dp = static_cast<int>(DictInt(sd, "dp_world_size").value_or(1));
   if (static_cast<int>(files.model.size()) != L.tp * L.pp) {
     return Status::Corruption("tag " + tag + " has " + std::to_string(files.model.size()) +
                               " model-state files but its checkpoint_parallel_dimensions say tp " +
@@ -185,7 +173,7 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
                                 std::to_string(s));
     }
     ASSIGN_OR_RETURN(PlannedFile mf, LoadPlanned(store, tag, it->second));
-    const IValue* shapes = Get(mf.state, "param_shapes");
+    const IValue* shapes = DictField(mf.state, "param_shapes");
     if (shapes == nullptr || !shapes->isList()) {
       return Status::InvalidArgument(tag + "/" + it->second +
                                      " has no param_shapes (a ZeRO checkpoint records them); "
@@ -229,8 +217,8 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
     if (!kRankKeys.count(kv.key().toStringRef()))
       info.meta.model_extra.insert(kv.key(), kv.value());
   }
-  if (const IValue* v = Get(sd, "ds_config")) info.meta.ds_config = *v;
-  if (const IValue* v = Get(sd, "ds_version"); v && v->isString()) {
+  if (const IValue* v = DictField(sd, "ds_config")) info.meta.ds_config = *v;
+  if (const IValue* v = DictField(sd, "ds_version"); v && v->isString()) {
     info.meta.ds_version = v->toStringRef();
   }
   // Optimizer metadata.
@@ -254,20 +242,20 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
                                      "a ZeRO checkpoint (stage 1, 2 or 3)");
     }
     ASSIGN_OR_RETURN(PlannedFile of, LoadPlanned(store, tag, it->second));
-    if (const IValue* v = Get(of.state, "optimizer_state_dict")) osd = *v;
-    if (const IValue* v = Get(of.state, "ds_config")) info.meta.ds_config = *v;
-    const IValue* in = Get(osd, "base_optimizer_state");
-    if (in == nullptr) in = Get(osd, "optimizer_state_dict");
+    if (const IValue* v = DictField(of.state, "optimizer_state_dict")) osd = *v;
+    if (const IValue* v = DictField(of.state, "ds_config")) info.meta.ds_config = *v;
+    const IValue* in = DictField(osd, "base_optimizer_state");
+    if (in == nullptr) in = DictField(osd, "optimizer_state_dict");
     if (in != nullptr) inner = *in;
   }
-  L.zero_stage = static_cast<int>(GetInt(osd, "zero_stage", 1));
+  L.zero_stage = static_cast<int>(DictInt(osd, "zero_stage").value_or(1));
   if (osd.isGenericDict()) {
     for (const auto& kv : osd.toGenericDict()) {
       if (!kFlatKeys.count(kv.key().toStringRef()))
         info.meta.zero_extra.insert(kv.key(), kv.value());
     }
   }
-  if (const IValue* pg = Get(inner, "param_groups"); pg && pg->isList()) {
+  if (const IValue* pg = DictField(inner, "param_groups"); pg && pg->isList()) {
     for (const auto& g : pg->toList()) info.meta.param_groups.push_back(g);
   }
   const int groups = info.spec.groups();
@@ -282,12 +270,12 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
         break;
       }
     }
-  } else if (const IValue* st = Get(inner, "state"); st && st->isGenericDict()) {
+  } else if (const IValue* st = DictField(inner, "state"); st && st->isGenericDict()) {
     for (int g = 0; g < groups; ++g) {
       auto d = st->toGenericDict();
       auto it = d.find(IValue(int64_t{g}));
       if (it == d.end()) continue;
-      if (const IValue* step = Get(it->value(), "step"); step && step->isTensor()) {
+      if (const IValue* step = DictField(it->value(), "step"); step && step->isTensor()) {
         info.meta.steps.push_back(step->toTensor());
       }
     }
@@ -390,8 +378,8 @@ Result<ReshapeReport> ExportUniversal(Store& store, const std::string& tag,
     files.push_back(std::move(pf));
   }
   int64_t original_vocab = -1;
-  if (const IValue* uci = Get(IValue(info.meta.model_extra), "universal_checkpoint_info")) {
-    original_vocab = GetInt(*uci, "original_vocab_size", -1);
+  if (const IValue* uci = DictField(IValue(info.meta.model_extra), "universal_checkpoint_info")) {
+    original_vocab = DictInt(*uci, "original_vocab_size").value_or(-1);
   }
   for (const ParamSpec& p : info.spec.params()) {
     std::vector<int64_t> shape = p.global_shape;

@@ -398,6 +398,19 @@ Result<c10::IValue> DecodeNode(const fb::Node* node, const TensorLoader& tensor_
   }
 }
 
+const c10::IValue* DictField(const c10::IValue& dict, const std::string& key) {
+  if (!dict.isGenericDict()) return nullptr;
+  const auto d = dict.toGenericDict();
+  auto it = d.find(key);
+  return it == d.end() ? nullptr : &it->value();
+}
+
+std::optional<int64_t> DictInt(const c10::IValue& dict, const std::string& key) {
+  const c10::IValue* v = DictField(dict, key);
+  if (v == nullptr || !v->isInt()) return std::nullopt;
+  return v->toInt();
+}
+
 Result<at::Tensor> ReadStoredTensor(const Store& store, const std::string& tag,
                                     const std::string& file, const std::string& param) {
   const std::string where = tag + "/" + file + ":" + param;

@@ -18,6 +18,7 @@
 #include <ATen/core/ivalue.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,12 @@ Result<c10::IValue> DecodeNode(const fb::Node* node, const TensorLoader& tensor_
 // (requires_grad as saved). Errors name tag/file:param.
 Result<at::Tensor> ReadStoredTensor(const Store& store, const std::string& tag,
                                     const std::string& file, const std::string& param);
+
+// The value under `key` of a dict with string keys (nullptr when `dict` is
+// not a dict or lacks the key; the pointer lives as long as `dict`), and
+// the same when it is an int.
+const c10::IValue* DictField(const c10::IValue& dict, const std::string& key);
+std::optional<int64_t> DictInt(const c10::IValue& dict, const std::string& key);
 
 // Stable dtype codes <-> LibTorch scalar types.
 Result<fb::DType> ToDType(c10::ScalarType type, const std::string& where);
