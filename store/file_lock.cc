@@ -25,19 +25,19 @@ std::string SelfCommandLine() {
 }  // namespace
 
 Result<std::unique_ptr<FileLock>> FileLock::Acquire(const std::string& dir) {
-  std::string path = dir + "/OWNER";
-  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) {
-    return Status::IOError("cannot open lock file '" + path + "': " + std::strerror(errno));
+    return Status::IOError("cannot open store directory '" + dir + "': " + std::strerror(errno));
   }
+  const std::string path = dir + "/OWNER";
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     int err = errno;
-    std::ifstream in(path);
-    std::string owner((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     ::close(fd);
     if (err != EWOULDBLOCK) {
-      return Status::IOError("cannot lock '" + path + "': " + std::strerror(err));
+      return Status::IOError("cannot lock '" + dir + "': " + std::strerror(err));
     }
+    std::ifstream in(path);
+    std::string owner((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     std::istringstream ss(owner);
     long pid = 0;
     std::string cmd;
@@ -55,9 +55,12 @@ Result<std::unique_ptr<FileLock>> FileLock::Acquire(const std::string& dir) {
     return Status::Busy("store '" + dir + "' is locked by " + who +
                         "; close it there, or open it read-only");
   }
-  std::string me = std::to_string(::getpid()) + " " + SelfCommandLine() + "\n";
-  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, me.data(), me.size(), 0) < 0) {
-    // The lock is held; the owner note is only for messages.
+  // The lock is held; the owner note is only for messages.
+  int owner_fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (owner_fd >= 0) {
+    std::string me = std::to_string(::getpid()) + " " + SelfCommandLine() + "\n";
+    (void)!::write(owner_fd, me.data(), me.size());
+    ::close(owner_fd);
   }
   return std::unique_ptr<FileLock>(new FileLock(fd));
 }

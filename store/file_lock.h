@@ -1,8 +1,11 @@
 // FileLock: the write lock of a store directory.
 //
-// Holds an exclusive flock() on <dir>/OWNER and writes the owner's pid and
-// command line into it, so that a second writer gets "store is locked by
-// process 1234 (ckptkv demo)" instead of RocksDB's lock error.
+// Holds an exclusive flock() on the store directory itself, so that no file
+// inside it (deleting OWNER or RocksDB's LOCK) can bypass the lock; only a
+// different directory at the same path would, and that is a different
+// store. The owner's pid and command line go into <dir>/OWNER, so that a
+// second writer gets "store is locked by process 1234 (ckptkv demo)"
+// instead of RocksDB's lock error.
 #ifndef CKPTKV_STORE_FILE_LOCK_H_
 #define CKPTKV_STORE_FILE_LOCK_H_
 

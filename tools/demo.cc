@@ -16,6 +16,7 @@
 
 #include "engine/kv_checkpoint_engine.h"
 #include "engine/torch_checkpoint_engine.h"
+#include "store/file_lock.h"
 #include "store/store.h"
 #include "tools/admin.h"
 #include "tools/proc_stats.h"
@@ -205,13 +206,20 @@ Status PrepareStoreDir(const std::string& db) {
                                    "' exists and was not made by ckptkv demo; not touching it. "
                                    "Give --db a new or empty directory");
   }
+  // The write lock first: a demo still writing this store keeps it (Busy).
+  ASSIGN_OR_RETURN(auto lock, FileLock::Acquire(db));
   StoreOptions so;
   so.read_only = true;
   so.create_if_missing = false;
   auto store_or = Store::Open(db, so);
   if (!store_or.ok()) return store_or.status();
   store_or->reset();
-  fs::remove_all(db, ec);
+  // Empty the directory while holding the lock on it; the demo's own
+  // Store::Open then takes the lock again for the new store.
+  for (const auto& e : fs::directory_iterator(db, ec)) {
+    fs::remove_all(e.path(), ec);
+    if (ec) break;
+  }
   if (ec)
     return Status::IOError("cannot remove the earlier demo store '" + db + "': " + ec.message());
   return Status::OK();
