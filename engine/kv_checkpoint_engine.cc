@@ -280,8 +280,6 @@ c10::IValue KvCheckpointEngine::load(const std::string& path, MapLocation map_lo
   ThrowIfError(ValidateFile(target.file));
   const std::string where = target.tag + "/" + target.file;
   std::string tree_bytes = ValueOrThrow(store_->GetFileTree(target.tag, target.file));
-  // GetFileTree returns verified bytes.
-  const fb::StateTree* tree = flatbuffers::GetRoot<fb::StateTree>(tree_bytes.data());
   TensorLoader loader = [&](const std::string& param,
                             const std::string& device) -> Result<at::Tensor> {
     try {
@@ -290,7 +288,7 @@ c10::IValue KvCheckpointEngine::load(const std::string& path, MapLocation map_lo
       return Status::InvalidArgument(where + ":" + param + ": " + e.what_without_backtrace());
     }
   };
-  return ValueOrThrow(DecodeState(*tree, loader, where));
+  return ValueOrThrow(DecodeState(std::string_view(tree_bytes), loader, where));
 }
 
 void KvCheckpointEngine::close(const std::string& tag) { open_tags_.erase(tag); }

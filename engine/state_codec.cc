@@ -9,6 +9,8 @@
 #include <tuple>
 #include <unordered_map>
 
+#include "store/record_check.h"
+
 namespace ckptkv {
 namespace {
 
@@ -288,11 +290,13 @@ class Encoder {
 
 class Decoder {
  public:
-  Decoder(const TensorLoader& loader, std::string where)
-      : loader_(loader), where_(std::move(where)) {}
+  Decoder(const TensorLoader& loader, std::string where, size_t node_budget)
+      : loader_(loader), where_(std::move(where)), budget_(node_budget) {}
 
   Result<c10::IValue> Decode(const fb::Node* n, int depth) {
     if (n == nullptr) return Corrupt("missing node");
+    if (budget_ == 0) return Corrupt("more nodes than the record's size allows (shared subtrees?)");
+    --budget_;
     if (depth > 2 * kMaxNesting) return Corrupt("nesting too deep");
     switch (n->kind()) {
       case fb::NodeKind::None:
@@ -369,6 +373,7 @@ class Decoder {
   }
   const TensorLoader& loader_;
   std::string where_;
+  size_t budget_;
   std::unordered_map<std::string, at::Tensor> loaded_;
 };
 
@@ -387,10 +392,17 @@ Result<c10::IValue> DecodeState(const fb::StateTree& tree, const TensorLoader& t
   return DecodeNode(tree.root(), tensor_for, where);
 }
 
+Result<c10::IValue> DecodeState(std::string_view tree_bytes, const TensorLoader& tensor_for,
+                                const std::string& where) {
+  const fb::StateTree* tree = VerifiedStateTree(tree_bytes);
+  if (tree == nullptr) return Status::Corruption("state tree of " + where + " fails verification");
+  return DecodeNode(tree->root(), tensor_for, where, StateTreeNodeBudget(tree_bytes.size()));
+}
+
 Result<c10::IValue> DecodeNode(const fb::Node* node, const TensorLoader& tensor_for,
-                               const std::string& where) {
+                               const std::string& where, size_t node_budget) {
   try {
-    Decoder d(tensor_for, where);
+    Decoder d(tensor_for, where, node_budget);
     return d.Decode(node, 0);
   } catch (const c10::Error& e) {
     return Status::Corruption(where +

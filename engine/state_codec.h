@@ -17,9 +17,11 @@
 
 #include <ATen/core/ivalue.h>
 
+#include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "schema/records.h"
@@ -46,9 +48,15 @@ using TensorLoader =
     std::function<Result<at::Tensor>(const std::string& param, const std::string& saved_device)>;
 Result<c10::IValue> DecodeState(const fb::StateTree& tree, const TensorLoader& tensor_for,
                                 const std::string& where);
-// One node of a state tree (a subtree), the same way.
+// The same from the tree's bytes: verified, then decoded within a node
+// budget tied to their size (StateTreeNodeBudget), so a small record of
+// shared subtrees cannot cost time or memory out of proportion.
+Result<c10::IValue> DecodeState(std::string_view tree_bytes, const TensorLoader& tensor_for,
+                                const std::string& where);
+// One node of a state tree (a subtree), the same way; at most
+// `node_budget` nodes are visited.
 Result<c10::IValue> DecodeNode(const fb::Node* node, const TensorLoader& tensor_for,
-                               const std::string& where);
+                               const std::string& where, size_t node_budget = SIZE_MAX);
 
 // The stored tensor `param` of `tag`/`file`, read whole into host memory
 // (requires_grad as saved). Errors name tag/file:param.

@@ -1,18 +1,29 @@
 #include "schema/records.h"
 
+#include <algorithm>
+
 namespace ckptkv {
 namespace {
 
-// State trees nest two FlatBuffers tables per level of the saved dict, and
-// a large model has many tables; the defaults (64 / 1M) are too small.
+// State trees nest two FlatBuffers tables per level of the saved dict; the
+// default depth (64) is too small.
 constexpr flatbuffers::uoffset_t kMaxDepth = 512;
-constexpr flatbuffers::uoffset_t kMaxTables = 1u << 28;
+
+// Tables the Verifier may visit. A table takes at least 4 bytes (its vtable
+// offset) and each reference to it another 4, so a buffer written as a tree
+// holds fewer than size / 4 tables. Tables shared as a DAG are visited once
+// per reference; tying the limit to the size keeps a small record that
+// references one table many times from costing time and memory exponential
+// in its size (the decoders walk what the Verifier walked).
+flatbuffers::uoffset_t MaxTables(size_t bytes) {
+  return static_cast<flatbuffers::uoffset_t>(std::min<size_t>(bytes / 4 + 16, 1u << 30));
+}
 
 template <typename T>
 const T* Verified(std::string_view bytes) {
   if (bytes.empty()) return nullptr;
   const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
-  flatbuffers::Verifier verifier(data, bytes.size(), kMaxDepth, kMaxTables,
+  flatbuffers::Verifier verifier(data, bytes.size(), kMaxDepth, MaxTables(bytes.size()),
                                  /*check_alignment=*/false);
   if (!verifier.VerifyBuffer<T>(nullptr)) return nullptr;
   return flatbuffers::GetRoot<T>(data);

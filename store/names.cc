@@ -29,6 +29,12 @@ std::string Quote(std::string_view name) {
   return out + "'";
 }
 
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
 Status ValidateTag(std::string_view tag) {
   if (tag.empty()) {
     return Status::InvalidArgument("tag is empty; a tag is 1-255 printable bytes without '/'");

@@ -8,6 +8,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "store/status.h"
 
@@ -36,6 +37,9 @@ bool SplitKey(std::string_view key, size_t n, std::string_view* parts);
 
 // Shows a name in a message: quoted, with control bytes escaped.
 std::string Quote(std::string_view name);
+
+// "[2, 3]": a shape or index list for messages.
+std::string ShapeString(const std::vector<int64_t>& shape);
 
 }  // namespace ckptkv
 

@@ -24,6 +24,8 @@
 #include "store/file_lock.h"
 #include "store/kill_point.h"
 #include "store/names.h"
+#include "store/record_check.h"
+#include "store/size_math.h"
 #include "store/thread_pool.h"
 
 namespace ckptkv {
@@ -192,59 +194,6 @@ Digest DigestOfChunks(const std::vector<Digest>& chunks) {
   return Digest::Of(buf.data(), buf.size());
 }
 
-std::vector<Digest> ChunkDigests(const fb::TensorRecord& r) {
-  std::vector<Digest> out;
-  if (r.chunks()) {
-    out.reserve(r.chunks()->size());
-    for (const auto* c : *r.chunks()) out.push_back(FromFb(*c));
-  }
-  return out;
-}
-
-// Semantic checks a verified TensorRecord must also pass, the record's own
-// digest included: a chunk list or inline bytes that do not match it are
-// Corruption wherever the record is read (load, verify, tools).
-Status CheckTensorRecord(const fb::TensorRecord& r, const std::string& where) {
-  size_t esize = DTypeSize(r.dtype());
-  if (esize == 0)
-    return Status::Corruption(where + ": unknown dtype code " +
-                              std::to_string(static_cast<int>(r.dtype())));
-  uint64_t numel = 1;
-  if (r.shape()) {
-    for (int64_t d : *r.shape()) {
-      if (d < 0) return Status::Corruption(where + ": negative dimension in shape");
-      numel *= static_cast<uint64_t>(d);
-    }
-  }
-  if (numel * esize != r.byte_length()) {
-    return Status::Corruption(where + ": shape and dtype give " + std::to_string(numel * esize) +
-                              " bytes but the record says " + std::to_string(r.byte_length()));
-  }
-  if (r.inline_data()) {
-    if (r.inline_data()->size() != r.byte_length()) {
-      return Status::Corruption(where + ": inline data length does not match byte_length");
-    }
-  } else if (r.byte_length() > 0) {
-    if (r.chunk_size() == 0 || !r.chunks()) {
-      return Status::Corruption(where + ": record has neither inline data nor chunks");
-    }
-    uint64_t expect = (r.byte_length() + r.chunk_size() - 1) / r.chunk_size();
-    if (r.chunks()->size() != expect) {
-      return Status::Corruption(where + ": record lists " + std::to_string(r.chunks()->size()) +
-                                " chunks, " + std::to_string(expect) + " expected");
-    }
-  }
-  if (!r.digest()) return Status::Corruption(where + ": record has no digest");
-  if (r.inline_data()) {
-    if (Digest::Of(r.inline_data()->data(), r.inline_data()->size()) != FromFb(*r.digest())) {
-      return Status::Corruption(where + ": inline bytes do not match the record digest");
-    }
-  } else if (DigestOfChunks(ChunkDigests(r)) != FromFb(*r.digest())) {
-    return Status::Corruption(where + ": chunk list does not match the record digest");
-  }
-  return Status::OK();
-}
-
 TagInfo ToTagInfo(const fb::CommitRecord& r) {
   TagInfo t;
   t.tag = r.tag() ? r.tag()->str() : "";
@@ -340,7 +289,7 @@ class Store::Impl {
   std::map<std::string, PendingTag> pending_;
   // Blocks this process wrote that no commit has indexed yet (digest ->
   // index value), so that saves of other pending tags dedup against them.
-  std::unordered_map<Digest, std::string, DigestHash> written_;
+  mutable std::unordered_map<Digest, std::string, DigestHash> written_;
   uint64_t next_sequence_ = 1;
   // Set when blocks were written without the WAL and not yet flushed.
   std::atomic<bool> unflushed_blocks_{false};
@@ -398,8 +347,20 @@ class Store::Impl {
   Result<std::optional<TagInfo>> FindTag(const std::string& tag) const;
   Status TagNotFound(const std::string& tag) const;
   Status MarkLive(std::unordered_set<Digest, DigestHash>* live) const;
-  void VerifyTag(const std::string& tag, VerifyReport* report,
-                 std::unordered_map<Digest, std::string, DigestHash>* checked) const;
+  // What verify found of one block; empty `what` = sound.
+  struct BlockVerdict {
+    std::string what;
+    bool bad = false;      // missing, unreadable or not matching its digest
+    bool read = false;     // its payload was read
+    bool indexed = false;  // it has an index entry
+  };
+  using BlockVerdicts = std::unordered_map<Digest, BlockVerdict, DigestHash>;
+  void VerifyTag(const std::string& tag, VerifyReport* report, BlockVerdicts* checked,
+                 const VerifyOptions& options) const;
+  BlockVerdict CheckBlock(const Digest& d, uint64_t len, std::vector<uint8_t>* buf) const;
+  // Drops the index entries of blocks found bad (one synced batch), so that
+  // the next save of their bytes writes them again. No-op when read-only.
+  Status ForgetBlocks(const std::vector<Digest>& bad) const;
 };
 
 Status Store::Impl::CheckIsStore() {
@@ -528,7 +489,7 @@ Status Store::Impl::LoadOrCreateHeader() {
       return Status::InvalidArgument("'" + dir_ +
                                      "' has no ckptkv header; it is not a ckptkv store");
     }
-    if (options_.chunk_size < 4096 || options_.chunk_size > (256u << 20)) {
+    if (options_.chunk_size < 4096 || options_.chunk_size > kMaxChunkSize) {
       return Status::InvalidArgument("chunk size " + std::to_string(options_.chunk_size) +
                                      " is out of range; valid: 4096 to 268435456 bytes");
     }
@@ -564,15 +525,27 @@ Status Store::Impl::LoadOrCreateHeader() {
   if (!h->hash_algorithm() || h->hash_algorithm()->str() != kHashAlgorithm) {
     return Status::NotSupported("store uses an unknown hash algorithm");
   }
-  if (h->chunk_size() == 0 || h->codec() > static_cast<uint8_t>(Codec::kZstd)) {
-    return Status::Corruption("store header has an invalid chunk size or codec");
+  if (h->chunk_size() < 4096 || h->chunk_size() > kMaxChunkSize) {
+    return Status::Corruption("store header (meta/header) has chunk_size " +
+                              std::to_string(h->chunk_size()) + "; valid: 4096 to " +
+                              std::to_string(kMaxChunkSize));
+  }
+  if (h->inline_threshold() > h->chunk_size()) {
+    return Status::Corruption("store header (meta/header) has inline_threshold " +
+                              std::to_string(h->inline_threshold()) + " above its chunk_size " +
+                              std::to_string(h->chunk_size()));
+  }
+  if (h->codec() > static_cast<uint8_t>(Codec::kZstd)) {
+    return Status::Corruption("store header (meta/header) has codec " + std::to_string(h->codec()) +
+                              "; valid: 0 (raw) or 1 (zstd)");
   }
   chunk_size_ = h->chunk_size();
   inline_threshold_ = h->inline_threshold();
   codec_ = static_cast<Codec>(h->codec());
   std::string seq;
   s = db_->Get(rocksdb::ReadOptions(), meta_, kNextSequenceKey, &seq);
-  if (!s.ok() || !DecodeU64(seq, &next_sequence_)) {
+  if (!s.ok() || !DecodeU64(seq, &next_sequence_) || next_sequence_ == 0 ||
+      next_sequence_ == UINT64_MAX) {
     return Status::Corruption("store meta/next_sequence is missing or malformed");
   }
   return Status::OK();
@@ -712,16 +685,19 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
     ASSIGN_OR_RETURN(pending, impl_->PendingForSave(tag));
   }
   const std::string where = tag + "/" + file + ":" + param;
-  uint64_t esize = DTypeSize(meta.dtype);
-  uint64_t numel = 1;
+  const uint64_t esize = DTypeSize(meta.dtype);
+  if (esize == 0) return Status::InvalidArgument(where + ": unknown dtype");
   for (int64_t d : meta.shape) {
     if (d < 0) return Status::InvalidArgument(where + ": negative dimension in shape");
-    numel *= static_cast<uint64_t>(d);
   }
-  if (numel * esize != bytes.length) {
-    return Status::InvalidArgument(where + ": shape and dtype give " +
-                                   std::to_string(numel * esize) + " bytes but " +
-                                   std::to_string(bytes.length) + " were given");
+  const auto expect = CheckedByteLength(meta.shape, esize);
+  if (!expect) {
+    return Status::InvalidArgument(where + ": shape " + ShapeString(meta.shape) +
+                                   " overflows a 64-bit byte length");
+  }
+  if (*expect != bytes.length) {
+    return Status::InvalidArgument(where + ": shape and dtype give " + std::to_string(*expect) +
+                                   " bytes but " + std::to_string(bytes.length) + " were given");
   }
   if (bytes.data == nullptr && !bytes.fill && bytes.length > 0) {
     return Status::InvalidArgument(where + ": no bytes given");
@@ -965,6 +941,7 @@ Status Store::Impl::TagNotFound(const std::string& tag) const {
   std::vector<std::string> names;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), tags_));
   for (it->SeekToFirst(); it->Valid(); it->Next()) names.push_back(it->key().ToString());
+  RETURN_IF_ERROR(FromRocks(it->status(), "listing the tags of store '" + dir_ + "'"));
   return Status::NotFound("tag " + Quote(tag) + " does not exist in store '" + dir_ +
                           "'; committed tags: " + JoinNames(names));
 }
@@ -1015,10 +992,16 @@ Result<std::string> Store::GetFileTree(const std::string& tag, const std::string
                             "; its files: " + JoinNames(info.files));
   }
   RETURN_IF_ERROR(FromRocks(s, "reading " + tag + "/" + file));
-  if (VerifiedStateTree(bytes) == nullptr) {
+  const fb::StateTree* tree = VerifiedStateTree(bytes);
+  if (tree == nullptr) {
     return Status::Corruption("state tree of " + tag + "/" + file + " (files key " + Quote(tag) +
                               "\\0" + Quote(file) + ") fails verification");
   }
+  // A walk within the node budget, so that every decoder of these bytes is
+  // bounded by their size.
+  std::vector<std::string> paths;
+  RETURN_IF_ERROR(
+      CollectTreeTensors(*tree, bytes.size(), "state tree of " + tag + "/" + file, &paths));
   return bytes;
 }
 
@@ -1087,6 +1070,7 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
   const size_t n = (offset + len - 1) / cs + 1 - first_chunk;
   const size_t batches = (n + kReadBatch - 1) / kReadBatch;
   std::vector<Status> errors(batches);
+  std::vector<std::optional<Digest>> bad(batches);  // a block found missing or damaged
   std::atomic<uint64_t> read_bytes{0};
   impl_->pool_->ParallelFor(batches, [&](size_t bi) {
     size_t first = bi * kReadBatch;
@@ -1110,6 +1094,7 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
       if (statuses[k].IsNotFound()) {
         errors[bi] = Status::Corruption(where + ": block " + d.Hex() + " (chunk " +
                                         std::to_string(i) + ") is missing from the store");
+        bad[bi] = d;
         return;
       }
       if (!statuses[k].ok()) {
@@ -1127,11 +1112,13 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
       Status s = DecodeBlock(values[k].ToStringView(), out, clen);
       if (!s.ok()) {
         errors[bi] = s.WithContext(where + ": block " + d.Hex());
+        bad[bi] = d;
         return;
       }
       if (Digest::Of(out, clen) != d) {
         errors[bi] = Status::Corruption(where + ": block " + d.Hex() + " (chunk " +
                                         std::to_string(i) + ") does not match its digest");
+        bad[bi] = d;
         return;
       }
       if (!whole) std::memcpy(dst + (lo - offset), partial.data() + (lo - cbegin), hi - lo);
@@ -1139,8 +1126,15 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
     }
   });
   impl_->block_bytes_read_ += read_bytes.load();
+  // A save must never reuse a block a read found bad: forget it, so that
+  // the next save of those bytes writes them again (self-healing dedup).
+  std::vector<Digest> forget;
+  for (const auto& d : bad) {
+    if (d) forget.push_back(*d);
+  }
+  Status forgot = impl_->ForgetBlocks(forget);
   for (auto& e : errors) RETURN_IF_ERROR(e);
-  return Status::OK();
+  return forgot;
 }
 
 uint64_t Store::BlockBytesRead() const { return impl_->block_bytes_read_.load(); }
@@ -1301,17 +1295,18 @@ Result<GcStats> Store::Gc(bool dry_run) {
   return stats;
 }
 
-void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report,
-                            std::unordered_map<Digest, std::string, DigestHash>* checked) const {
+void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report, BlockVerdicts* checked,
+                            const VerifyOptions& options) const {
   auto problem = [&](std::string file, std::string param, std::string digest, std::string what) {
     report->problems.push_back(
         VerifyProblem{tag, std::move(file), std::move(param), std::move(digest), std::move(what)});
   };
   auto info_or = FindTag(tag);
-  if (!info_or.ok()) {
-    problem("", "", "", info_or.status().ToString());
+  if (!info_or.ok() || !info_or.value()) {
+    problem("", "", "", info_or.ok() ? "commit record vanished" : info_or.status().ToString());
     return;
   }
+  const TagInfo& info = **info_or;
   report->tags++;
   std::string prefix = TagPrefix(tag);
   std::string end = PrefixEnd(prefix);
@@ -1319,91 +1314,195 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report,
   rocksdb::Slice upper(end);
   ro.iterate_upper_bound = &upper;
 
-  // Files: every listed file has a verified tree.
+  // Tensor records, by file: each must pass its checks.
+  std::map<std::string, std::set<std::string>> params_of;
+  uint64_t records = 0;
+  std::vector<std::string> good_bytes;
+  std::vector<std::pair<std::string, std::string>> good_names;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, tensors_));
+  for (it->Seek(prefix); it->Valid(); it->Next()) {
+    std::string_view parts[3];
+    if (!SplitKey(it->key().ToStringView(), 3, parts)) {
+      problem("", "", "", "malformed tensor key " + Quote(it->key().ToStringView()));
+      continue;
+    }
+    std::string file(parts[1]), param(parts[2]);
+    records++;
+    report->tensors++;
+    params_of[file].insert(param);
+    const fb::TensorRecord* r = nullptr;
+    Status s = VerifyTensorRecordBytes(it->value().ToStringView(), "record", &r);
+    if (!s.ok()) {
+      problem(file, param, "", s.message());
+      continue;
+    }
+    good_bytes.push_back(it->value().ToString());
+    good_names.emplace_back(file, param);
+  }
+  if (!it->status().ok()) {
+    problem("", "", "", "tensor records cannot be scanned: " + it->status().ToString());
+    return;
+  }
+  it.reset();
+
+  // Files: every file the commit record lists has a tree that decodes
+  // within its limits, and every tensor node of it has a record.
   std::set<std::string> files_seen;
   std::unique_ptr<rocksdb::Iterator> fit(db_->NewIterator(ro, files_));
   for (fit->Seek(prefix); fit->Valid(); fit->Next()) {
     std::string file = fit->key().ToString().substr(prefix.size());
     files_seen.insert(file);
     report->files++;
-    if (VerifiedStateTree(fit->value().ToStringView()) == nullptr) {
+    const std::string_view bytes = fit->value().ToStringView();
+    const fb::StateTree* tree = VerifiedStateTree(bytes);
+    if (tree == nullptr) {
       problem(file, "", "", "state tree fails verification");
+      continue;
+    }
+    std::vector<std::string> paths;
+    Status ts = CollectTreeTensors(*tree, bytes.size(), "state tree", &paths);
+    if (!ts.ok()) {
+      problem(file, "", "", ts.message());
+      continue;
+    }
+    const std::set<std::string>& params = params_of[file];
+    std::set<std::string> distinct(paths.begin(), paths.end());
+    for (const auto& p : distinct) {
+      if (!params.count(p)) problem(file, p, "", "state tree names a tensor that has no record");
     }
   }
-  if (info_or.value()) {
-    for (const auto& f : info_or.value()->files) {
-      if (!files_seen.count(f)) problem(f, "", "", "file listed by the commit record is missing");
+  if (!fit->status().ok()) {
+    problem("", "", "", "state trees cannot be scanned: " + fit->status().ToString());
+  }
+  fit.reset();
+  for (const auto& f : info.files) {
+    if (!files_seen.count(f)) problem(f, "", "", "file listed by the commit record is missing");
+  }
+  for (const auto& f : files_seen) {
+    if (std::find(info.files.begin(), info.files.end(), f) == info.files.end()) {
+      problem(f, "", "", "file is not listed by the commit record");
     }
+  }
+  for (const auto& [f, params] : params_of) {
+    if (!files_seen.count(f)) problem(f, "", "", "tensor records of a file without a state tree");
+  }
+  if (records != info.tensors) {
+    problem("", "", "",
+            "commit record says " + std::to_string(info.tensors) + " tensors, the tag has " +
+                std::to_string(records) + " records");
   }
 
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, tensors_));
+  // Blocks: each referenced chunk decodes to its digest and is indexed.
   std::vector<uint8_t> buf;
-  for (it->Seek(prefix); it->Valid(); it->Next()) {
-    std::string_view parts[3];
-    SplitKey(it->key().ToStringView(), 3, parts);
-    std::string file(parts[1]), param(parts[2]);
-    report->tensors++;
-    const fb::TensorRecord* r = VerifiedTensorRecord(it->value().ToStringView());
-    if (r == nullptr) {
-      problem(file, param, "", "tensor record fails verification");
-      continue;
-    }
-    Status s = CheckTensorRecord(*r, "record");
-    if (!s.ok()) {
-      problem(file, param, "", s.message());
-      continue;
-    }
+  for (size_t k = 0; k < good_bytes.size(); ++k) {
+    const fb::TensorRecord* r = flatbuffers::GetRoot<fb::TensorRecord>(good_bytes[k].data());
+    const auto& [file, param] = good_names[k];
     if (!r->chunks()) continue;  // inline: checked with the record
     const uint64_t cs = r->chunk_size();
     for (size_t i = 0; i < r->chunks()->size(); ++i) {
       Digest d = FromFb(*r->chunks()->Get(i));
-      uint64_t clen = std::min<uint64_t>(cs, r->byte_length() - i * cs);
+      const uint64_t clen = std::min<uint64_t>(cs, r->byte_length() - i * cs);
       auto c = checked->find(d);
       if (c == checked->end()) {
-        std::string what;
-        std::string value;
-        rocksdb::Status rs = db_->Get(rocksdb::ReadOptions(), blocks_, PayloadKey(d), &value);
-        std::string idx;
-        rocksdb::Status is = db_->Get(rocksdb::ReadOptions(), index_, d.Key(), &idx);
-        if (rs.IsNotFound()) {
-          what = "block is missing";
-        } else if (!rs.ok()) {
-          what = "block cannot be read: " + rs.ToString();
-        } else {
-          buf.resize(clen);
-          Status ds = DecodeBlock(value, buf.data(), clen);
-          if (!ds.ok()) {
-            what = ds.message();
-          } else if (Digest::Of(buf.data(), clen) != d) {
-            what = "block bytes do not match their digest";
-          } else if (!is.ok()) {
-            what = "block has no index entry";
-          }
+        BlockVerdict v = CheckBlock(d, clen, &buf);
+        if (v.read) {
           report->blocks_checked++;
           report->bytes_checked += clen;
         }
-        c = checked->emplace(d, what).first;
+        if (options.progress) options.progress(clen);
+        c = checked->emplace(d, std::move(v)).first;
       }
-      if (!c->second.empty())
-        problem(file, param, d.Hex(), c->second + " (chunk " + std::to_string(i) + ")");
+      if (!c->second.what.empty()) {
+        problem(file, param, d.Hex(), c->second.what + " (chunk " + std::to_string(i) + ")");
+        report->damaged_tags.insert(tag);
+      }
     }
   }
-  if (!it->status().ok()) problem("", "", "", "scan failed: " + it->status().ToString());
+  if (!report->problems.empty() && report->problems.back().tag == tag) {
+    report->damaged_tags.insert(tag);
+  }
+}
+
+Store::Impl::BlockVerdict Store::Impl::CheckBlock(const Digest& d, uint64_t len,
+                                                  std::vector<uint8_t>* buf) const {
+  BlockVerdict v;
+  std::string value;
+  rocksdb::Status rs = db_->Get(rocksdb::ReadOptions(), blocks_, PayloadKey(d), &value);
+  std::string idx;
+  rocksdb::Status is = db_->Get(rocksdb::ReadOptions(), index_, d.Key(), &idx);
+  uint32_t raw = 0, stored = 0;
+  if (rs.IsNotFound()) {
+    v.what = "block is missing";
+    v.bad = true;
+  } else if (!rs.ok()) {
+    v.what = "block cannot be read: " + rs.ToString();
+    v.bad = true;
+  } else {
+    v.read = true;
+    buf->resize(len);
+    Status ds = DecodeBlock(value, buf->data(), len);
+    if (!ds.ok()) {
+      v.what = ds.message();
+      v.bad = true;
+    } else if (Digest::Of(buf->data(), len) != d) {
+      v.what = "block bytes do not match their digest";
+      v.bad = true;
+    }
+  }
+  if (!v.bad) {
+    if (is.IsNotFound()) {
+      v.what = "block has no index entry";
+    } else if (!is.ok()) {
+      v.what = "index entry cannot be read: " + is.ToString();
+    } else if (!DecodeIndexValue(idx, &raw, &stored) || raw != len) {
+      v.what = "index entry is malformed or names another length";
+    }
+  }
+  v.indexed = is.ok();
+  return v;
+}
+
+Status Store::Impl::ForgetBlocks(const std::vector<Digest>& bad) const {
+  if (bad.empty() || options_.read_only) return Status::OK();
+  rocksdb::WriteBatch batch;
+  for (const Digest& d : bad) batch.Delete(index_, d.Key());
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "dropping index entries of bad blocks"));
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const Digest& d : bad) written_.erase(d);
+  return Status::OK();
 }
 
 Result<VerifyReport> Store::Verify(const std::optional<std::string>& tag) const {
+  VerifyOptions o;
+  o.tag = tag;
+  return Verify(o);
+}
+
+Result<VerifyReport> Store::Verify(const VerifyOptions& options) const {
+  if (options.repair) RETURN_IF_ERROR(impl_->WritableCheck("verify --repair"));
   VerifyReport report;
-  std::unordered_map<Digest, std::string, DigestHash> checked;
-  if (tag) {
-    RETURN_IF_ERROR(GetTag(*tag).status());
-    impl_->VerifyTag(*tag, &report, &checked);
-    return report;
-  }
+  Impl::BlockVerdicts checked;
   std::vector<std::string> names;
-  std::unique_ptr<rocksdb::Iterator> it(
-      impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
-  for (it->SeekToFirst(); it->Valid(); it->Next()) names.push_back(it->key().ToString());
-  for (const auto& t : names) impl_->VerifyTag(t, &report, &checked);
+  if (options.tag) {
+    RETURN_IF_ERROR(GetTag(*options.tag).status());
+    names.push_back(*options.tag);
+  } else {
+    std::unique_ptr<rocksdb::Iterator> it(
+        impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) names.push_back(it->key().ToString());
+    RETURN_IF_ERROR(FromRocks(it->status(), "listing the tags of store '" + dir() + "'"));
+  }
+  for (const auto& t : names) impl_->VerifyTag(t, &report, &checked, options);
+  if (options.repair) {
+    std::vector<Digest> bad;
+    for (const auto& [d, v] : checked) {
+      if (v.bad && v.indexed) bad.push_back(d);
+    }
+    RETURN_IF_ERROR(impl_->ForgetBlocks(bad));
+    report.blocks_forgotten = bad.size();
+  }
   return report;
 }
 

@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -164,7 +165,19 @@ struct VerifyReport {
   uint64_t tags = 0, files = 0, tensors = 0;
   uint64_t blocks_checked = 0, bytes_checked = 0;
   std::vector<VerifyProblem> problems;
+  std::set<std::string> damaged_tags;  // tags with at least one problem
+  uint64_t blocks_forgotten = 0;       // repair: bad blocks whose index entry was dropped
   bool ok() const { return problems.empty(); }
+};
+
+struct VerifyOptions {
+  std::optional<std::string> tag;  // one tag, or all
+  // Drop the index entries of bad or missing blocks (one synced batch), so
+  // that the next save of their bytes writes them again. Needs a writable
+  // store. Damaged tags stay damaged until their bytes are saved again.
+  bool repair = false;
+  // Called with the raw bytes of each block checked.
+  std::function<void(uint64_t)> progress;
 };
 
 class Store {
@@ -236,8 +249,13 @@ class Store {
   Status SetLatest(const std::string& tag);
   // Mark and sweep of blocks no committed or pending tag references.
   Result<GcStats> Gc(bool dry_run = false);
-  // Re-hashes every block the tag (or every tag) references.
+  // Checks the tag (or every tag) as a loader would need it: the commit
+  // record and its counts, every state tree (decoded within its limits,
+  // each tensor node with a record), every tensor record, and every block
+  // it references (re-hashed, indexed). Problems are listed, not returned
+  // as errors; an error means the store's metadata could not be scanned.
   Result<VerifyReport> Verify(const std::optional<std::string>& tag = std::nullopt) const;
+  Result<VerifyReport> Verify(const VerifyOptions& options) const;
   // Bytes of the store's files on disk.
   uint64_t DiskBytes() const;
 

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "store/store.h"
+#include "tools/kv_browser/analysis.h"
 #include "tools/proc_stats.h"
 
 namespace fs = std::filesystem;
@@ -126,51 +127,49 @@ int RunLs(const std::string& db, bool as_json) {
   return 0;
 }
 
-int RunVerify(const std::string& db, const std::optional<std::string>& tag, bool as_json) {
-  auto store_or = OpenExisting(db, /*read_only=*/true);
+int RunVerify(const std::string& db, const std::optional<std::string>& tag, bool as_json,
+              bool repair) {
+  auto store_or = OpenExisting(db, /*read_only=*/!repair);
   if (!store_or.ok()) return ReportError(store_or.status());
   double t0 = NowSeconds();
-  auto report_or = (*store_or)->Verify(tag);
+  auto report_or = kvb::VerifyStore(**store_or, tag, repair);
   double secs = NowSeconds() - t0;
   if (!report_or.ok()) return ReportError(report_or.status());
-  const VerifyReport& r = *report_or;
+  json out = std::move(report_or).value();
+  out["store"] = db;
+  out["tag"] = tag ? json(*tag) : json(nullptr);
+  out["seconds"] = secs;
+  const bool ok = out["ok"].get<bool>();
   if (as_json) {
-    json out;
-    out["store"] = db;
-    out["tag"] = tag ? json(*tag) : json(nullptr);
-    out["ok"] = r.ok();
-    out["tags"] = r.tags;
-    out["files"] = r.files;
-    out["tensors"] = r.tensors;
-    out["blocks_checked"] = r.blocks_checked;
-    out["bytes_checked"] = r.bytes_checked;
-    out["seconds"] = secs;
-    json problems = json::array();
-    for (const auto& p : r.problems) {
-      problems.push_back({{"tag", p.tag},
-                          {"file", p.file},
-                          {"param", p.param},
-                          {"digest", p.digest},
-                          {"what", p.what}});
-    }
-    out["problems"] = std::move(problems);
     std::cout << out.dump(2) << std::endl;
-  } else {
-    for (const auto& p : r.problems) {
-      std::cerr << "problem: tag=" << p.tag;
-      if (!p.file.empty()) std::cerr << " file=" << p.file;
-      if (!p.param.empty()) std::cerr << " param=" << p.param;
-      if (!p.digest.empty()) std::cerr << " digest=" << p.digest;
-      std::cerr << ": " << p.what << "\n";
-    }
-    std::printf("verified %llu tags, %llu files, %llu tensors, %llu blocks (%s) in %.2f s: %s\n",
-                static_cast<unsigned long long>(r.tags), static_cast<unsigned long long>(r.files),
-                static_cast<unsigned long long>(r.tensors),
-                static_cast<unsigned long long>(r.blocks_checked),
-                HumanBytes(r.bytes_checked).c_str(), secs,
-                r.ok() ? "ok" : (std::to_string(r.problems.size()) + " problem(s)").c_str());
+    return ok ? 0 : 2;
   }
-  return r.ok() ? 0 : 2;
+  for (const auto& p : out["problems"]) {
+    std::cerr << "problem: tag=" << p["tag"].get<std::string>();
+    for (const char* k : {"file", "param", "digest"}) {
+      const std::string v = p[k].get<std::string>();
+      if (!v.empty()) std::cerr << " " << k << "=" << v;
+    }
+    std::cerr << ": " << p["what"].get<std::string>() << "\n";
+  }
+  std::printf("verified %llu tags, %llu files, %llu tensors, %llu blocks (%s) in %.2f s: %s\n",
+              static_cast<unsigned long long>(out["tags"].get<uint64_t>()),
+              static_cast<unsigned long long>(out["files"].get<uint64_t>()),
+              static_cast<unsigned long long>(out["tensors"].get<uint64_t>()),
+              static_cast<unsigned long long>(out["blocks_checked"].get<uint64_t>()),
+              HumanBytes(out["bytes_checked"].get<uint64_t>()).c_str(), secs,
+              ok ? "ok" : (std::to_string(out["problems"].size()) + " problem(s)").c_str());
+  if (repair) {
+    std::printf("repair: %llu bad block(s) forgotten; the next save of their bytes rewrites them\n",
+                static_cast<unsigned long long>(out["blocks_forgotten"].get<uint64_t>()));
+  }
+  if (!out["damaged_tags"].empty()) {
+    std::string names;
+    for (const auto& t : out["damaged_tags"])
+      names += (names.empty() ? "" : ", ") + t.get<std::string>();
+    std::printf("damaged tags: %s\n", names.c_str());
+  }
+  return ok ? 0 : 2;
 }
 
 int RunGc(const std::string& db, bool dry_run, bool as_json) {

@@ -17,7 +17,7 @@ int ExitCodeFor(const Status& s);
 int ReportError(const Status& s);
 
 int RunLs(const std::string& db, bool json);
-int RunVerify(const std::string& db, const std::optional<std::string>& tag, bool json);
+int RunVerify(const std::string& db, const std::optional<std::string>& tag, bool json, bool repair);
 int RunGc(const std::string& db, bool dry_run, bool json);
 int RunRm(const std::string& db, const std::string& tag);
 

@@ -5,7 +5,7 @@
 //                 [--scenarios all|core|reshape] [--reshape-layers N] [--reshape-hidden H]
 //                 [--reshape-vocab V]
 //   ckptkv ls     --db DIR [--json]
-//   ckptkv verify --db DIR [--tag T] [--json]
+//   ckptkv verify --db DIR [--tag T] [--json] [--repair]
 //   ckptkv gc     --db DIR [--dry-run] [--json]
 //   ckptkv rm     --db DIR TAG
 //   ckptkv synth  --db DIR --tag T --tp N --pp M --dp K --zero-stage S [--dtype bf16|fp32] ...
@@ -107,6 +107,9 @@ int Run(int argc, char** argv) {
   verify_cmd->add_option("--db", db, "store directory")->required();
   verify_cmd->add_option("--tag", tag, "only this tag");
   verify_cmd->add_flag("--json", json, "JSON output");
+  bool repair = false;
+  verify_cmd->add_flag("--repair", repair,
+                       "drop the index entries of bad blocks so the next save rewrites them");
 
   bool dry_run = false;
   auto* gc_cmd = app.add_subcommand("gc", "remove blocks no tag references");
@@ -134,7 +137,7 @@ int Run(int argc, char** argv) {
   if (*verify_cmd) {
     std::optional<std::string> t;
     if (verify_cmd->count("--tag") > 0) t = tag;
-    return RunVerify(db, t, json);
+    return RunVerify(db, t, json, repair);
   }
   if (*gc_cmd) return RunGc(db, dry_run, json);
   if (*rm_cmd) return RunRm(db, tag);

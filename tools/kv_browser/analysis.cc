@@ -251,72 +251,48 @@ Result<json> DuReport(Browser& b, const std::string& by, int depth) {
   return out;
 }
 
-Result<json> VerifyTags(Browser& b, const std::vector<std::string>& only) {
-  ASSIGN_OR_RETURN(const auto* all, b.Tags());
-  std::vector<TagInfo> tags;
-  uint64_t total = 0;
-  for (const auto& t : *all) {
-    if (only.empty() || std::find(only.begin(), only.end(), t.tag) != only.end()) {
-      tags.push_back(t);
-      total += t.logical_bytes;
-    }
-  }
+json VerifyReportJson(const VerifyReport& r) {
   json problems = json::array();
-  auto problem = [&](const std::string& tag, const std::string& file, const std::string& param,
-                     const std::string& digest, const std::string& what) {
-    problems.push_back(
-        {{"tag", tag}, {"file", file}, {"param", param}, {"digest", digest}, {"what", what}});
-  };
-  Store& s = b.store();
-  std::unordered_map<Digest, std::string, DigestHash> checked;  // digest -> problem ("" = ok)
-  uint64_t files = 0, tensors = 0, blocks = 0, bytes = 0;
-  std::vector<uint8_t> buf;
-  Progress progress("verify", total);
-  for (const auto& t : tags) {
-    for (const auto& f : t.files) {
-      files++;
-      auto tree = s.GetFileTree(t.tag, f);
-      if (!tree.ok()) problem(t.tag, f, "", "", tree.status().ToString());
-      auto params = s.ListParams(t.tag, f);
-      if (!params.ok()) {
-        problem(t.tag, f, "", "", params.status().ToString());
-        continue;
-      }
-      for (const auto& p : *params) {
-        tensors++;
-        auto rec = s.GetTensorRecord(t.tag, f, p);
-        if (!rec.ok()) {
-          problem(t.tag, f, p, "", rec.status().ToString());
-          continue;
-        }
-        TensorEntry e{f, p, std::move(rec).value()};
-        if (e.is_inline()) progress.Add(e.bytes());
-        for (size_t i = 0; i < e.num_chunks(); ++i) {
-          Digest d = e.chunk(i);
-          uint64_t len = e.chunk_length(i);
-          auto it = checked.find(d);
-          if (it == checked.end()) {
-            buf.resize(len);
-            Status rs = b.Read(e, e.chunk_offset(i), len, buf.data());
-            blocks++;
-            bytes += len;
-            it = checked.emplace(d, rs.ok() ? "" : rs.ToString()).first;
-          }
-          if (!it->second.empty()) problem(t.tag, f, p, d.Hex(), it->second);
-          progress.Add(len);
-        }
-      }
-    }
+  for (const auto& p : r.problems) {
+    problems.push_back({{"tag", p.tag},
+                        {"file", p.file},
+                        {"param", p.param},
+                        {"digest", p.digest},
+                        {"what", p.what}});
   }
+  return json{
+      {"ok", r.ok()},
+      {"tags", r.tags},
+      {"files", r.files},
+      {"tensors", r.tensors},
+      {"blocks_checked", r.blocks_checked},
+      {"bytes_checked", r.bytes_checked},
+      {"problems", std::move(problems)},
+      {"damaged_tags", std::vector<std::string>(r.damaged_tags.begin(), r.damaged_tags.end())},
+      {"blocks_forgotten", r.blocks_forgotten}};
+}
+
+Result<json> VerifyStore(const Store& store, const std::optional<std::string>& tag, bool repair) {
+  uint64_t total = 0;
+  ASSIGN_OR_RETURN(auto tags, store.ListTags());
+  for (const auto& t : tags) {
+    if (!tag || t.tag == *tag) total += t.logical_bytes;
+  }
+  Progress progress(repair ? "verify --repair" : "verify", total);
+  VerifyOptions o;
+  o.tag = tag;
+  o.repair = repair;
+  o.progress = [&progress](uint64_t n) { progress.Add(n); };
+  ASSIGN_OR_RETURN(VerifyReport r, store.Verify(o));
   progress.Done();
-  bool ok = problems.empty();
-  return json{{"ok", ok},
-              {"tags", tags.size()},
-              {"files", files},
-              {"tensors", tensors},
-              {"blocks_checked", blocks},
-              {"bytes_checked", bytes},
-              {"problems", std::move(problems)}};
+  json out = VerifyReportJson(r);
+  out["repair"] = repair;
+  return out;
+}
+
+Result<json> VerifyTags(Browser& b, const std::vector<std::string>& only) {
+  if (only.size() > 1) return Status::InvalidArgument("verify takes one tag or all");
+  return VerifyStore(b.store(), only.empty() ? std::nullopt : std::optional(only[0]), false);
 }
 
 }  // namespace ckptkv::kvb

@@ -56,6 +56,11 @@ Result<json> MetaReport(Browser& b, const std::string& tag, const std::string& f
 // by: "tag", "file" or "param-prefix" (depth components of the param path).
 Result<json> DuReport(Browser& b, const std::string& by, int depth);
 // Every tag when `tags` is empty. ok=false when a problem was found.
+// One verifier for kv-browser and ckptkv (Store::Verify): the report as
+// JSON (docs/kv-browser.md lists its fields), with a progress bar on a
+// terminal. `repair` needs a writable store.
+json VerifyReportJson(const VerifyReport& r);
+Result<json> VerifyStore(const Store& store, const std::optional<std::string>& tag, bool repair);
 Result<json> VerifyTags(Browser& b, const std::vector<std::string>& tags);
 
 }  // namespace ckptkv::kvb

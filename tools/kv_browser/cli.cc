@@ -105,6 +105,10 @@ int RunCli(int argc, char** argv) {
   auto* verify_cmd = app.add_subcommand("verify", "re-hash every block; check every record");
   verify_cmd->add_option("tag", tag, "one tag (default: all)");
   verify_cmd->add_flag("--all", all, "every tag");
+  bool repair = false;
+  verify_cmd->add_flag("--repair", repair,
+                       "drop the index entries of bad blocks (takes the write lock), so the "
+                       "next save of their bytes writes them again");
   auto write_opts = [&](CLI::App* c) {
     c->add_flag("--dry-run", wf.dry_run, "only show what would be done");
     c->add_flag("-y,--yes", wf.yes, "write without asking");
@@ -209,17 +213,17 @@ int RunCli(int argc, char** argv) {
                        [&](Browser& b) { return Emit(DuReport(b, by, depth), as_json, RenderDu); });
   }
   if (*verify_cmd) {
-    return WithBrowser(db, [&](Browser& b) {
-      std::vector<std::string> only;
-      if (!tag.empty() && !all) {
-        auto t = Tag(b, tag);
-        if (!t.ok()) return ReportError(t.status());
-        only.push_back(*t);
-      }
-      auto r = VerifyTags(b, only);
-      int rc = Emit(r, as_json, RenderVerify);
-      return rc == 0 && !(*r)["ok"].get<bool>() ? 2 : rc;
-    });
+    auto b = Browser::Open(db, repair ? Browser::Mode::kWrite : Browser::Mode::kReadOnly);
+    if (!b.ok()) return ReportError(b.status());
+    std::optional<std::string> only;
+    if (!tag.empty() && !all) {
+      auto t = Tag(**b, tag);
+      if (!t.ok()) return ReportError(t.status());
+      only = *t;
+    }
+    auto r = VerifyStore((*b)->store(), only, repair);
+    int rc = Emit(r, as_json, RenderVerify);
+    return rc == 0 && !(*r)["ok"].get<bool>() ? 2 : rc;
   }
   if (*gc_cmd) return RunGc(db, wf);
   if (*rm_cmd) return RunRm(db, tags, wf);

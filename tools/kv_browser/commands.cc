@@ -289,6 +289,15 @@ void RenderVerify(const json& j) {
       Str(j["files"]).c_str(), Str(j["tensors"]).c_str(), Str(j["blocks_checked"]).c_str(),
       HumanBytes(U(j["bytes_checked"])).c_str(),
       j["ok"].get<bool>() ? "ok" : (std::to_string(j["problems"].size()) + " problem(s)").c_str());
+  if (j.value("repair", false)) {
+    std::printf("repair: %s bad block(s) forgotten; the next save of their bytes rewrites them\n",
+                Str(j["blocks_forgotten"]).c_str());
+  }
+  if (j.contains("damaged_tags") && !j["damaged_tags"].empty()) {
+    std::string names;
+    for (const auto& t : j["damaged_tags"]) names += (names.empty() ? "" : ", ") + Str(t);
+    std::printf("damaged tags: %s\n", names.c_str());
+  }
 }
 
 void RenderExport(const json& j) {

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "store/names.h"
+
 namespace ckptkv::kvb {
 
 // "1.50 MiB", "312 B".
@@ -14,7 +16,6 @@ std::string HumanBytes(uint64_t bytes);
 // Local time "YYYY-MM-DD HH:MM:SS" of a unix epoch in milliseconds.
 std::string FormatTime(int64_t ms);
 // "[4, 8]".
-std::string ShapeString(const std::vector<int64_t>& shape);
 // A double in short form (integers without a fraction, nan, inf).
 std::string FormatNumber(double v);
 
