@@ -9,8 +9,12 @@
 #include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
 
+#include <stdlib.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <filesystem>
 #include <cstring>
@@ -19,6 +23,7 @@
 #include <shared_mutex>
 #include <mutex>
 #include <unordered_map>
+#include <thread>
 #include <unordered_set>
 
 #include "store/file_lock.h"
@@ -280,6 +285,7 @@ class Store::Impl {
   rocksdb::ColumnFamilyHandle* tensors_ = nullptr;
   rocksdb::ColumnFamilyHandle* files_ = nullptr;
   rocksdb::ColumnFamilyHandle* tags_ = nullptr;
+  bool no_header_ = false;  // a read-only open found no header
   uint32_t chunk_size_ = 0;
   uint32_t inline_threshold_ = 0;
   Codec codec_ = Codec::kRaw;
@@ -293,7 +299,7 @@ class Store::Impl {
   uint64_t next_sequence_ = 1;
   // Set when blocks were written without the WAL and not yet flushed.
   std::atomic<bool> unflushed_blocks_{false};
-  std::atomic<uint64_t> block_bytes_read_{0};
+  mutable std::atomic<uint64_t> block_bytes_read_{0};
   std::mutex commit_mu_;  // one commit / delete / gc at a time
   // Chunk writes hold it shared from their dedup check to their pin; Gc
   // holds it exclusively from marking to its delete batch, so it never
@@ -361,6 +367,18 @@ class Store::Impl {
   // Drops the index entries of blocks found bad (one synced batch), so that
   // the next save of their bytes writes them again. No-op when read-only.
   Status ForgetBlocks(const std::vector<Digest>& bad) const;
+  // A new read-only view of this store (for confirming what a read-only
+  // view found wrong).
+  Result<std::unique_ptr<Store>> FreshView() const {
+    StoreOptions o = options_;
+    o.create_if_missing = false;
+    o.read_only = true;
+    return Store::Open(dir_, o);
+  }
+  // The chunks of [offset, offset+len) of a checked record; *missing tells
+  // whether a block was not found.
+  Status ReadChunks(const fb::TensorRecord& r, uint64_t offset, uint64_t len, uint8_t* dst,
+                    const std::string& where, bool* missing) const;
 };
 
 Status Store::Impl::CheckIsStore() {
@@ -486,6 +504,7 @@ Status Store::Impl::LoadOrCreateHeader() {
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), meta_, kHeaderKey, &bytes);
   if (s.IsNotFound()) {
     if (options_.read_only) {
+      no_header_ = true;
       return Status::InvalidArgument("'" + dir_ +
                                      "' has no ckptkv header; it is not a ckptkv store");
     }
@@ -556,11 +575,21 @@ Store::~Store() = default;
 
 Result<std::unique_ptr<Store>> Store::Open(const std::string& dir, const StoreOptions& options) {
   if (dir.empty()) return Status::InvalidArgument("store directory is empty; give a path");
-  auto impl = std::make_unique<Impl>();
-  impl->dir_ = dir;
-  impl->options_ = options;
-  RETURN_IF_ERROR(impl->Open());
-  return std::unique_ptr<Store>(new Store(std::move(impl)));
+  // A read-only open beside a writer that is itself opening (replaying and
+  // deleting its log) or compacting can see a half-made view: the header
+  // not there yet, a file that just went. Such opens are retried briefly.
+  for (int attempt = 0;; ++attempt) {
+    auto impl = std::make_unique<Impl>();
+    impl->dir_ = dir;
+    impl->options_ = options;
+    Status s = impl->Open();
+    if (s.ok()) return std::unique_ptr<Store>(new Store(std::move(impl)));
+    const bool transient = options.read_only && (s.code() == Status::Code::kIOError ||
+                                                 s.IsCorruption() || impl->no_header_);
+    if (!transient || attempt >= 10) return s;
+    impl.reset();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 const std::string& Store::dir() const { return impl_->dir_; }
@@ -1064,6 +1093,25 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
     return Status::OK();
   }
   if (len == 0) return Status::OK();
+  bool missing = false;
+  Status s = impl_->ReadChunks(r, offset, len, dst, where, &missing);
+  if (!s.ok() && impl_->options_.read_only) {
+    // A read-only view of a store another process writes may name a block
+    // it does not see (RocksDB gives such a view no consistency). Before a
+    // reader reports it, a fresh view must agree.
+    auto fresh = impl_->FreshView();
+    if (fresh.ok()) {
+      Status again = (*fresh)->impl_->ReadChunks(r, offset, len, dst, where, &missing);
+      impl_->block_bytes_read_ += (*fresh)->BlockBytesRead();
+      return again;
+    }
+  }
+  return s;
+}
+
+Status Store::Impl::ReadChunks(const fb::TensorRecord& r, uint64_t offset, uint64_t len,
+                               uint8_t* dst, const std::string& where, bool* missing) const {
+  const uint64_t total = r.byte_length();
   const uint64_t cs = r.chunk_size();
   const auto& chunks = *r.chunks();
   const size_t first_chunk = offset / cs;
@@ -1072,7 +1120,8 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
   std::vector<Status> errors(batches);
   std::vector<std::optional<Digest>> bad(batches);  // a block found missing or damaged
   std::atomic<uint64_t> read_bytes{0};
-  impl_->pool_->ParallelFor(batches, [&](size_t bi) {
+  std::atomic<bool> missing_any{false};
+  pool_->ParallelFor(batches, [&](size_t bi) {
     size_t first = bi * kReadBatch;
     size_t m = std::min(kReadBatch, n - first);
     std::vector<std::string> keys(m);
@@ -1083,8 +1132,8 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
     }
     std::vector<rocksdb::PinnableSlice> values(m);
     std::vector<rocksdb::Status> statuses(m);
-    impl_->db_->MultiGet(rocksdb::ReadOptions(), impl_->blocks_, m, slices.data(), values.data(),
-                         statuses.data());
+    db_->MultiGet(rocksdb::ReadOptions(), blocks_, m, slices.data(), values.data(),
+                  statuses.data());
     std::vector<uint8_t> partial;
     for (size_t k = 0; k < m; ++k) {
       size_t i = first_chunk + first + k;
@@ -1095,6 +1144,7 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
         errors[bi] = Status::Corruption(where + ": block " + d.Hex() + " (chunk " +
                                         std::to_string(i) + ") is missing from the store");
         bad[bi] = d;
+        missing_any = true;
         return;
       }
       if (!statuses[k].ok()) {
@@ -1125,14 +1175,15 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
       read_bytes += clen;
     }
   });
-  impl_->block_bytes_read_ += read_bytes.load();
+  block_bytes_read_ += read_bytes.load();
   // A save must never reuse a block a read found bad: forget it, so that
   // the next save of those bytes writes them again (self-healing dedup).
   std::vector<Digest> forget;
   for (const auto& d : bad) {
     if (d) forget.push_back(*d);
   }
-  Status forgot = impl_->ForgetBlocks(forget);
+  *missing = missing_any.load();
+  Status forgot = ForgetBlocks(forget);
   for (auto& e : errors) RETURN_IF_ERROR(e);
   return forgot;
 }
@@ -1302,10 +1353,11 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report, BlockV
         VerifyProblem{tag, std::move(file), std::move(param), std::move(digest), std::move(what)});
   };
   auto info_or = FindTag(tag);
-  if (!info_or.ok() || !info_or.value()) {
-    problem("", "", "", info_or.ok() ? "commit record vanished" : info_or.status().ToString());
+  if (!info_or.ok()) {
+    problem("", "", "", info_or.status().ToString());
     return;
   }
+  if (!info_or.value()) return;  // deleted by a writer since it was listed
   const TagInfo& info = **info_or;
   report->tags++;
   std::string prefix = TagPrefix(tag);
@@ -1495,6 +1547,24 @@ Result<VerifyReport> Store::Verify(const VerifyOptions& options) const {
     RETURN_IF_ERROR(FromRocks(it->status(), "listing the tags of store '" + dir() + "'"));
   }
   for (const auto& t : names) impl_->VerifyTag(t, &report, &checked, options);
+  if (!report.ok() && read_only()) {
+    // A read-only view beside a live writer is not consistent (see
+    // ReadTensorRange): a problem counts only if a fresh view of the
+    // damaged tags shows it too.
+    ASSIGN_OR_RETURN(auto fresh, impl_->FreshView());
+    VerifyReport confirmed;
+    Impl::BlockVerdicts again;
+    VerifyOptions quiet = options;
+    quiet.progress = nullptr;
+    for (const auto& t : report.damaged_tags) fresh->impl_->VerifyTag(t, &confirmed, &again, quiet);
+    std::vector<VerifyProblem> kept;
+    for (auto& p : report.problems) {
+      if (!report.damaged_tags.count(p.tag)) kept.push_back(std::move(p));
+    }
+    for (auto& p : confirmed.problems) kept.push_back(std::move(p));
+    report.problems = std::move(kept);
+    report.damaged_tags = confirmed.damaged_tags;
+  }
   if (options.repair) {
     std::vector<Digest> bad;
     for (const auto& [d, v] : checked) {
