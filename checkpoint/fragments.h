@@ -14,6 +14,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -66,7 +67,46 @@ class FragmentSource {
 };
 
 // The rectangle of the global tensor that TP rank `tp_rank` of `tp` holds.
+// REQUIRES: spec.CheckLayout(tp, ...) is OK and 0 <= tp_rank < tp (planned
+// layouts); a stored placement's shard comes from SegmentShard.
 Rect ShardRect(const ParamSpec& p, int tp_rank, int tp);
+
+// Checks the fields of `placement`, the placement of a tensor of
+// `tensor_shape`, against each other (what needs no other record):
+// - every shape non-negative with an element count that fits in int64;
+// - tp_degree -1 (none, then tp_rank -1) or >= 1 with 0 <= tp_rank <
+//   tp_degree; shard_dim -1 or a dimension of global_shape, and tp_degree
+//   divides it;
+// - rectangle form (param set, no segments): offsets and shard_shape (or
+//   the tensor's shape) of global_shape's rank, inside global_shape, as
+//   many elements as the tensor (but for "placeholder"), and along
+//   shard_dim exactly TP rank tp_rank's shard;
+// - flat form (no param): flat_group >= 0, flat_offset >= 0, flat_numel the
+//   tensor's element count, segments with a param, non-negative numbers, in
+//   buffer order without overlap and inside the buffer.
+// Corruption naming `where` and the field otherwise.
+Status CheckPlacement(const Placement& placement, const std::vector<int64_t>& tensor_shape,
+                      const std::string& where);
+
+// The TP shard of a segment's parameter (global shape `global_shape`,
+// partition dimension `shard_dim`, -1 replicated) at the placement's TP
+// coordinate, checked: shard_dim inside the shape, tp_degree dividing it,
+// and the segment's [shard_start, +numel) inside the shard. Corruption
+// naming `where` otherwise. REQUIRES: CheckPlacement(placement) is OK.
+Result<Rect> SegmentShard(const Placement& placement, const PlacementSegment& segment,
+                          const std::vector<int64_t>& global_shape, int shard_dim,
+                          const std::string& where);
+
+// Where `pieces` (rectangles inside `target`) fail to cover `target`
+// exactly once: the first element in row-major order that no piece or more
+// than one piece covers. A sweep over the pieces' boundaries in dimension
+// 0, then 1, ..., with an interval check in the last: O(n log n) for the
+// row-major and TP splits fragments make.
+struct CoverProblem {
+  std::vector<int64_t> at;  // the element (coordinates of target and pieces)
+  bool overlap = false;     // false: a gap
+};
+std::optional<CoverProblem> FirstCoverProblem(const std::vector<Rect>& pieces, const Rect& target);
 
 // Fills `out` (zeroed first) with the elements `placement` says it holds.
 Status FillFromPlacement(const ModelSpec& spec, const Placement& placement, FragmentSource& source,

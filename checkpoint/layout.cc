@@ -24,7 +24,20 @@ struct Builder {
   const ModelSpec& spec;
   const TrainLayout& L;
   const CheckpointMeta& meta;
+  // Group(pp, g) of every stage and group, made once (not once per DP rank).
+  std::vector<std::vector<std::pair<std::vector<std::string>, FlatLayout>>> groups;
   c10::ScalarType lp_dtype() const { return L.bf16 ? at::kBFloat16 : at::kFloat; }
+
+  Status MakeGroups() {
+    groups.assign(L.pp, {});
+    for (int pp = 0; pp < L.pp; ++pp) {
+      for (int g = 0; g < spec.groups(); ++g) {
+        ASSIGN_OR_RETURN(auto grp, Group(pp, g));
+        groups[pp].push_back(std::move(grp));
+      }
+    }
+    return Status::OK();
+  }
 
   Placement RectPlacement(const ParamSpec& p, int tp_rank, const std::string& state) const {
     return ShardPlacement(p, tp_rank, L.tp, state);
@@ -172,9 +185,8 @@ struct Builder {
     GenericList paddings = AnyList();
     GenericList counts = AnyList();
     GenericList mappings = AnyList();
-    for (int g = 0; g < spec.groups(); ++g) {
-      ASSIGN_OR_RETURN(auto grp, Group(pp, g));
-      const auto& [names, fl] = grp;
+    for (int g = 0; g < static_cast<int>(groups[pp].size()); ++g) {
+      const auto& [names, fl] = groups[pp][g];
       const int64_t P = fl.partition_size;
       const int64_t pad = fl.paddings[r];
       auto flat = [&](const std::string& s, int64_t n) {
@@ -270,7 +282,8 @@ Result<std::vector<PlannedFile>> PlanFiles(const ModelSpec& spec, const TrainLay
   }
   if (layout.dp < 1) return Status::InvalidArgument("dp must be >= 1");
   RETURN_IF_ERROR(spec.CheckLayout(layout.tp, layout.pp));
-  Builder b{spec, layout, meta};
+  Builder b{spec, layout, meta, {}};
+  RETURN_IF_ERROR(b.MakeGroups());
   std::vector<PlannedFile> files;
   for (int pp = 0; pp < layout.pp; ++pp) {
     for (int tp = 0; tp < layout.tp; ++tp) {

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <functional>
 #include <set>
 
 #include "checkpoint/file_names.h"
@@ -59,17 +60,32 @@ TagFiles Classify(const std::vector<std::string>& files) {
 }
 
 // Answers "param" with the master weights, as DeepSpeed's universal load
-// sets the training weights from them.
-class MasterAsParam : public FragmentSource {
+// sets the training weights from them. Elements outside every fragment of
+// a parameter (the vocabulary padding a universal tensor crops) are left
+// as they are: zero in a filled placement.
+class UniversalSource : public FragmentSource {
  public:
-  explicit MasterAsParam(FragmentSource& inner) : inner_(inner) {}
+  UniversalSource(const TagIndex& index, FragmentSource& inner) : index_(index), inner_(inner) {}
   Status Fill(const std::string& param, const std::string& state, const Rect& rect,
               at::Tensor out) override {
-    return inner_.Fill(param, state == "param" ? "fp32" : state, rect, out);
+    const std::string s = state == "param" ? "fp32" : state;
+    std::optional<Rect> bounds = index_.Bounds(param, s);
+    if (!bounds || bounds->shape.size() != rect.shape.size() ||
+        rect.offsets.size() != rect.shape.size()) {
+      return inner_.Fill(param, s, rect, out);
+    }
+    const Rect part = Intersect(rect, *bounds);
+    if (part.empty()) return Status::OK();
+    at::Tensor dst = out;
+    for (size_t d = 0; d < part.shape.size(); ++d) {
+      dst = dst.narrow(static_cast<int64_t>(d), part.offsets[d] - rect.offsets[d], part.shape[d]);
+    }
+    return inner_.Fill(param, s, part, dst);
   }
   void Prefer(int tp_rank, int tp_degree) override { inner_.Prefer(tp_rank, tp_degree); }
 
  private:
+  const TagIndex& index_;
   FragmentSource& inner_;
 };
 
@@ -90,11 +106,47 @@ class PlanningSource : public FragmentSource {
   TagIndex& index_;
 };
 
+// Plans every placed tensor of `files` from `index` (through
+// UniversalSource when `universal`), and shows each to `visit` with the
+// stored tensor a writer links instead (nullptr if none) and the reads that
+// fill it. The first tensor that cannot be planned (fragments that do not
+// cover it exactly once) ends it with that error.
+using PlanVisitor = std::function<Status(const PlannedFile& file, const StoredTensor* linked,
+                                         const std::vector<ReadStep>& steps)>;
+Status PlanTensors(TagIndex& index, const ModelSpec& spec, const std::vector<PlannedFile>& files,
+                   bool universal, const PlanVisitor& visit) {
+  for (const PlannedFile& f : files) {
+    for (const auto& [impl, pl] : f.placements) {
+      const c10::ScalarType type = c10::typeMetaToScalarType(impl->dtype());
+      ASSIGN_OR_RETURN(fb::DType dtype, ToDType(type, f.name));
+      // WriteTag links what its source has verbatim; UniversalSource has nothing.
+      if (const StoredTensor* same = universal ? nullptr : index.ExactStored(pl, dtype)) {
+        RETURN_IF_ERROR(visit(f, same, {}));
+        continue;
+      }
+      PlanningSource ps(index);
+      UniversalSource us(index, ps);
+      at::Tensor meta =
+          Placeholder(std::vector<int64_t>(impl->sizes().begin(), impl->sizes().end()), type);
+      RETURN_IF_ERROR(
+          FillFromPlacement(spec, pl, universal ? static_cast<FragmentSource&>(us) : ps, meta)
+              .WithContext(f.name));
+      RETURN_IF_ERROR(visit(f, nullptr, ps.steps));
+    }
+  }
+  return Status::OK();
+}
+
+// Plans every tensor first, so that a source that cannot fill them fails
+// before a block is written, then writes the tag.
 Result<ReshapeReport> WritePlanned(Store& store, TagIndex& index, const SourceInfo& info,
-                                   const std::vector<PlannedFile>& files, FragmentSource& source,
+                                   const std::vector<PlannedFile>& files, bool universal,
                                    const TrainLayout& to, const std::string& out_tag,
                                    const WriteOptions& write) {
   const auto t0 = std::chrono::steady_clock::now();
+  RETURN_IF_ERROR(PlanTensors(index, info.spec, files, universal,
+                              [](const PlannedFile&, const StoredTensor*,
+                                 const std::vector<ReadStep>&) { return Status::OK(); }));
   const uint64_t read0 = store.BlockBytesRead();
   WriteOptions w = write;
   if (!w.layout) w.layout = Layout{to.tp, to.pp, to.dp, to.zero_stage};
@@ -102,10 +154,11 @@ Result<ReshapeReport> WritePlanned(Store& store, TagIndex& index, const SourceIn
   r.from = info.layout;
   r.to = to;
   r.out_tag = out_tag;
+  UniversalSource us(index, index);
+  FragmentSource& source = universal ? static_cast<FragmentSource&>(us) : index;
   ASSIGN_OR_RETURN(r.write, WriteTag(store, out_tag, info.spec, files, source, w));
   r.bytes_read = store.BlockBytesRead() - read0;
   r.seconds = Seconds(t0);
-  (void)index;
   return r;
 }
 
@@ -298,7 +351,7 @@ Result<ReshapeReport> Reshape(Store& store, const std::string& tag, const Reshap
   std::string out = o.out_tag.empty() ? tag + "_tp" + std::to_string(o.tp) + "_pp" +
                                             std::to_string(o.pp) + "_dp" + std::to_string(o.dp)
                                       : o.out_tag;
-  return WritePlanned(store, *index, info, files, *index, to, out, o.write);
+  return WritePlanned(store, *index, info, files, /*universal=*/false, to, out, o.write);
 }
 
 Result<ReshapePlan> PlanReshape(const Store& store, const std::string& tag, int tp, int pp,
@@ -315,49 +368,60 @@ Result<ReshapePlan> PlanReshape(const Store& store, const std::string& tag, int 
   const TrainLayout& from = plan.from;
   plan.zero_files.resize(dp);
   std::set<std::tuple<size_t, uint64_t>> chunks;
+  // Each name parsed once: source files (the model-file index mp, and for
+  // optimizer files the zero-file index dp * (tp * pp) + mp; -1 if none) ...
+  std::map<std::string, std::pair<int, int>> source_index;  // file -> (model, zero)
+  auto source_of = [&](const std::string& file) {
+    auto [it, fresh] = source_index.try_emplace(file, -1, -1);
+    if (fresh) {
+      if (auto sc = ParseFileName(file)) {
+        it->second.first = sc->mp_rank;
+        if (sc->kind == FileKind::kOptimStates) {
+          it->second.second = sc->dp_rank * from.tp * from.pp + sc->mp_rank;
+        }
+      }
+    }
+    return it->second;
+  };
+  // ... and the planned files, with the sources each reads.
+  std::map<const PlannedFile*, std::pair<std::optional<FileCoordinates>, std::set<int>>> sources;
+  for (const PlannedFile& f : files) sources[&f].first = ParseFileName(f.name);
+  RETURN_IF_ERROR(PlanTensors(
+      *index, info.spec, files, /*universal=*/false,
+      [&](const PlannedFile& f, const StoredTensor* linked, const std::vector<ReadStep>& steps) {
+        auto& [c, out] = sources[&f];
+        const bool optim = c && c->kind == FileKind::kOptimStates;
+        auto add_source = [&](const std::string& file) {
+          const auto [model, zero] = source_of(file);
+          const int i = optim ? zero : model;
+          if (i >= 0) out.insert(i);
+        };
+        if (linked != nullptr) {
+          plan.tensors_linked++;
+          add_source(linked->file);
+          return Status::OK();
+        }
+        for (const ReadStep& s : steps) {
+          const StoredTensor& st = index->tensors()[s.tensor];
+          for (uint64_t k = 0; k < s.chunks; ++k) {
+            if (chunks.emplace(s.tensor, s.first_chunk + k).second) {
+              plan.bytes_to_read += std::min<uint64_t>(
+                  st.record->chunk_size(),
+                  st.record->byte_length() - (s.first_chunk + k) * st.record->chunk_size());
+            }
+          }
+          add_source(st.file);
+        }
+        return Status::OK();
+      }));
   for (const PlannedFile& f : files) {
-    auto c = ParseFileName(f.name);
+    const auto& [c, from_files] = sources[&f];
     if (!c) continue;
     const int new_pp = PpOfMp(c->mp_rank, tp), new_tp = TpOfMp(c->mp_rank, tp);
     const std::string key = std::to_string(new_pp) + "," + std::to_string(new_tp);
     const bool optim = c->kind == FileKind::kOptimStates;
-    std::set<int> sources;
-    for (const auto& [impl, pl] : f.placements) {
-      auto dtype = ToDType(c10::typeMetaToScalarType(impl->dtype()), f.name);
-      if (!dtype.ok()) return dtype.status();
-      auto add_source = [&](const std::string& file) {
-        auto sc = ParseFileName(file);
-        if (!sc) return;
-        if (optim && sc->kind == FileKind::kOptimStates) {
-          sources.insert(sc->dp_rank * from.tp * from.pp + sc->mp_rank);
-        } else if (!optim) {
-          sources.insert(sc->mp_rank);
-        }
-      };
-      if (const StoredTensor* same = index->ExactStored(pl, *dtype)) {
-        plan.tensors_linked++;
-        add_source(same->file);
-        continue;
-      }
-      PlanningSource ps(*index);
-      at::Tensor meta =
-          Placeholder(std::vector<int64_t>(impl->sizes().begin(), impl->sizes().end()),
-                      c10::typeMetaToScalarType(impl->dtype()));
-      RETURN_IF_ERROR(FillFromPlacement(info.spec, pl, ps, meta));
-      for (const ReadStep& s : ps.steps) {
-        const StoredTensor& st = index->tensors()[s.tensor];
-        for (uint64_t k = 0; k < s.chunks; ++k) {
-          if (chunks.emplace(s.tensor, s.first_chunk + k).second) {
-            plan.bytes_to_read += std::min<uint64_t>(
-                st.record->chunk_size(),
-                st.record->byte_length() - (s.first_chunk + k) * st.record->chunk_size());
-          }
-        }
-        add_source(st.file);
-      }
-    }
     auto& target = optim ? plan.zero_files[c->dp_rank][key] : plan.model_files[key];
-    target.insert(target.end(), sources.begin(), sources.end());
+    target.insert(target.end(), from_files.begin(), from_files.end());
     std::sort(target.begin(), target.end());
     target.erase(std::unique(target.begin(), target.end()), target.end());
   }
@@ -424,7 +488,7 @@ Result<ReshapeReport> ExportUniversal(Store& store, const std::string& tag,
   files.push_back(std::move(opt));
   WriteOptions w = write;
   w.layout = Layout{info.layout.tp, info.layout.pp, info.layout.dp, info.layout.zero_stage};
-  return WritePlanned(store, *index, info, files, *index, info.layout, out_tag, w);
+  return WritePlanned(store, *index, info, files, /*universal=*/false, info.layout, out_tag, w);
 }
 
 Result<ReshapeReport> ImportUniversal(Store& store, const std::string& tag, const TrainLayout& to,
@@ -437,8 +501,7 @@ Result<ReshapeReport> ImportUniversal(Store& store, const std::string& tag, cons
                                    "export it first or use reshape");
   }
   ASSIGN_OR_RETURN(std::vector<PlannedFile> files, PlanFiles(info.spec, to, info.meta));
-  MasterAsParam source(*index);
-  return WritePlanned(store, *index, info, files, source, to, out_tag, write);
+  return WritePlanned(store, *index, info, files, /*universal=*/true, to, out_tag, write);
 }
 
 }  // namespace ckptkv::checkpoint

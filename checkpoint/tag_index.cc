@@ -4,7 +4,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <set>
+#include <tuple>
+#include <unordered_set>
 
+#include "checkpoint/file_names.h"
 #include "checkpoint/writer.h"
 #include "engine/state_codec.h"
 #include "schema/records.h"
@@ -15,6 +19,12 @@ namespace ckptkv::checkpoint {
 namespace {
 
 std::string Key(const std::string& param, const std::string& state) { return param + "\n" + state; }
+
+// The MP rank of a DeepSpeed file name, or -1.
+int MpRankOf(const std::string& file) {
+  auto c = ParseFileName(file);
+  return c ? c->mp_rank : -1;
+}
 
 std::vector<int64_t> Vec(const flatbuffers::Vector<int64_t>* v) {
   return v ? std::vector<int64_t>(v->begin(), v->end()) : std::vector<int64_t>();
@@ -90,6 +100,7 @@ std::string PlacementSignature(const Placement& p, fb::DType dtype) {
 Result<std::unique_ptr<TagIndex>> TagIndex::Build(const Store& store, const std::string& tag) {
   std::unique_ptr<TagIndex> ix(new TagIndex(store, tag));
   ASSIGN_OR_RETURN(std::vector<std::string> files, store.ListFiles(tag));
+  std::map<std::string, std::string> info_from;  // param -> the tensor its ParamInfo came from
   for (const auto& file : files) {
     ASSIGN_OR_RETURN(std::vector<std::string> paths, store.ListParams(tag, file));
     for (const auto& path : paths) {
@@ -97,14 +108,53 @@ Result<std::unique_ptr<TagIndex>> TagIndex::Build(const Store& store, const std:
       if (rec->placement() == nullptr) continue;
       StoredTensor st{file, path, rec, PlacementOf(*rec->placement())};
       const Placement& pl = st.placement;
-      if (!pl.param.empty() && !pl.global_shape.empty()) {
-        ParamInfo& info = ix->params_[pl.param];
-        info.global_shape = pl.global_shape;
-        if (pl.shard_dim >= 0) info.shard_dim = pl.shard_dim;
+      const std::string where = tag + "/" + file + ":" + path;
+      RETURN_IF_ERROR(CheckPlacement(pl, Vec(rec->shape()), where));
+      if (!pl.param.empty()) {
+        auto [it, fresh] = ix->params_.try_emplace(pl.param);
+        ParamInfo& info = it->second;
+        if (fresh) {
+          info.global_shape = pl.global_shape;
+          info_from[pl.param] = where;
+        } else if (info.global_shape != pl.global_shape) {
+          return Status::Corruption(where + ": placement global_shape " +
+                                    ShapeString(pl.global_shape) + " of " + pl.param +
+                                    " differs from " + ShapeString(info.global_shape) + " in " +
+                                    info_from[pl.param]);
+        }
+        if (pl.shard_dim >= 0) {
+          if (info.shard_dim >= 0 && info.shard_dim != pl.shard_dim) {
+            return Status::Corruption(where + ": placement shard_dim " +
+                                      std::to_string(pl.shard_dim) + " of " + pl.param +
+                                      " differs from " + std::to_string(info.shard_dim) +
+                                      " in another fragment of it");
+          }
+          info.shard_dim = pl.shard_dim;
+        }
       }
       ix->tensors_.push_back(std::move(st));
     }
   }
+  // Copies by (set, stage, TP rank of a replicated parameter), and the
+  // rectangles already in each: an identical rectangle in the same copy is
+  // a replica (another file's copy of the same module tensor), read once.
+  std::map<std::tuple<std::string, int, int>, size_t> copy_of;
+  std::unordered_set<std::string> rects;
+  std::map<std::string, int> mp_rank;  // by file
+  auto add = [&](const std::string& key, const Placement& pl, int stage, int shard_dim, Piece piece,
+                 bool replicas) {
+    const int tp_rank = shard_dim < 0 ? pl.tp_rank : -1;
+    PieceSet& set = ix->pieces_[key];
+    auto [it, fresh] = copy_of.try_emplace({key, stage, tp_rank}, set.copies.size());
+    if (fresh) set.copies.push_back(PieceCopy{stage, tp_rank, pl.tp_degree, {}, {}});
+    if (replicas) {
+      const std::string sig = key + "\n" + std::to_string(it->second) +
+                              ShapeString(piece.rect.offsets) + ShapeString(piece.rect.shape);
+      if (!rects.insert(sig).second) return;
+    }
+    set.copies[it->second].by_row.push_back(set.pieces.size());
+    set.pieces.push_back(std::move(piece));
+  };
   for (size_t t = 0; t < ix->tensors_.size(); ++t) {
     const StoredTensor& st = ix->tensors_[t];
     const Placement& pl = st.placement;
@@ -112,16 +162,17 @@ Result<std::unique_ptr<TagIndex>> TagIndex::Build(const Store& store, const std:
     const std::vector<int64_t> shape = Vec(st.record->shape());
     if (pl.state == "placeholder") continue;
     ix->exact_.emplace(PlacementSignature(pl, st.record->dtype()), t);
-    if (pl.segments.empty()) {
+    // The pipeline stage of the file (mp = pp * tp + tp_rank).
+    auto mp = mp_rank.try_emplace(st.file, 0);
+    if (mp.second) mp.first->second = MpRankOf(st.file);
+    const int stage =
+        mp.first->second < 0 || pl.tp_degree <= 0 ? -1 : mp.first->second / pl.tp_degree;
+    if (!pl.param.empty()) {
       Rect r{pl.offsets, pl.shard_shape.empty() ? shape : pl.shard_shape};
-      if (r.numel() != Numel(shape) || r.offsets.size() != r.shape.size()) {
-        return Status::Corruption(where + ": placement " + ShapeString(r.shape) +
-                                  " does not match the tensor's shape " + ShapeString(shape));
-      }
-      ix->pieces_[Key(pl.param, pl.state)].push_back(Piece{t, r, 0});
+      add(Key(pl.param, pl.state), pl, stage, ix->params_[pl.param].shard_dim, Piece{t, r, 0},
+          /*replicas=*/true);
       continue;
     }
-    const int64_t numel = Numel(shape);
     for (const auto& seg : pl.segments) {
       auto it = ix->params_.find(seg.param);
       if (it == ix->params_.end()) {
@@ -129,21 +180,39 @@ Result<std::unique_ptr<TagIndex>> TagIndex::Build(const Store& store, const std:
                                   " that no fragment of the tag describes");
       }
       const ParamInfo& info = it->second;
-      Rect shard{std::vector<int64_t>(info.global_shape.size(), 0), info.global_shape};
-      if (info.shard_dim >= 0 && pl.tp_degree > 0) {
-        shard.shape[info.shard_dim] /= pl.tp_degree;
-        shard.offsets[info.shard_dim] = shard.shape[info.shard_dim] * pl.tp_rank;
-      }
-      if (seg.start < 0 || seg.start + seg.numel > numel ||
-          seg.shard_start + seg.numel > shard.numel()) {
-        return Status::Corruption(where + ": segment of " + seg.param + " lies outside its buffer");
-      }
+      ASSIGN_OR_RETURN(Rect shard, SegmentShard(pl, seg, info.global_shape, info.shard_dim, where));
       for (const FlatRect& fr :
            SplitFlatRange(shard.shape, seg.shard_start, seg.shard_start + seg.numel)) {
         Rect g = fr.rect;
         for (size_t d = 0; d < g.offsets.size(); ++d) g.offsets[d] += shard.offsets[d];
-        ix->pieces_[Key(seg.param, pl.state)].push_back(
-            Piece{t, g, seg.start + (fr.flat_begin - seg.shard_start)});
+        add(Key(seg.param, pl.state), pl, stage, info.shard_dim,
+            Piece{t, g, seg.start + (fr.flat_begin - seg.shard_start)}, /*replicas=*/false);
+      }
+    }
+  }
+  for (auto& [key, set] : ix->pieces_) {
+    set.bounds = set.pieces.front().rect;
+    for (const Piece& pc : set.pieces) {
+      for (size_t d = 0; d < pc.rect.shape.size() && d < set.bounds.shape.size(); ++d) {
+        const int64_t lo = std::min(set.bounds.offsets[d], pc.rect.offsets[d]);
+        const int64_t hi = std::max(set.bounds.offsets[d] + set.bounds.shape[d],
+                                    pc.rect.offsets[d] + pc.rect.shape[d]);
+        set.bounds.offsets[d] = lo;
+        set.bounds.shape[d] = hi - lo;
+      }
+    }
+    for (PieceCopy& c : set.copies) {
+      auto row = [&](size_t i) {
+        const Rect& r = set.pieces[i].rect;
+        return r.offsets.empty() ? int64_t{0} : r.offsets[0];
+      };
+      std::stable_sort(c.by_row.begin(), c.by_row.end(),
+                       [&](size_t a, size_t b) { return row(a) < row(b); });
+      int64_t reach = 0;
+      for (size_t i : c.by_row) {
+        const Rect& r = set.pieces[i].rect;
+        reach = std::max(reach, r.offsets.empty() ? int64_t{1} : r.offsets[0] + r.shape[0]);
+        c.reach.push_back(reach);
       }
     }
   }
@@ -159,8 +228,7 @@ std::vector<std::string> TagIndex::States(const std::string& param) const {
   return out;
 }
 
-const std::vector<Piece>* TagIndex::PiecesFor(const std::string& param,
-                                              const std::string& state) const {
+const PieceSet* TagIndex::PiecesFor(const std::string& param, const std::string& state) const {
   auto it = pieces_.find(Key(param, state));
   if (it == pieces_.end() && state == "param") it = pieces_.find(Key(param, "fp32"));
   return it == pieces_.end() ? nullptr : &it->second;
@@ -168,73 +236,120 @@ const std::vector<Piece>* TagIndex::PiecesFor(const std::string& param,
 
 Result<std::vector<ReadStep>> TagIndex::Plan(const std::string& param, const std::string& state,
                                              const Rect& rect) const {
-  const std::vector<Piece>* pieces = PiecesFor(param, state);
-  if (pieces == nullptr) {
+  const PieceSet* set = PiecesFor(param, state);
+  if (set == nullptr) {
     std::vector<std::string> names;
     for (const auto& [p, info] : params_) names.push_back(p);
     return Status::NotFound("tag " + Quote(tag_) + " has no fragment of " + param + " (" + state +
                             ")" + (params_.count(param) ? "" : "; " + Closest(param, names)));
   }
-  std::vector<ReadStep> steps;
-  std::vector<Rect> covered;
-  // Preferred copies first, so replicated data comes from the matching ranks.
-  std::vector<const Piece*> order;
-  for (const Piece& pc : *pieces) {
-    if (Preferred(pc)) order.push_back(&pc);
-  }
-  for (const Piece& pc : *pieces) {
-    if (!Preferred(pc)) order.push_back(&pc);
-  }
-  for (const Piece* pcp : order) {
-    const Piece& pc = *pcp;
-    Rect inter = Intersect(pc.rect, rect);
-    if (inter.empty()) continue;
-    bool dup = false;
-    for (const Rect& c : covered) dup = dup || Contains(c, inter);
-    if (dup) continue;
-    covered.push_back(inter);
-    const StoredTensor& st = tensors_[pc.tensor];
-    const auto strides = RowMajorStrides(pc.rect.shape);
-    int64_t first = 0, last = 0;
-    for (size_t d = 0; d < strides.size(); ++d) {
-      const int64_t l = inter.offsets[d] - pc.rect.offsets[d];
-      first += l * strides[d];
-      last += (l + inter.shape[d] - 1) * strides[d];
+  const std::string what = param + " (" + state + ")";
+  if (auto info = params_.find(param); info != params_.end()) {
+    const Rect whole{std::vector<int64_t>(info->second.global_shape.size(), 0),
+                     info->second.global_shape};
+    if (rect.offsets.size() != whole.shape.size() || rect.shape.size() != whole.shape.size() ||
+        !Contains(whole, rect)) {
+      return Status::InvalidArgument("rectangle at " + ShapeString(rect.offsets) + " of shape " +
+                                     ShapeString(rect.shape) + " is not inside " + what +
+                                     " of shape " + ShapeString(whole.shape));
     }
-    const uint64_t es = DTypeSize(st.record->dtype());
-    ReadStep s;
-    s.tensor = pc.tensor;
-    s.byte_offset = static_cast<uint64_t>(pc.elem_begin + first) * es;
-    s.byte_length = static_cast<uint64_t>(last - first + 1) * es;
-    const uint64_t cs = st.record->chunk_size() ? st.record->chunk_size() : 1;
-    s.first_chunk = s.byte_offset / cs;
-    s.chunks =
-        st.record->inline_data() ? 0 : (s.byte_offset + s.byte_length - 1) / cs + 1 - s.first_chunk;
-    s.target = inter;
-    steps.push_back(std::move(s));
   }
-  return steps;
+  if (rect.empty()) return std::vector<ReadStep>();
+  // Preferred copies first, so replicated data comes from the matching ranks.
+  std::vector<const PieceCopy*> order;
+  for (const PieceCopy& c : set->copies) {
+    if (Preferred(c)) order.push_back(&c);
+  }
+  for (const PieceCopy& c : set->copies) {
+    if (!Preferred(c)) order.push_back(&c);
+  }
+  const bool scalar = rect.shape.empty();
+  const int64_t row_lo = scalar ? 0 : rect.offsets[0];
+  const int64_t row_hi = scalar ? 1 : rect.offsets[0] + rect.shape[0];
+  std::optional<Status> gap;
+  for (const PieceCopy* c : order) {
+    // The pieces that start before row_hi and reach past row_lo.
+    std::vector<size_t> hit;
+    std::vector<Rect> inter;
+    const auto first_after = std::partition_point(
+        c->by_row.begin(), c->by_row.end(),
+        [&](size_t i) { return scalar || set->pieces[i].rect.offsets[0] < row_hi; });
+    for (auto k = static_cast<size_t>(first_after - c->by_row.begin()); k-- > 0;) {
+      if (c->reach[k] <= row_lo) break;
+      const Piece& pc = set->pieces[c->by_row[k]];
+      Rect r = Intersect(pc.rect, rect);
+      if (r.empty()) continue;
+      hit.push_back(c->by_row[k]);
+      inter.push_back(std::move(r));
+    }
+    if (auto problem = FirstCoverProblem(inter, rect)) {
+      const std::string at = ShapeString(problem->at);
+      if (problem->overlap) {
+        std::string in;
+        for (size_t k = 0; k < hit.size(); ++k) {
+          if (!Contains(inter[k], Rect{problem->at, std::vector<int64_t>(problem->at.size(), 1)})) {
+            continue;
+          }
+          const StoredTensor& st = tensors_[set->pieces[hit[k]].tensor];
+          in += (in.empty() ? "" : " and ") + st.file + ":" + st.path;
+        }
+        return Status::Corruption("tag " + Quote(tag_) + ": element " + at + " of " + what +
+                                  " is in more than one fragment (" + in +
+                                  "); their placements overlap");
+      }
+      if (!gap) {
+        gap = Status::Corruption(
+            "tag " + Quote(tag_) + ": element " + at + " of " + what +
+            " is in no fragment of the tag (a file is missing or a placement leaves it out); " +
+            "a reshape needs every element of " + ShapeString(rect.shape) + " at " +
+            ShapeString(rect.offsets) + " exactly once");
+      }
+      continue;
+    }
+    std::sort(hit.begin(), hit.end());  // pieces in tensor order, as stored
+    std::vector<ReadStep> steps;
+    steps.reserve(hit.size());
+    for (size_t i : hit) {
+      const Piece& pc = set->pieces[i];
+      const Rect target = Intersect(pc.rect, rect);
+      const StoredTensor& st = tensors_[pc.tensor];
+      const auto strides = RowMajorStrides(pc.rect.shape);
+      int64_t first = 0, last = 0;
+      for (size_t d = 0; d < strides.size(); ++d) {
+        const int64_t l = target.offsets[d] - pc.rect.offsets[d];
+        first += l * strides[d];
+        last += (l + target.shape[d] - 1) * strides[d];
+      }
+      const uint64_t es = DTypeSize(st.record->dtype());
+      ReadStep s;
+      s.tensor = pc.tensor;
+      s.byte_offset = static_cast<uint64_t>(pc.elem_begin + first) * es;
+      s.byte_length = static_cast<uint64_t>(last - first + 1) * es;
+      const uint64_t cs = st.record->chunk_size() ? st.record->chunk_size() : 1;
+      s.first_chunk = s.byte_offset / cs;
+      s.chunks = st.record->inline_data()
+                     ? 0
+                     : (s.byte_offset + s.byte_length - 1) / cs + 1 - s.first_chunk;
+      s.target = target;
+      s.piece_shape = pc.rect.shape;
+      steps.push_back(std::move(s));
+    }
+    return steps;
+  }
+  return *gap;
 }
 
 Status TagIndex::Fill(const std::string& param, const std::string& state, const Rect& rect,
                       at::Tensor out) {
   ASSIGN_OR_RETURN(std::vector<ReadStep> steps, Plan(param, state, rect));
-  const std::vector<Piece>& pieces = *PiecesFor(param, state);
   for (const ReadStep& s : steps) {
     const StoredTensor& st = tensors_[s.tensor];
-    const Piece* pc = nullptr;
-    for (const Piece& p : pieces) {
-      if (p.tensor == s.tensor && Contains(p.rect, s.target)) {
-        pc = &p;
-        break;
-      }
-    }
     const c10::ScalarType type = ToScalarType(st.record->dtype());
     const int64_t es = static_cast<int64_t>(DTypeSize(st.record->dtype()));
     at::Tensor buf = at::empty({static_cast<int64_t>(s.byte_length) / es}, type);
     RETURN_IF_ERROR(ReadBytes(s, static_cast<uint8_t*>(buf.data_ptr())));
     if (out.device() != buf.device()) buf = buf.to(out.device());
-    at::Tensor src = buf.as_strided(s.target.shape, RowMajorStrides(pc->rect.shape), 0);
+    at::Tensor src = buf.as_strided(s.target.shape, RowMajorStrides(s.piece_shape), 0);
     at::Tensor dst = out;
     for (size_t d = 0; d < s.target.shape.size(); ++d) {
       dst = dst.narrow(static_cast<int64_t>(d), s.target.offsets[d] - rect.offsets[d],
@@ -245,15 +360,13 @@ Status TagIndex::Fill(const std::string& param, const std::string& state, const 
   return Status::OK();
 }
 
-bool TagIndex::Preferred(const Piece& p) const {
-  if (prefer_degree_ <= 0) return false;
-  const Placement& pl = tensors_[p.tensor].placement;
-  if (pl.tp_degree <= 0) return false;
+bool TagIndex::Preferred(const PieceCopy& c) const {
+  if (prefer_degree_ <= 0 || c.tp_rank < 0 || c.tp_degree <= 0) return false;
   // Rank ranges [r/R, (r+1)/R) of the two degrees overlap.
-  const int64_t a0 = int64_t{pl.tp_rank} * prefer_degree_;
+  const int64_t a0 = int64_t{c.tp_rank} * prefer_degree_;
   const int64_t a1 = a0 + prefer_degree_;
-  const int64_t b0 = int64_t{prefer_rank_} * pl.tp_degree;
-  const int64_t b1 = b0 + pl.tp_degree;
+  const int64_t b0 = int64_t{prefer_rank_} * c.tp_degree;
+  const int64_t b1 = b0 + c.tp_degree;
   return a0 < b1 && b0 < a1;
 }
 
@@ -310,6 +423,12 @@ Status TagIndex::ReadBytes(const ReadStep& s, uint8_t* dst) {
   return Status::OK();
 }
 
+std::optional<Rect> TagIndex::Bounds(const std::string& param, const std::string& state) const {
+  const PieceSet* set = PiecesFor(param, state);
+  if (set == nullptr) return std::nullopt;
+  return set->bounds;
+}
+
 const StoredTensor* TagIndex::ExactStored(const Placement& placement, fb::DType dtype) const {
   auto it = exact_.find(PlacementSignature(placement, dtype));
   return it == exact_.end() ? nullptr : &tensors_[it->second];
@@ -330,9 +449,12 @@ Result<at::Tensor> TagIndex::Assemble(const std::string& param, const std::strin
     return Status::NotFound("tag " + Quote(tag_) + " has no parameter " + param + "; " +
                             Closest(param, names));
   }
-  const std::vector<Piece>* pieces = PiecesFor(param, state);
-  if (pieces == nullptr) return Status::NotFound(param + " has no state " + state);
-  const c10::ScalarType type = ToScalarType(tensors_[pieces->front().tensor].record->dtype());
+  const PieceSet* pieces = PiecesFor(param, state);
+  if (pieces == nullptr || pieces->pieces.empty()) {
+    return Status::NotFound(param + " has no state " + state);
+  }
+  const c10::ScalarType type =
+      ToScalarType(tensors_[pieces->pieces.front().tensor].record->dtype());
   at::Tensor out = at::zeros(it->second.global_shape,
                              at::TensorOptions().dtype(type).device(c10::Device(device)));
   RETURN_IF_ERROR(

@@ -1,19 +1,24 @@
 // The fragments of a stored tag and the query over them.
 //
 // TagIndex reads only records (no tensor bytes): every tensor with a
-// placement becomes one or more pieces, each a rectangle of a global tensor
-// that is contiguous in the stored tensor. The planner lists, for a target
-// rectangle of (param, state), the pieces that intersect it and the byte
-// ranges (hence chunks) they need; the executor reads exactly those ranges,
-// moves them to the target device and places each intersection there with
-// narrow/copy. Replicated copies (TP-replicated parameters, tied
-// embeddings) are read once.
+// placement (checked by CheckPlacement; Corruption otherwise) becomes one
+// or more pieces, each a rectangle of a global tensor that is contiguous in
+// the stored tensor. Pieces fall into copies: one per pipeline stage, and
+// for a TP-replicated parameter one per TP rank as well. The planner picks
+// the first copy (preferred TP ranks first) whose pieces cover a target
+// rectangle of (param, state) exactly once, proven by FirstCoverProblem,
+// and lists the byte ranges (hence chunks) they need; a rectangle no copy
+// covers, or a copy whose pieces overlap, is Corruption naming the element.
+// The executor reads exactly those ranges, moves them to the target device
+// and places each intersection there with narrow/copy. Replicated copies
+// are therefore read once. Not thread-safe (the executor's chunk cache).
 #ifndef CKPTKV_CHECKPOINT_TAG_INDEX_H_
 #define CKPTKV_CHECKPOINT_TAG_INDEX_H_
 
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,9 +34,24 @@ struct StoredTensor {
 };
 
 struct Piece {
-  size_t tensor = 0;   // index into TagIndex::tensors()
-  Rect rect;           // in global coordinates; contiguous row-major in the tensor
-  int64_t elem_begin;  // element of the stored tensor where it starts
+  size_t tensor = 0;       // index into TagIndex::tensors()
+  Rect rect;               // in global coordinates; contiguous row-major in the tensor
+  int64_t elem_begin = 0;  // element of the stored tensor where it starts
+};
+
+// The pieces of one copy of (param, state), by first row.
+struct PieceCopy {
+  int stage = -1;    // pipeline stage of the files (-1: not a DeepSpeed name)
+  int tp_rank = -1;  // TP-replicated parameters: the rank; -1: all ranks
+  int tp_degree = -1;
+  std::vector<size_t> by_row;  // indices into PieceSet::pieces, by dimension-0 offset
+  std::vector<int64_t> reach;  // reach[i]: largest dimension-0 end of by_row[0..i]
+};
+
+struct PieceSet {
+  std::vector<Piece> pieces;      // never empty
+  std::vector<PieceCopy> copies;  // in the order of their first tensor
+  Rect bounds;                    // the smallest rectangle holding every piece
 };
 
 struct ParamInfo {
@@ -44,6 +64,7 @@ struct ReadStep {
   uint64_t byte_offset = 0, byte_length = 0;
   uint64_t first_chunk = 0, chunks = 0;  // chunks of the stored tensor it touches
   Rect target;                           // the intersection, in global coordinates
+  std::vector<int64_t> piece_shape;      // the rectangle the bytes are a row-major part of
 };
 
 class TagIndex : public FragmentSource {
@@ -56,10 +77,18 @@ class TagIndex : public FragmentSource {
   // States stored for a parameter ("param", "fp32", ...).
   std::vector<std::string> States(const std::string& param) const;
 
-  // The planner: the reads that fill `rect` of (param, state). A "param"
-  // query with no training-weight fragments falls back to "fp32".
+  // The planner: the reads that fill `rect` of (param, state), each element
+  // read once. A "param" query with no training-weight fragments falls back
+  // to "fp32". NotFound for an unknown (param, state), InvalidArgument for a
+  // rectangle outside the parameter, Corruption when no copy of the
+  // fragments covers `rect` exactly once. O(log n + k log k) for k pieces
+  // intersecting `rect` (times the copies tried).
   Result<std::vector<ReadStep>> Plan(const std::string& param, const std::string& state,
                                      const Rect& rect) const;
+  // The smallest rectangle that holds every fragment of (param, state), with
+  // Plan's "fp32" fallback; nullopt when it has none. A universal tensor
+  // whose vocabulary padding was cropped holds fewer rows than its parameter.
+  std::optional<Rect> Bounds(const std::string& param, const std::string& state) const;
   // The executor.
   Status Fill(const std::string& param, const std::string& state, const Rect& rect,
               at::Tensor out) override;
@@ -79,8 +108,8 @@ class TagIndex : public FragmentSource {
 
  private:
   TagIndex(const Store& store, std::string tag) : store_(store), tag_(std::move(tag)) {}
-  const std::vector<Piece>* PiecesFor(const std::string& param, const std::string& state) const;
-  bool Preferred(const Piece& p) const;
+  const PieceSet* PiecesFor(const std::string& param, const std::string& state) const;
+  bool Preferred(const PieceCopy& c) const;
   Status ReadBytes(const ReadStep& s, uint8_t* dst);
   // Bytes [lo, hi) of chunk `chunk` of a stored tensor, through the cache.
   Status CopyChunk(size_t tensor, uint64_t chunk, uint64_t lo, uint64_t hi, uint8_t* dst);
@@ -89,8 +118,8 @@ class TagIndex : public FragmentSource {
   std::string tag_;
   std::vector<StoredTensor> tensors_;
   std::map<std::string, ParamInfo> params_;
-  std::map<std::string, std::vector<Piece>> pieces_;  // param + '\n' + state
-  std::map<std::string, size_t> exact_;               // placement signature -> tensor
+  std::map<std::string, PieceSet> pieces_;  // param + '\n' + state
+  std::map<std::string, size_t> exact_;     // placement signature -> tensor
   int prefer_rank_ = -1, prefer_degree_ = -1;
   // Decoded chunks, (tensor, chunk) -> bytes, evicted oldest first.
   std::map<std::pair<size_t, uint64_t>, std::string> cache_;

@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 
 #include <catch2/catch.hpp>
+#include <functional>
 #include <random>
+#include <set>
 #include <tuple>
 
 #include "checkpoint/fragments.h"
@@ -32,9 +34,10 @@ std::unique_ptr<Store> OpenStore(const std::string& dir) {
   return std::move(r).value();
 }
 
-void SynthTag(Store& s, const std::string& tag, int tp, int pp, int dp, int zero, bool bf16) {
+void SynthTag(Store& s, const std::string& tag, int tp, int pp, int dp, int zero, bool bf16,
+              const GptConfig& model = SmallGpt()) {
   SynthOptions o;
-  o.model = SmallGpt();
+  o.model = model;
   o.layout = TrainLayout{tp, pp, dp, zero, bf16};
   o.seed = 42;
   auto r = Synth(s, tag, o, WriteOptions());
@@ -429,4 +432,424 @@ TEST_CASE("a store whose chunks split elements still reshapes exactly",
   INFO(r.status().ToString());
   REQUIRE(r.ok());
   RequireSameTensors(store, "got", "want");
+}
+
+// --- Stored placements are checked, never trusted -------------------------
+
+namespace {
+
+using PlacementEdit = std::function<void(const std::string& file, const std::string& path,
+                                         std::optional<Placement>*)>;
+
+// Commits `out` with every tensor of `src` linked (no bytes copied), each
+// placement passed through `edit`, and the files in `drop` left out.
+void Recommit(Store& s, const std::string& src, const std::string& out, const PlacementEdit& edit,
+              const std::set<std::string>& drop = {}) {
+  REQUIRE(s.BeginTag(out).ok());
+  auto files = s.ListFiles(src);
+  REQUIRE(files.ok());
+  for (const auto& f : *files) {
+    if (drop.count(f)) continue;
+    auto params = s.ListParams(src, f);
+    REQUIRE(params.ok());
+    for (const auto& p : *params) {
+      auto rec = s.GetTensorRecord(src, f, p);
+      REQUIRE(rec.ok());
+      std::optional<Placement> pl;
+      if (rec.value()->placement() != nullptr) pl = PlacementOf(*rec.value()->placement());
+      edit(f, p, &pl);
+      REQUIRE(s.LinkTensor(out, f, p, *rec.value().get(), pl).ok());
+    }
+    auto tree = s.GetFileTree(src, f);
+    REQUIRE(tree.ok());
+    REQUIRE(s.PutFile(out, f, *tree).ok());
+  }
+  CommitOptions co;
+  co.set_latest = false;
+  REQUIRE(s.CommitTag(out, co).ok());
+}
+
+// An edit of the tensor at (file, path) only.
+PlacementEdit At(const std::string& file, const std::string& path,
+                 std::function<void(Placement&)> change) {
+  return [=](const std::string& f, const std::string& p, std::optional<Placement>* pl) {
+    if (f != file || p != path) return;
+    REQUIRE(pl->has_value());
+    change(**pl);
+  };
+}
+
+const char* const kModel1 = "mp_rank_01_model_states.pt";
+const char* const kOptim10 = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt";
+const char* const kOptim11 = "bf16_zero_pp_rank_1_mp_rank_01_optim_states.pt";
+const char* const kExpAvg0 = "optimizer_state_dict/base_optimizer_state/state/0/exp_avg";
+const char* const kH4h = "module/2.mlp.dense_h_to_4h.weight";
+
+// A reshape of `tag` (tp1 pp1 dp3) and its plan fail with Corruption whose
+// message holds every string of `want`, and no tag is committed.
+void RequireCorruption(Store& s, const std::string& tag, const std::vector<std::string>& want) {
+  ReshapeOptions o;
+  o.tp = 1;
+  o.pp = 1;
+  o.dp = 3;
+  o.out_tag = "got";
+  auto r = Reshape(s, tag, o);
+  INFO(r.status().ToString());
+  CHECK(r.status().IsCorruption());
+  for (const auto& w : want) CHECK(r.status().message().find(w) != std::string::npos);
+  CHECK(s.GetTag("got").status().IsNotFound());
+  auto plan = PlanReshape(s, tag, 1, 1, 3);
+  INFO("plan: " << plan.status().ToString());
+  CHECK(plan.status().IsCorruption());
+}
+
+}  // namespace
+
+TEST_CASE("regression: an inconsistent stored placement is Corruption and commits nothing",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthTag(*store, "src", 2, 1, 2, 2, true);
+  SECTION("shard_dim out of range (indexed past the shape)") {
+    Recommit(*store, "src", "bad", At(kModel1, kH4h, [](Placement& p) { p.shard_dim = 7; }));
+    RequireCorruption(*store, "bad", {"bad/mp_rank_01_model_states.pt:", kH4h, "shard_dim 7"});
+  }
+  SECTION("tp_rank >= tp_degree (a shard past the tensor, zero-filled)") {
+    Recommit(*store, "src", "bad", At(kOptim11, kExpAvg0, [](Placement& p) { p.tp_rank = 2; }));
+    RequireCorruption(*store, "bad", {kOptim11, "tp_rank 2"});
+  }
+  SECTION("offsets outside global_shape") {
+    Recommit(*store, "src", "bad",
+             At(kModel1, kH4h, [](Placement& p) { p.offsets[0] += p.global_shape[0]; }));
+    RequireCorruption(*store, "bad", {kModel1, "offsets"});
+  }
+  SECTION("a negative segment shard_start") {
+    Recommit(*store, "src", "bad",
+             At(kOptim10, kExpAvg0, [](Placement& p) { p.segments.at(0).shard_start = -4; }));
+    RequireCorruption(*store, "bad", {kOptim10, "segment", "negative"});
+  }
+  SECTION("a negative segment numel") {
+    Recommit(*store, "src", "bad",
+             At(kOptim10, kExpAvg0, [](Placement& p) { p.segments.at(1).numel = -3; }));
+    RequireCorruption(*store, "bad", {kOptim10, "segment", "negative"});
+  }
+  SECTION("a flat tp_degree that does not divide a segment's sharded dimension") {
+    Recommit(*store, "src", "bad", At(kOptim11, kExpAvg0, [](Placement& p) { p.tp_degree = 3; }));
+    RequireCorruption(*store, "bad", {kOptim11, "tp_degree 3", "does not name a shard"});
+  }
+  SECTION("a rectangle whose offsets are another TP rank's shard") {
+    Recommit(*store, "src", "bad", At(kModel1, kH4h, [](Placement& p) { p.offsets[0] = 0; }));
+    RequireCorruption(*store, "bad", {kModel1, kH4h, "not the shard of tp_rank 1"});
+  }
+  SECTION("a flat_numel other than the tensor's") {
+    Recommit(*store, "src", "bad", At(kOptim10, kExpAvg0, [](Placement& p) { p.flat_numel++; }));
+    RequireCorruption(*store, "bad", {kOptim10, "flat_numel"});
+  }
+  SECTION("a fragment whose global_shape differs from the others'") {
+    Recommit(*store, "src", "bad", At(kModel1, kH4h, [](Placement& p) { p.global_shape[1] *= 2; }));
+    RequireCorruption(*store, "bad", {kModel1, "global_shape", "differs"});
+  }
+  SECTION("a missing rank (its partitions a gap, zero-filled)") {
+    Recommit(*store, "src", "bad",
+             [](const std::string&, const std::string&, std::optional<Placement>*) {}, {kOptim10});
+    RequireCorruption(*store, "bad", {"in no fragment"});
+  }
+  SECTION("pieces that overlap") {
+    Recommit(*store, "src", "bad", At(kOptim10, kExpAvg0, [](Placement& p) {
+      for (auto& seg : p.segments) {
+        if (seg.shard_start > 0) {
+          seg.shard_start -= 1;
+          return;
+        }
+      }
+      FAIL("no segment continues a parameter");
+    }));
+    RequireCorruption(*store, "bad", {"in more than one fragment", "exp_avg"});
+  }
+}
+
+TEST_CASE("the exact-cover check finds the first gap or overlap (seeded)", "[unit][checkpoint]") {
+  const uint64_t seed = ckptkv::testing::TestSeed("exact cover");
+  std::mt19937_64 rng(seed);
+  auto any = [&](int64_t n) { return static_cast<int64_t>(rng() % static_cast<uint64_t>(n)); };
+  for (int trial = 0; trial < 300; ++trial) {
+    const int rank = 1 + static_cast<int>(rng() % 3);
+    Rect target;
+    for (int d = 0; d < rank; ++d) {
+      target.offsets.push_back(any(3));
+      target.shape.push_back(1 + any(6));
+    }
+    // A tiling by recursive cuts, then perhaps one piece dropped, doubled,
+    // moved or grown.
+    std::vector<Rect> pieces, work{target};
+    while (!work.empty()) {
+      Rect r = work.back();
+      work.pop_back();
+      const int d = static_cast<int>(rng() % rank);
+      if (r.shape[d] < 2 || rng() % 3 == 0) {
+        pieces.push_back(r);
+        continue;
+      }
+      const int64_t cut = 1 + any(r.shape[d] - 1);
+      Rect a = r, b = r;
+      a.shape[d] = cut;
+      b.offsets[d] += cut;
+      b.shape[d] -= cut;
+      work.push_back(a);
+      work.push_back(b);
+    }
+    std::shuffle(pieces.begin(), pieces.end(), rng);
+    const int change = static_cast<int>(rng() % 5);
+    const size_t k = rng() % pieces.size();
+    if (change == 1) pieces.erase(pieces.begin() + static_cast<std::ptrdiff_t>(k));
+    if (change == 2) pieces.push_back(pieces[k]);
+    if (change == 3 || change == 4) {
+      Rect& r = pieces[k];
+      const int d = static_cast<int>(rng() % rank);
+      const int64_t lo = target.offsets[d], hi = lo + target.shape[d];
+      if (change == 3 && r.offsets[d] > lo) r.offsets[d] -= 1;             // moved
+      if (change == 4 && r.offsets[d] + r.shape[d] < hi) r.shape[d] += 1;  // grown
+    }
+    // Brute force: the first element in row-major order covered != once.
+    at::Tensor count = at::zeros(target.shape, at::kLong);
+    for (const Rect& r : pieces) {
+      at::Tensor v = count;
+      for (int d = 0; d < rank; ++d) v = v.narrow(d, r.offsets[d] - target.offsets[d], r.shape[d]);
+      v.add_(1);
+    }
+    at::Tensor flat = count.reshape({-1});
+    std::optional<CoverProblem> want;
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+      const int64_t c = flat[i].item<int64_t>();
+      if (c == 1) continue;
+      std::vector<int64_t> at(rank);
+      int64_t rem = i;
+      for (int d = rank - 1; d >= 0; --d) {
+        at[d] = target.offsets[d] + rem % target.shape[d];
+        rem /= target.shape[d];
+      }
+      want = CoverProblem{at, c > 1};
+      break;
+    }
+    const std::optional<CoverProblem> got = FirstCoverProblem(pieces, target);
+    INFO("seed " << seed << " trial " << trial << " change " << change);
+    REQUIRE(got.has_value() == want.has_value());
+    if (got) {
+      CHECK(got->at == want->at);
+      CHECK(got->overlap == want->overlap);
+    }
+  }
+}
+
+TEST_CASE("regression: FillRangeFromPlacement refuses an inconsistent placement",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthTag(*store, "src", 2, 1, 2, 2, true);
+  auto index = TagIndex::Build(*store, "src");
+  REQUIRE(index.ok());
+  auto info = DescribeTag(*store, **index);
+  REQUIRE(info.ok());
+  auto files = PlanFiles(info->spec, TrainLayout{2, 1, 3, 2, true}, info->meta);
+  REQUIRE(files.ok());
+  const Placement* rect = nullptr;
+  const Placement* flat = nullptr;
+  std::vector<int64_t> rect_shape, flat_shape;
+  for (const PlannedFile& f : *files) {
+    for (const auto& [impl, pl] : f.placements) {
+      if (!pl.param.empty() && pl.shard_dim == 0 && rect == nullptr) {
+        rect = &pl;
+        rect_shape.assign(impl->sizes().begin(), impl->sizes().end());
+      }
+      if (pl.param.empty() && pl.segments.size() > 1 && flat == nullptr) {
+        flat = &pl;
+        flat_shape.assign(impl->sizes().begin(), impl->sizes().end());
+      }
+    }
+  }
+  REQUIRE(rect != nullptr);
+  REQUIRE(flat != nullptr);
+  auto fill = [&](const Placement& pl, const std::vector<int64_t>& shape) {
+    at::Tensor out = at::empty(shape, at::kFloat);
+    return FillFromPlacement(info->spec, pl, **index, out);
+  };
+  REQUIRE(fill(*rect, rect_shape).ok());
+  REQUIRE(fill(*flat, flat_shape).ok());
+  Placement p = *rect;
+  p.shard_dim = 5;
+  CHECK(!fill(p, rect_shape).ok());
+  p = *rect;
+  p.tp_rank = p.tp_degree;
+  CHECK(!fill(p, rect_shape).ok());
+  p = *flat;
+  p.tp_rank = p.tp_degree;
+  CHECK(!fill(p, flat_shape).ok());
+  p = *flat;
+  p.segments[0].start = -1;
+  CHECK(!fill(p, flat_shape).ok());
+  p = *flat;
+  p.segments[1].shard_start = -2;
+  CHECK(!fill(p, flat_shape).ok());
+  p = *flat;
+  p.flat_numel += 1;
+  CHECK(!fill(p, flat_shape).ok());
+}
+
+TEST_CASE("regression: dp degrees whose last ranks hold only padding plan and reshape exactly",
+          "[unit][checkpoint][reshape]") {
+  // The model of the report: its no-weight-decay group (1792 elements) leaves
+  // ranks that hold only padding at dp 160, 256 and 1024.
+  GptConfig model;
+  model.layers = 2;
+  model.hidden = 64;
+  model.vocab = 512;
+  model.vocab_multiple = 128;
+  model.max_positions = 64;
+  const ModelSpec spec = ModelSpec::Gpt(model, ShardingRules::MegatronDefaults());
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthTag(*store, "src", 1, 1, 1, 2, true, model);
+  for (int dp : {160, 256, 1024}) {
+    INFO("dp " << dp);
+    auto idx = spec.StageGroup(0, 1, 1);
+    REQUIRE(idx.ok());
+    std::vector<int64_t> numels;
+    for (int i : *idx) numels.push_back(Numel(spec.params()[i].global_shape));
+    const FlatLayout fl = Zero12Layout(numels, dp);
+    CHECK(std::count(fl.paddings.begin(), fl.paddings.end(), fl.partition_size) > 0);
+    auto plan = PlanReshape(*store, "src", 1, 1, dp);
+    INFO(plan.status().ToString());
+    REQUIRE(plan.ok());
+    CHECK(plan->zero_files.size() == static_cast<size_t>(dp));
+  }
+  for (int dp : {160, 256, 1024}) {
+    INFO("dp " << dp);
+    const std::string want = "want" + std::to_string(dp), got = "got" + std::to_string(dp);
+    SynthTag(*store, want, 1, 1, dp, 2, true, model);
+    ReshapeOptions o;
+    o.dp = dp;
+    o.out_tag = got;
+    auto r = Reshape(*store, "src", o);
+    INFO(r.status().ToString());
+    REQUIRE(r.ok());
+    RequireSameTensors(*store, got, want);
+  }
+  // ZeRO-3 pads every parameter: ranks past the small ones hold none of them.
+  SynthTag(*store, "src3", 1, 1, 1, 3, true, model);
+  SynthTag(*store, "want3", 1, 1, 320, 3, true, model);
+  ReshapeOptions o;
+  o.dp = 320;
+  o.out_tag = "got3";
+  auto r = Reshape(*store, "src3", o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  RequireSameTensors(*store, "got3", "want3");
+}
+
+TEST_CASE("a random stored placement change is Corruption or changes nothing (seeded)",
+          "[unit][checkpoint][reshape]") {
+  const uint64_t seed = ckptkv::testing::TestSeed("placement mutations");
+  std::mt19937_64 rng(seed);
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthTag(*store, "src", 2, 2, 2, 2, true);
+  SynthTag(*store, "want", 1, 1, 3, 2, true);
+  SynthTag(*store, "want_dp1", 2, 2, 1, 2, true);
+  // Every placed tensor of the source.
+  std::vector<std::pair<std::string, std::string>> placed;
+  auto files = store->ListFiles("src");
+  REQUIRE(files.ok());
+  for (const auto& f : *files) {
+    auto params = store->ListParams("src", f);
+    REQUIRE(params.ok());
+    for (const auto& p : *params) {
+      auto rec = store->GetTensorRecord("src", f, p);
+      if (rec.value()->placement() != nullptr) placed.emplace_back(f, p);
+    }
+  }
+  REQUIRE(placed.size() > 50);
+  auto any = [&](int64_t lo, int64_t hi) {  // in [lo, hi]
+    return lo + static_cast<int64_t>(rng() % static_cast<uint64_t>(hi - lo + 1));
+  };
+  for (int trial = 0; trial < 12; ++trial) {
+    const auto& [file, path] = placed[rng() % placed.size()];
+    auto rec = store->GetTensorRecord("src", file, path);
+    Placement pl = PlacementOf(*rec.value()->placement());
+    std::string what;
+    // Mutations whose result is either inconsistent or names the same data.
+    for (bool done = false; !done;) {
+      done = true;
+      switch (rng() % 9) {
+        case 0:
+          pl.tp_rank = static_cast<int32_t>(any(-3, pl.tp_degree + 2));
+          what = "tp_rank " + std::to_string(pl.tp_rank);
+          break;
+        case 1:
+          pl.tp_degree = static_cast<int32_t>(any(-2, 5));
+          what = "tp_degree " + std::to_string(pl.tp_degree);
+          break;
+        case 2:
+          pl.shard_dim = static_cast<int32_t>(any(-3, 4));
+          what = "shard_dim " + std::to_string(pl.shard_dim);
+          break;
+        case 3:
+        case 4: {
+          auto& v = rng() % 2 ? pl.offsets : rng() % 2 ? pl.shard_shape : pl.global_shape;
+          if (v.empty()) {
+            done = false;
+            break;
+          }
+          const size_t d = rng() % v.size();
+          v[d] = any(-5, v[d] + 5);
+          what = "a shape entry " + std::to_string(v[d]);
+          break;
+        }
+        case 5:
+          pl.flat_numel = any(-3, pl.flat_numel + 3);
+          what = "flat_numel " + std::to_string(pl.flat_numel);
+          break;
+        case 6:
+        case 7:
+        case 8: {
+          if (pl.segments.empty()) {
+            done = false;
+            break;
+          }
+          auto& seg = pl.segments[rng() % pl.segments.size()];
+          const int k = static_cast<int>(rng() % 3);
+          if (k == 0) {
+            // Within the buffer a moved segment is padding's business: only
+            // a start outside it is checkable.
+            seg.start = rng() % 2 ? any(-9, -1) : any(pl.flat_numel, pl.flat_numel + 9);
+            what = "segment start " + std::to_string(seg.start);
+          } else if (k == 1) {
+            seg.numel = any(-4, seg.numel + 4);
+            what = "segment numel " + std::to_string(seg.numel);
+          } else {
+            seg.shard_start = any(-4, seg.shard_start + seg.numel + 4);
+            what = "segment shard_start " + std::to_string(seg.shard_start);
+          }
+          break;
+        }
+      }
+    }
+    const std::string bad = "bad" + std::to_string(trial);
+    const bool keep_layout = rng() % 3 == 0;  // a dp change only: model files link
+    INFO("seed " << seed << " trial " << trial << ": " << file << ":" << path << " " << what
+                 << (keep_layout ? " -> tp2 pp2 dp1" : " -> tp1 pp1 dp3"));
+    Recommit(*store, "src", bad, At(file, path, [&](Placement& p) { p = pl; }));
+    ReshapeOptions o;
+    o.tp = keep_layout ? 2 : 1;
+    o.pp = keep_layout ? 2 : 1;
+    o.dp = keep_layout ? 1 : 3;
+    o.out_tag = "got" + std::to_string(trial);
+    auto r = Reshape(*store, bad, o);
+    INFO(r.status().ToString());
+    if (r.ok()) {
+      RequireSameTensors(*store, o.out_tag, keep_layout ? "want_dp1" : "want");
+    } else {
+      CHECK(r.status().IsCorruption());
+      CHECK(store->GetTag(o.out_tag).status().IsNotFound());
+    }
+  }
 }
