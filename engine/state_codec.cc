@@ -357,7 +357,20 @@ class Decoder {
           return Corrupt("dict node has " + std::to_string(nk) + " keys and " + std::to_string(ni) +
                          " values");
         for (size_t i = 0; i < nk; ++i) {
-          ASSIGN_OR_RETURN(c10::IValue k, Decode(n->keys()->Get(i), depth + 1));
+          const fb::Node* key = n->keys()->Get(i);
+          switch (key ? key->kind() : fb::NodeKind::None) {
+            case fb::NodeKind::Int:
+            case fb::NodeKind::String:
+            case fb::NodeKind::Double:
+            case fb::NodeKind::Bool:
+            case fb::NodeKind::ComplexDouble:
+            case fb::NodeKind::Tensor:
+              break;
+            default:
+              return Corrupt("dict key " + std::to_string(i) +
+                             " is not of a hashable kind (int, str, float, bool, complex, tensor)");
+          }
+          ASSIGN_OR_RETURN(c10::IValue k, Decode(key, depth + 1));
           ASSIGN_OR_RETURN(c10::IValue v, Decode(n->items()->Get(i), depth + 1));
           dict.insert_or_assign(std::move(k), std::move(v));
         }
@@ -407,6 +420,10 @@ Result<c10::IValue> DecodeNode(const fb::Node* node, const TensorLoader& tensor_
   } catch (const c10::Error& e) {
     return Status::Corruption(where +
                               ": cannot rebuild the saved value: " + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    // LibTorch's containers also throw std::runtime_error (e.g. a key
+    // type the dict cannot hash, or keys of mixed types).
+    return Status::Corruption(where + ": cannot rebuild the saved value: " + e.what());
   }
 }
 

@@ -48,6 +48,9 @@ constexpr const char* kCfTags = "tags";
 constexpr const char* kHeaderKey = "header";
 constexpr const char* kLatestKey = "latest";
 constexpr const char* kNextSequenceKey = "next_sequence";
+// Set by gc's delete batch, cleared after its compaction: a gc that died in
+// between leaves it, and the next gc compacts even with nothing to delete.
+constexpr const char* kGcPendingKey = "gc_pending";
 // Blocks fetched by one MultiGet when reading a tensor.
 constexpr size_t kReadBatch = 8;
 // Memtable size of the `blocks` column family.
@@ -1157,9 +1160,21 @@ Status Store::Impl::ReadChunks(const fb::TensorRecord& r, uint64_t offset, uint6
       const uint64_t lo = std::max(offset, cbegin);
       const uint64_t hi = std::min(offset + len, cbegin + clen);
       const bool whole = lo == cbegin && hi == cbegin + clen;
-      if (!whole) partial.resize(clen);
-      uint8_t* out = whole ? dst + (cbegin - offset) : partial.data();
-      Status s = DecodeBlock(values[k].ToStringView(), out, clen);
+      // The block's own header must agree on its length before a scratch
+      // buffer of that length is allocated.
+      Codec codec;
+      uint32_t header_len = 0;
+      Status s =
+          PeekBlockHeader(values[k].ToStringView(), &codec, &header_len) && header_len == clen
+              ? Status::OK()
+              : Status::Corruption("block header is malformed or does not hold the " +
+                                   std::to_string(clen) + " bytes its record expects");
+      uint8_t* out = nullptr;
+      if (s.ok()) {
+        if (!whole) partial.resize(clen);
+        out = whole ? dst + (cbegin - offset) : partial.data();
+        s = DecodeBlock(values[k].ToStringView(), out, clen);
+      }
       if (!s.ok()) {
         errors[bi] = s.WithContext(where + ": block " + d.Hex());
         bad[bi] = d;
@@ -1315,13 +1330,20 @@ Result<GcStats> Store::Gc(bool dry_run) {
   }
   RETURN_IF_ERROR(FromRocks(it->status(), "scanning block presence records"));
   it.reset();
-  if (dry_run || stats.blocks_removed == 0) {
+  std::string marker;
+  rocksdb::Status ms =
+      impl_->db_->Get(rocksdb::ReadOptions(), impl_->meta_, kGcPendingKey, &marker);
+  if (!ms.ok() && !ms.IsNotFound()) return FromRocks(ms, "reading meta/gc_pending");
+  stats.resumed_compaction = ms.ok();
+  if (dry_run || (stats.blocks_removed == 0 && !stats.resumed_compaction)) {
     stats.disk_bytes_after = stats.disk_bytes_before;
     return stats;
   }
   rocksdb::WriteOptions wo;
   wo.sync = true;
+  batch.Put(impl_->meta_, kGcPendingKey, "1");
   RETURN_IF_ERROR(FromRocks(impl_->db_->Write(wo, &batch), "deleting unreferenced blocks"));
+  KillPoint("gc.after_batch");
   {
     std::lock_guard<std::mutex> lock(impl_->mu_);
     for (const auto& d : orphans) impl_->written_.erase(d);
@@ -1342,6 +1364,8 @@ Result<GcStats> Store::Gc(bool dry_run) {
                             "gc compaction of blocks"));
   RETURN_IF_ERROR(FromRocks(impl_->db_->CompactRange(co, impl_->index_, nullptr, nullptr),
                             "gc compaction of index"));
+  RETURN_IF_ERROR(
+      FromRocks(impl_->db_->Delete(wo, impl_->meta_, kGcPendingKey), "clearing meta/gc_pending"));
   stats.disk_bytes_after = DiskBytes();
   return stats;
 }

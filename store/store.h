@@ -153,6 +153,9 @@ struct GcStats {
   uint64_t stored_bytes_removed = 0;  // encoded bytes of removed blocks
   uint64_t disk_bytes_before = 0;
   uint64_t disk_bytes_after = 0;  // same as before for a dry run
+  // An earlier gc died between its delete batch and its compaction; this
+  // one compacted (or, in a dry run, would compact) to finish it.
+  bool resumed_compaction = false;
 };
 
 struct VerifyProblem {

@@ -2,6 +2,7 @@
 //
 //   ckptkv_crash_child --db DIR --start N --seed S --ack FILE
 //                      [--wal] [--ready-fd FD] [--count C]
+//   ckptkv_crash_child --db DIR --gc [--ready-fd FD]
 //
 // For i = N, N+1, ... (at most C steps): create("step<i>"), save the 1-3
 // files of MakeStepFiles(S, i), commit, then append "i\n" to FILE and fsync
@@ -9,6 +10,8 @@
 // one byte once the store is open. --wal opens the store with
 // BlockDurability::kWal instead of kFlush. Exit status 0 after C steps,
 // 2 for bad arguments, 3 when a step fails (the error goes to stderr).
+// --gc runs Store::Gc once instead (kill point gc.after_batch lies between
+// its delete batch and its compaction).
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -18,6 +21,7 @@
 #include <string>
 
 #include "engine/kv_checkpoint_engine.h"
+#include "store/store.h"
 #include "tests/crash/crash_state.h"
 
 namespace {
@@ -37,7 +41,7 @@ int main(int argc, char** argv) {
   std::string db, ack;
   int64_t start = -1, count = 100000;
   uint64_t seed = 0;
-  bool have_seed = false, wal = false;
+  bool have_seed = false, wal = false, gc = false;
   int ready_fd = -1;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -63,10 +67,32 @@ int main(int argc, char** argv) {
       ready_fd = std::atoi(value().c_str());
     } else if (a == "--wal") {
       wal = true;
+    } else if (a == "--gc") {
+      gc = true;
     } else {
       std::cerr << "crash_child: unknown argument " << a << std::endl;
       return 2;
     }
+  }
+  if (gc && !db.empty()) {
+    ckptkv::StoreOptions o;
+    o.create_if_missing = false;
+    auto store = ckptkv::Store::Open(db, o);
+    if (!store.ok()) {
+      std::cerr << "crash_child: " << store.status().ToString() << std::endl;
+      return 3;
+    }
+    if (ready_fd >= 0) {
+      char c = 'r';
+      if (::write(ready_fd, &c, 1) != 1) return 3;
+      ::close(ready_fd);
+    }
+    auto r = (*store)->Gc();
+    if (!r.ok()) {
+      std::cerr << "crash_child: gc: " << r.status().ToString() << std::endl;
+      return 3;
+    }
+    return 0;
   }
   if (db.empty() || ack.empty() || start < 0 || !have_seed) {
     std::cerr << "usage: ckptkv_crash_child --db DIR --start N --seed S --ack FILE [--wal] "

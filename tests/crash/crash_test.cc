@@ -375,3 +375,46 @@ TEST_CASE("SIGKILL during save and commit never loses or damages a committed che
 
 }  // namespace
 }  // namespace ckptkv
+
+namespace ckptkv {
+namespace {
+
+TEST_CASE("gc killed between its delete batch and its compaction is finished by the next gc",
+          "[crash]") {
+  // Before: the next gc found 0 blocks to remove and skipped the
+  // compaction, so the dead blocks' space was never given back.
+  TempDir dir;
+  const std::string db = dir.path() + "/store";
+  const std::string log = dir.path() + "/child.log";
+  const uint64_t seed = 77;
+  ChildResult saved =
+      RunChild({CRASH_CHILD_PATH, "--db", db, "--start", "0", "--seed", std::to_string(seed),
+                "--ack", dir.path() + "/acks", "--count", "8"},
+               "", log, std::nullopt, std::chrono::milliseconds(120000));
+  INFO(Tail(log));
+  REQUIRE(WIFEXITED(saved.status));
+  REQUIRE(WEXITSTATUS(saved.status) == 0);
+  {
+    KvCheckpointEngine engine(EngineConfig(db));
+    engine.makedirs(db, true);
+    for (int64_t s = 0; s < 6; ++s) REQUIRE(engine.store()->DeleteTag(StepTag(s)).ok());
+  }
+  ChildResult gc = RunChild({CRASH_CHILD_PATH, "--db", db, "--gc"}, "gc.after_batch", log,
+                            std::nullopt, std::chrono::milliseconds(120000));
+  REQUIRE(WIFSIGNALED(gc.status));  // died at the kill point
+  KvCheckpointEngine engine(EngineConfig(db));
+  engine.makedirs(db, true);
+  auto again = engine.store()->Gc();
+  REQUIRE(again.ok());
+  CHECK(again->blocks_removed == 0);  // the dead gc's batch did remove them
+  CHECK(again->resumed_compaction);
+  CHECK(again->disk_bytes_after < again->disk_bytes_before);
+  auto third = engine.store()->Gc();
+  REQUIRE(third.ok());
+  CHECK(!third->resumed_compaction);  // finished: the marker is gone
+  CHECK(VerifyStore(*engine.store()).empty());
+  for (int64_t s = 6; s < 8; ++s) CHECK(CheckStep(engine, db, seed, s).empty());
+}
+
+}  // namespace
+}  // namespace ckptkv
