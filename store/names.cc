@@ -1,5 +1,6 @@
 #include "store/names.h"
 
+#include <cstdint>
 #include <cstdio>
 
 namespace ckptkv {
@@ -12,17 +13,69 @@ bool HasControl(std::string_view s) {
   return false;
 }
 
+// The length of the well-formed UTF-8 sequence that starts `s` (1 to 4),
+// or 0: a stray continuation byte, an overlong form, a surrogate
+// (U+D800..U+DFFF), a code point above U+10FFFF or a truncated sequence.
+size_t Utf8SequenceLength(std::string_view s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const unsigned char c = p[0];
+  if (c < 0x80) return 1;
+  size_t len = 0;
+  uint32_t cp = 0;
+  if (c >= 0xc2 && c <= 0xdf) {
+    len = 2;
+    cp = c & 0x1f;
+  } else if (c >= 0xe0 && c <= 0xef) {
+    len = 3;
+    cp = c & 0x0f;
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    len = 4;
+    cp = c & 0x07;
+  } else {
+    return 0;  // continuation byte, overlong lead (0xc0, 0xc1) or 0xf5..0xff
+  }
+  if (s.size() < len) return 0;
+  for (size_t k = 1; k < len; ++k) {
+    if ((p[k] & 0xc0) != 0x80) return 0;
+    cp = (cp << 6) | (p[k] & 0x3f);
+  }
+  static constexpr uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
+  if (cp < kMin[len] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
+  return len;
+}
+
+// The error for a name that is not UTF-8.
+Status NotUtf8(const char* what, std::string_view name, size_t offset) {
+  return Status::InvalidArgument(std::string(what) + " " + Quote(name) +
+                                 " is not valid UTF-8 (bad byte at offset " +
+                                 std::to_string(offset) + "); names must be UTF-8");
+}
+
 }  // namespace
+
+size_t InvalidUtf8Offset(std::string_view s) {
+  for (size_t i = 0; i < s.size();) {
+    const size_t len = Utf8SequenceLength(s.substr(i));
+    if (len == 0) return i;
+    i += len;
+  }
+  return std::string_view::npos;
+}
 
 std::string Quote(std::string_view name) {
   std::string out = "'";
-  for (unsigned char c : name.substr(0, 200)) {
-    if (c < 0x20 || c == 0x7f) {
+  const std::string_view shown = name.substr(0, 200);
+  for (size_t i = 0; i < shown.size();) {
+    const unsigned char c = static_cast<unsigned char>(shown[i]);
+    const size_t len = Utf8SequenceLength(shown.substr(i));
+    if (c < 0x20 || c == 0x7f || len == 0) {
       char buf[8];
       std::snprintf(buf, sizeof buf, "\\x%02x", c);
       out += buf;
+      ++i;
     } else {
-      out.push_back(static_cast<char>(c));
+      out.append(shown.substr(i, len));
+      i += len;
     }
   }
   if (name.size() > 200) out += "...";
@@ -33,6 +86,14 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
+}
+
+Status ValidateTagLookup(std::string_view tag) {
+  if (tag.empty() || tag.size() > kMaxTagLength || tag.find('\0') != std::string_view::npos) {
+    return Status::InvalidArgument("tag " + Quote(tag) +
+                                   " cannot name a tag; a tag is 1-255 bytes without NUL");
+  }
+  return Status::OK();
 }
 
 Status ValidateTag(std::string_view tag) {
@@ -46,6 +107,9 @@ Status ValidateTag(std::string_view tag) {
   if (HasControl(tag)) {
     return Status::InvalidArgument("tag " + Quote(tag) +
                                    " contains NUL or control characters; use printable bytes");
+  }
+  if (size_t bad = InvalidUtf8Offset(tag); bad != std::string_view::npos) {
+    return NotUtf8("tag", tag, bad);
   }
   if (tag.find('/') != std::string_view::npos || tag.find('\\') != std::string_view::npos) {
     return Status::InvalidArgument("tag " + Quote(tag) +
@@ -75,6 +139,9 @@ Status ValidateFile(std::string_view file) {
     return Status::InvalidArgument("file name " + Quote(file) +
                                    " contains NUL or control characters");
   }
+  if (size_t bad = InvalidUtf8Offset(file); bad != std::string_view::npos) {
+    return NotUtf8("file name", file, bad);
+  }
   if (file.front() == '/') {
     return Status::InvalidArgument("file name " + Quote(file) +
                                    " is absolute; expected a path relative to the tag");
@@ -100,6 +167,9 @@ Status ValidateParam(std::string_view param) {
   }
   if (param.find('\0') != std::string_view::npos) {
     return Status::InvalidArgument("parameter path " + Quote(param) + " contains NUL");
+  }
+  if (size_t bad = InvalidUtf8Offset(param); bad != std::string_view::npos) {
+    return NotUtf8("parameter path", param, bad);
   }
   return Status::OK();
 }

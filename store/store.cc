@@ -997,7 +997,7 @@ Result<std::vector<TagInfo>> Store::ListTags() const {
 }
 
 Result<TagInfo> Store::GetTag(const std::string& tag) const {
-  RETURN_IF_ERROR(ValidateTag(tag));
+  RETURN_IF_ERROR(ValidateTagLookup(tag));
   ASSIGN_OR_RETURN(auto found, impl_->FindTag(tag));
   if (!found) return impl_->TagNotFound(tag);
   return *found;
@@ -1209,7 +1209,7 @@ uint64_t Store::BlockBytesRead() const { return impl_->block_bytes_read_.load();
 
 Status Store::DeleteTag(const std::string& tag) {
   RETURN_IF_ERROR(impl_->WritableCheck("delete"));
-  RETURN_IF_ERROR(ValidateTag(tag));
+  RETURN_IF_ERROR(ValidateTagLookup(tag));
   std::lock_guard<std::mutex> commit_lock(impl_->commit_mu_);
   ASSIGN_OR_RETURN(auto found, impl_->FindTag(tag));
   if (!found) return impl_->TagNotFound(tag);
