@@ -10,6 +10,7 @@
 
 #include "store/store.h"
 #include "tools/kv_browser/analysis.h"
+#include "tools/json_text.h"
 #include "tools/proc_stats.h"
 
 namespace fs = std::filesystem;
@@ -97,7 +98,7 @@ int RunLs(const std::string& db, bool as_json) {
       tags.push_back(std::move(j));
     }
     out["tags"] = std::move(tags);
-    std::cout << out.dump(2) << std::endl;
+    std::cout << JsonText(out, 2) << std::endl;
     return 0;
   }
 
@@ -141,7 +142,7 @@ int RunVerify(const std::string& db, const std::optional<std::string>& tag, bool
   out["seconds"] = secs;
   const bool ok = out["ok"].get<bool>();
   if (as_json) {
-    std::cout << out.dump(2) << std::endl;
+    std::cout << JsonText(out, 2) << std::endl;
     return ok ? 0 : 2;
   }
   for (const auto& p : out["problems"]) {
@@ -192,7 +193,7 @@ int RunGc(const std::string& db, bool dry_run, bool as_json) {
     out["disk_bytes_before"] = g.disk_bytes_before;
     out["disk_bytes_after"] = g.disk_bytes_after;
     out["seconds"] = secs;
-    std::cout << out.dump(2) << std::endl;
+    std::cout << JsonText(out, 2) << std::endl;
     return 0;
   }
   std::printf("%s%llu blocks scanned, %llu live, %llu %s (%s raw, %s stored)\n",

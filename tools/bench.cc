@@ -32,6 +32,7 @@
 #include "store/store.h"
 #include "tools/admin.h"
 #include "tools/bench_reshape.h"
+#include "tools/json_text.h"
 #include "tools/proc_stats.h"
 
 namespace fs = std::filesystem;
@@ -825,7 +826,7 @@ int RunBench(const BenchOptions& o) {
     const int reshape_rc = RunReshapeBench(o, root, log, &out);
     if (rc == 0) rc = reshape_rc;
   }
-  if (o.json) std::cout << out.dump(2) << std::endl;
+  if (o.json) std::cout << JsonText(out, 2) << std::endl;
   return rc;
 }
 

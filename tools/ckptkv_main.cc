@@ -28,6 +28,7 @@
 #include "store/status.h"
 #include "tools/admin.h"
 #include "tools/bench.h"
+#include "tools/cli_args.h"
 #include "tools/demo.h"
 #include "tools/reshape_cmd.h"
 
@@ -42,12 +43,11 @@ int Run(int argc, char** argv) {
   auto* demo_cmd = app.add_subcommand(
       "demo", "train a small model, checkpoint it, resume and check the losses match");
   demo_cmd->add_option("--db", demo.db, "store directory (default ./ckptkv-demo, recreated)");
-  demo_cmd->add_option("--steps", demo.steps, "training steps")->check(CLI::Range(3, 100000));
-  demo_cmd->add_option("--every", demo.every, "checkpoint every K steps")
-      ->check(CLI::Range(1, 100000));
-  demo_cmd->add_option("--hidden", demo.hidden, "MLP width")->check(CLI::Range(8, 8192));
+  demo_cmd->add_option("--steps", demo.steps, "training steps")->check(IntArg(3, 100000));
+  demo_cmd->add_option("--every", demo.every, "checkpoint every K steps")->check(IntArg(1, 100000));
+  demo_cmd->add_option("--hidden", demo.hidden, "MLP width")->check(IntArg(8, 8192));
   demo_cmd->add_option("--vocab", demo.vocab, "rows of the frozen embedding")
-      ->check(CLI::Range(16, 1 << 24));
+      ->check(IntArg(16, 1 << 24));
   demo_cmd->add_flag("--keep-files", demo.keep_files,
                      "keep the plain-file checkpoints (<db>-files)");
   demo_cmd->add_flag("-v,--verbose", demo.verbose, "show the engines' log lines");
@@ -65,17 +65,18 @@ int Run(int argc, char** argv) {
                         "parent directory for the scratch data (default /tmp); a fresh "
                         "subdirectory is made and removed");
   bench_cmd->add_option("--size-mb", bench.size_mb, "MiB of tensors in the state dict")
-      ->check(CLI::Range(8, 1 << 20));
+      ->check(IntArg(8, 1 << 20));
   bench_cmd->add_flag("--json", bench.json, "print one JSON object instead of tables");
   bench_cmd->add_option("--durability", bench.durability, "block durability of the main kv store")
       ->check(CLI::IsMember({"flush", "wal"}));
   bench_cmd->add_flag("!--no-alt", bench.alt_durability,
                       "skip the full save with the other block durability");
   bench_cmd->add_option("--chunk-kb", bench.chunk_kb, "chunk size of the stores in KiB")
-      ->check(CLI::Range(4, 64 * 1024));
-  bench_cmd->add_option("--threads", bench.threads, "store hashing workers (0 = store default)");
+      ->check(IntArg(4, 64 * 1024));
+  bench_cmd->add_option("--threads", bench.threads, "store hashing workers (0 = store default)")
+      ->check(IntArg(0, 1024));
   bench_cmd->add_option("--series", bench.series_saves, "saves in the frozen-base series")
-      ->check(CLI::Range(2, 1000));
+      ->check(IntArg(2, 1000));
   bench_cmd->add_flag("!--no-drop-caches", bench.drop_caches,
                       "do not drop the page cache before the load scenarios and reshape steps");
   bench_cmd->add_flag("--keep", bench.keep, "keep the scratch directory");
@@ -83,15 +84,15 @@ int Run(int argc, char** argv) {
   bench_cmd
       ->add_option("--reshape-layers", bench.reshape_layers,
                    "transformer layers of the reshape source (a multiple of its pp 2)")
-      ->check(CLI::Range(2, 4096));
+      ->check(IntArg(2, 4096));
   bench_cmd
       ->add_option("--reshape-hidden", bench.reshape_hidden,
                    "hidden size of the reshape source (a multiple of its tp 4)")
-      ->check(CLI::Range(8, 1 << 16));
+      ->check(IntArg(8, 1 << 16));
   bench_cmd
       ->add_option("--reshape-vocab", bench.reshape_vocab,
                    "vocabulary of the reshape source (padded to a multiple of 1024)")
-      ->check(CLI::Range(1, 1 << 24));
+      ->check(IntArg(1, 1 << 24));
 
   CheckpointCommands checkpoint_cmds;
   checkpoint_cmds.Add(app);

@@ -5,6 +5,7 @@
 
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -13,6 +14,8 @@
 #include "checkpoint/reshape.h"
 #include "checkpoint/synth.h"
 #include "tools/admin.h"
+#include "tools/cli_args.h"
+#include "tools/json_text.h"
 #include "tools/proc_stats.h"
 
 namespace ckptkv::tools {
@@ -53,7 +56,7 @@ void PrintReport(const checkpoint::ReshapeReport& r, const std::string& what, do
            {"bytes_read", r.bytes_read},     {"logical_bytes", r.write.logical_bytes},
            {"new_bytes", r.write.new_bytes}, {"seconds", r.seconds},
            {"total_seconds", total_seconds}, {"peak_rss_bytes", rss}};
-    std::cout << j.dump(2) << std::endl;
+    std::cout << JsonText(j, 2) << std::endl;
     return;
   }
   std::cout << what << " " << r.from.ToString() << " -> " << r.to.ToString() << " as tag "
@@ -71,27 +74,28 @@ void PrintReport(const checkpoint::ReshapeReport& r, const std::string& what, do
 
 void CheckpointCommands::Add(CLI::App& app) {
   auto layout_opts = [&](CLI::App* c) {
-    c->add_option("--tp", tp_, "tensor-parallel degree")->check(CLI::Range(1, 1024));
-    c->add_option("--pp", pp_, "pipeline-parallel degree")->check(CLI::Range(1, 1024));
-    c->add_option("--dp", dp_, "data-parallel degree")->check(CLI::Range(1, 65536));
+    c->add_option("--tp", tp_, "tensor-parallel degree")->check(IntArg(1, 1024));
+    c->add_option("--pp", pp_, "pipeline-parallel degree")->check(IntArg(1, 1024));
+    c->add_option("--dp", dp_, "data-parallel degree")->check(IntArg(1, 65536));
   };
   synth_ = app.add_subcommand(
       "synth", "write a synthetic GPT checkpoint with DeepSpeed's files at a chosen layout");
   synth_->add_option("--db", db_, "store directory (created if absent)")->required();
   synth_->add_option("--tag", tag_, "tag to write")->required();
   layout_opts(synth_);
-  synth_->add_option("--zero-stage", zero_stage_, "ZeRO stage")->check(CLI::Range(1, 3));
+  synth_->add_option("--zero-stage", zero_stage_, "ZeRO stage")->check(IntArg(1, 3));
   synth_->add_option("--dtype", dtype_, "training dtype")->check(CLI::IsMember({"bf16", "fp32"}));
-  synth_->add_option("--layers", layers_, "transformer layers")->check(CLI::Range(1, 4096));
-  synth_->add_option("--hidden", hidden_, "hidden size")->check(CLI::Range(8, 1 << 16));
+  synth_->add_option("--layers", layers_, "transformer layers")->check(IntArg(1, 4096));
+  synth_->add_option("--hidden", hidden_, "hidden size")->check(IntArg(8, 1 << 16));
   synth_->add_option("--vocab", vocab_, "vocabulary (padded to --vocab-multiple)")
-      ->check(CLI::Range(1, 1 << 24));
+      ->check(IntArg(1, 1 << 24));
   synth_->add_option("--vocab-multiple", vocab_multiple_, "vocabulary padding multiple")
-      ->check(CLI::Range(1, 1 << 20));
-  synth_->add_option("--positions", positions_, "position embeddings")
-      ->check(CLI::Range(1, 1 << 20));
-  synth_->add_option("--seed", seed_, "seed of every value");
-  synth_->add_option("--iteration", iteration_, "training iteration recorded");
+      ->check(IntArg(1, 1 << 20));
+  synth_->add_option("--positions", positions_, "position embeddings")->check(IntArg(1, 1 << 20));
+  synth_->add_option("--seed", seed_, "seed of every value")
+      ->check(UintArg(0, std::numeric_limits<uint64_t>::max()));
+  synth_->add_option("--iteration", iteration_, "training iteration recorded")
+      ->check(IntArg(0, std::numeric_limits<int64_t>::max()));
   synth_->add_flag("--overwrite", overwrite_, "replace an existing tag");
   synth_->add_flag("--json", json_, "JSON output");
 
@@ -124,7 +128,7 @@ void CheckpointCommands::Add(CLI::App& app) {
   import_->add_option("--db", db_, "store directory")->required();
   import_->add_option("--tag", tag_, "universal tag")->required();
   layout_opts(import_);
-  import_->add_option("--zero-stage", zero_stage_, "ZeRO stage")->check(CLI::Range(1, 3));
+  import_->add_option("--zero-stage", zero_stage_, "ZeRO stage")->check(IntArg(1, 3));
   import_->add_option("--dtype", dtype_, "training dtype")->check(CLI::IsMember({"bf16", "fp32"}));
   import_->add_option("--out-tag", out_tag_, "new tag")->required();
   import_->add_option("--device", device_, "cpu, cuda, cuda:N");
@@ -173,7 +177,7 @@ int CheckpointCommands::RunPlace() {
            {"tensors", r->tensors},
            {"placed_tensors", r->placed_tensors},
            {"unplaced_files", unplaced}};
-    std::cout << j.dump(2) << std::endl;
+    std::cout << JsonText(j, 2) << std::endl;
   } else {
     std::cout << "placed " << tag_ << " as " << r->out_tag << ": " << r->files << " files, "
               << r->placed_tensors << " of " << r->tensors << " tensors placed\n";
@@ -222,7 +226,7 @@ std::optional<int> CheckpointCommands::Run() {
       j["logical_bytes"] = r->logical_bytes;
       j["new_bytes"] = r->new_bytes;
       j["seconds"] = r->seconds;
-      std::cout << j.dump(2) << std::endl;
+      std::cout << JsonText(j, 2) << std::endl;
     } else {
       std::cout << "synth " << tag_ << ": " << o.layout.ToString() << ", " << r->files << " files, "
                 << r->tensors << " tensors, " << r->logical_bytes << " bytes in " << r->seconds
@@ -242,7 +246,7 @@ std::optional<int> CheckpointCommands::Run() {
     j["zero_files"] = zero;
     j["bytes_to_read"] = plan->bytes_to_read;
     j["tensors_linked"] = plan->tensors_linked;
-    std::cout << (json_ ? j.dump(2) : j.dump()) << std::endl;
+    std::cout << (json_ ? JsonText(j, 2) : JsonText(j)) << std::endl;
     return 0;
   }
   Result<checkpoint::ReshapeReport> r = Status::OK();
@@ -318,7 +322,7 @@ int CheckpointCommands::RunNaive() {
            {"seconds", r->seconds},
            {"total_seconds", total},
            {"peak_rss_bytes", rss}};
-    std::cout << j.dump(2) << std::endl;
+    std::cout << JsonText(j, 2) << std::endl;
     return 0;
   }
   std::cout << "naive reshape of " << tag_ << " " << r->source.Desc() << " -> " << r->target.Desc()

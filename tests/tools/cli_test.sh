@@ -120,6 +120,22 @@ printf '(\n' >"$tmp/rules.bad"
 expect_rc 1 "place with a bad rules file" "$ckptkv" place --db "$ds" --tag src --rules "$tmp/rules.bad"
 check "the rules error names the file" grep -q "rules.bad" "$tmp/err"
 
+# Numeric options: whole numbers in range, or an error naming the option
+# (regression: --threads -3 and --seed -1 wrapped, --iteration overflowed,
+# and "1e1" was called "not in range").
+for bad in "bench --threads -3" "bench --size-mb 16x" "synth --db $tmp/n --tag a --seed -1" \
+           "synth --db $tmp/n --tag a --seed 18446744073709551616" \
+           "synth --db $tmp/n --tag a --iteration 99999999999999999999" \
+           "synth --db $tmp/n --tag a --layers 1e1" "synth --db $tmp/n --tag a --tp 0x2" \
+           "demo --db $tmp/n --steps 2abc" "demo --db $tmp/n --every -4" \
+           "demo --db $tmp/n --vocab 99999999999999999999"; do
+  # shellcheck disable=SC2086
+  expect_rc 1 "ckptkv $bad" "$ckptkv" $bad
+  opt=$(echo "$bad" | grep -o -- '--[a-z-]* [^ ]*$' | cut -d' ' -f1)
+  check "ckptkv $bad names $opt and what is valid" grep -q -- "$opt: '.*' is not valid: give a whole number from" "$tmp/err"
+done
+check "no store was made by a refused command" test ! -e "$tmp/n"
+
 # The bench's reshape scenarios at a tiny size: both rows, with figures.
 expect_rc 1 "bench --reshape-layers 3" "$ckptkv" bench --scenarios reshape --reshape-layers 3
 check "names --reshape-layers" grep -q -- "--reshape-layers 3" "$tmp/err"

@@ -4,11 +4,13 @@
 #include <sys/wait.h>
 
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -478,7 +480,7 @@ TEST_CASE("export: safetensors shards with index, re-read, confined to the direc
 
   Run again = KvBrowser(f.db, {"export", "step1", "--out", out, "--file", testing::kModelFile});
   CHECK(again.rc == 1);
-  CHECK(again.err.find("already exists") != std::string::npos);
+  CHECK(again.err.find("already holds safetensors files") != std::string::npos);
 
   std::string sharded = f.dir.Sub("sharded");
   Run s =
@@ -540,4 +542,352 @@ TEST_CASE("a corrupt record is exit code 2 with the record named, never a crash"
   CHECK(v["problems"][0]["tag"] == "step2");
   CHECK(v["problems"][0]["param"] == "module/layers.0.weight");
   CHECK(KvBrowser(f.db, {"tree", "step1"}).rc == 0);  // other tags still browse
+}
+
+namespace {
+
+// The files in `dir`, sorted.
+std::vector<std::string> Listing(const std::string& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    out.push_back(e.path().filename().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Checks a safetensors file against the format, independently of the
+// exporter: 8-byte LE header length, a JSON object whose tensors have a
+// known dtype, non-negative shape and data_offsets holding shape x dtype
+// bytes, tiling the data buffer in order; __metadata__ values are strings.
+// Returns "" or what is wrong.
+std::string SafetensorsProblem(const std::string& bytes) {
+  if (bytes.size() < 8) return "shorter than 8 bytes";
+  uint64_t hlen = 0;
+  for (int i = 0; i < 8; ++i) hlen |= uint64_t{static_cast<uint8_t>(bytes[i])} << (8 * i);
+  if (hlen > bytes.size() - 8) return "header length past the end";
+  json h;
+  try {
+    h = json::parse(bytes.substr(8, hlen));
+  } catch (const std::exception& e) {
+    return std::string("header is not JSON: ") + e.what();
+  }
+  if (!h.is_object()) return "header is not an object";
+  const std::map<std::string, uint64_t> sizes = {
+      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"I16", 2}, {"U16", 2}, {"F16", 2}, {"BF16", 2},
+      {"I32", 4},  {"U32", 4}, {"F32", 4}, {"I64", 8}, {"U64", 8}, {"F64", 8}};
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (const auto& [name, v] : h.items()) {
+    if (name == "__metadata__") {
+      for (const auto& [k, m] : v.items()) {
+        if (!m.is_string()) return "metadata " + k + " is not a string";
+      }
+      continue;
+    }
+    if (!v.is_object() || v.size() != 3) return name + ": not {dtype, shape, data_offsets}";
+    auto it = sizes.find(v.value("dtype", ""));
+    if (it == sizes.end()) return name + ": bad dtype";
+    uint64_t n = it->second;
+    for (const auto& d : v["shape"]) {
+      if (!d.is_number_unsigned()) return name + ": bad shape";
+      n *= d.get<uint64_t>();
+    }
+    const auto& off = v["data_offsets"];
+    if (!off.is_array() || off.size() != 2) return name + ": bad data_offsets";
+    uint64_t b = off[0], e = off[1];
+    if (e < b || e - b != n) return name + ": data_offsets do not hold its shape";
+    ranges.emplace_back(b, e);
+  }
+  std::sort(ranges.begin(), ranges.end());
+  uint64_t at = 0;
+  for (const auto& [b, e] : ranges) {
+    if (b != at) return "tensors are not contiguous at " + std::to_string(at);
+    at = e;
+  }
+  if (at != bytes.size() - 8 - hlen) return "tensors do not cover the data buffer";
+  return "";
+}
+
+// A minimal state tree (a None root) for stores written in a test.
+std::string NoneTree(uint32_t tensors, uint64_t bytes) {
+  flatbuffers::FlatBufferBuilder b;
+  fb::NodeBuilder nb(b);
+  nb.add_kind(fb::NodeKind::None);
+  auto root = nb.Finish();
+  b.Finish(fb::CreateStateTree(b, root, tensors, bytes));
+  return std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
+}
+
+// One tag "t" of float32 [2] tensors, {file: [params]}.
+void WriteNamedStore(const std::string& dir,
+                     const std::vector<std::pair<std::string, std::vector<std::string>>>& files) {
+  auto s = Store::Open(dir, StoreOptions{});
+  REQUIRE(s.ok());
+  REQUIRE((*s)->BeginTag("t").ok());
+  const float v[2] = {1.5f, -2.0f};
+  for (const auto& [file, params] : files) {
+    for (const auto& p : params) {
+      TensorMeta meta;
+      meta.shape = {2};
+      ByteSource src;
+      src.length = sizeof v;
+      src.data = reinterpret_cast<const uint8_t*>(v);
+      auto r = (*s)->PutTensor("t", file, p, meta, src);
+      INFO(r.status().ToString());
+      REQUIRE(r.ok());
+    }
+    REQUIRE((*s)->PutFile("t", file, NoneTree(static_cast<uint32_t>(params.size()), 8)).ok());
+  }
+  auto c = (*s)->CommitTag("t", CommitOptions{});
+  INFO(c.status().ToString());
+  REQUIRE(c.ok());
+}
+
+}  // namespace
+
+// Regression: --limit and --bins were size_t options, so "-1" wrapped to a
+// huge count and an overflowing value was clamped; --depth took negative
+// numbers; CLI11's range check called "2abc" out of range.
+TEST_CASE("options: counts are whole numbers in range, with the option named",
+          "[tools][kv-browser]") {
+  Fixture f;
+  struct Bad {
+    std::vector<std::string> args;
+    std::string option;
+  };
+  const Bad bad[] = {
+      {{"peek", "step2", "module/steps", "--limit", "-1"}, "--limit"},
+      {{"peek", "step2", "module/steps", "--limit", "99999999999999999999999"}, "--limit"},
+      {{"peek", "step2", "module/steps", "--limit", "0"}, "--limit"},
+      {{"peek", "step2", "module/steps", "--limit", "0x10"}, "--limit"},
+      {{"peek", "step2", "module/steps", "--limit", "1e3"}, "--limit"},
+      {{"hist", "step2", "module/steps", "--bins", "18446744073709551617"}, "--bins"},
+      {{"hist", "step2", "module/steps", "--bins", "-3"}, "--bins"},
+      {{"hist", "step2", "module/steps", "--bins", "nan"}, "--bins"},
+      {{"du", "--by", "param-prefix", "--depth", "-5"}, "--depth"},
+      {{"keep", "--last", "2abc", "--dry-run"}, "--last"},
+      {{"keep", "--last", "1", "--every", "1e1", "--dry-run"}, "--every"},
+  };
+  for (const auto& b : bad) {
+    Run r = KvBrowser(f.db, b.args);
+    INFO(b.args.back() << ": " << r.err);
+    CHECK(r.rc == 1);
+    CHECK(r.err.find(b.option + ": '") != std::string::npos);
+    CHECK(r.err.find("whole number from") != std::string::npos);
+  }
+  Run ok = KvBrowser(f.db, {"peek", "step2", "module/steps", "--limit", "3", "--json"});
+  REQUIRE(ok.rc == 0);
+  CHECK(ok.j()["values"] == json::array({1, 2, 3}));
+
+  // --max-shard-size: a number and a known unit, nothing else.
+  for (const std::string s : {"5XiB", "nan", "inf", "-1", "0", "1e3", "10 KiB", "1.5.0K",
+                              "99999999999999999999T", "MiB", ""}) {
+    Run r = KvBrowser(f.db, {"export", "step1", "--out", f.dir.Sub("x"), "--max-shard-size", s});
+    INFO("'" << s << "': " << r.err);
+    CHECK(r.rc == 1);
+    CHECK(r.err.find("--max-shard-size") != std::string::npos);
+    CHECK(Listing(f.dir.Sub("x")).empty());
+  }
+  Run half = KvBrowser(f.db, {"export", "step1", "--out", f.dir.Sub("half"), "--max-shard-size",
+                              "0.5KiB", "--json"});
+  REQUIRE(half.rc == 0);
+  CHECK(half.j()["files"].size() > 3);  // 512-byte shards: one per tensor
+}
+
+// Regression: slice numbers were read with strtoll (an overflow became
+// INT64_MAX and was reported as that bound) and the element count of a
+// slice overflowed for huge steps (0:64:INT64_MAX selected nothing,
+// ::INT64_MIN negated INT64_MIN).
+TEST_CASE("peek: huge, negative and zero slice steps and bounds", "[tools][kv-browser]") {
+  Fixture f;
+  const std::string w = "module/layers.0.weight";  // float32 [64, 32]
+  std::vector<float> lw = testing::LayerWeight(0);
+  auto values = [&](const std::string& slice) {
+    Run r = KvBrowser(f.db, {"peek", "step1", w, slice, "--json"});
+    INFO(slice << ": " << r.err);
+    REQUIRE(r.rc == 0);
+    return r.j()["values"];
+  };
+  CHECK(values("0:64:9223372036854775807, 0") == json::array({lw[0]}));
+  CHECK(values("::-9223372036854775808, 0") == json::array({lw[63 * 32]}));
+  CHECK(values("::9223372036854775807, -1") == json::array({lw[31]}));
+  CHECK(values("-64:64:63, 1") == json::array({lw[1], lw[63 * 32 + 1]}));
+  CHECK(values("5:5, 0").empty());
+  CHECK(values("64:, 0").empty());
+  CHECK(values("-1::-64, -1") == json::array({lw[63 * 32 + 31]}));
+  json all = values("::-1, 0");
+  REQUIRE(all.size() == 64);
+  CHECK(all[0] == lw[63 * 32]);
+  CHECK(all[63] == lw[0]);
+
+  struct Bad {
+    std::string slice, says;
+  };
+  const Bad bad[] = {
+      {"0:99999999999999999999", "does not fit in a 64-bit integer"},
+      {"-9223372036854775809", "does not fit in a 64-bit integer"},
+      {"-9223372036854775808", "out of range"},
+      {"9223372036854775807:", "out of range"},
+      {"::0", "step must not be zero"},
+      {"::-0", "step must not be zero"},
+      {"1:2:3:4", "more than two ':'"},
+      {"1.5", "not an integer"},
+      {"0x1", "not an integer"},
+      {"+-1", "not an integer"},
+      {"-65:", "valid bounds are -64 to 64"},
+      {"64", "valid indices are -64 to 63"},
+      {"0, 32", "valid indices are -32 to 31"},
+  };
+  for (const auto& b : bad) {
+    Run r = KvBrowser(f.db, {"peek", "step1", w, b.slice});
+    INFO(b.slice << ": " << r.err);
+    CHECK(r.rc == 1);
+    CHECK(r.err.find(b.says) != std::string::npos);
+  }
+}
+
+// Regression: a stored name that is not UTF-8 (written around the API)
+// made every --json output of its tag throw in nlohmann::json's dump().
+TEST_CASE("names that are not UTF-8 in a store: every command still answers",
+          "[tools][kv-browser]") {
+  Fixture f;
+  const std::string bad = "module/bad\xff\xfe\xc0\xafname";
+  {
+    testing::RawDb raw(f.db);
+    raw.Put("tensors", TensorKey("step1", testing::kModelFile, bad),
+            raw.Get("tensors", TensorKey("step1", testing::kModelFile, "module/steps")));
+  }
+  const std::string shown = "module/bad\xef\xbf\xbd";  // U+FFFD
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"tags", "--json"},
+           {"tree", "step1", "--json"},
+           {"tree", "step1"},
+           {"stats", "step1", "--json"},
+           {"du", "--by", "param-prefix", "--depth", "9", "--json"},
+           {"diff", "step1", "step2", "--json"},
+           {"history", bad, "--json"},
+           {"show", "step1", testing::kModelFile, bad, "--json"},
+           {"peek", "step1", bad, "--json"},
+           {"verify", "--json"},
+           {"meta", "step1", "--json"}}) {
+    Run r = KvBrowser(f.db, args);
+    INFO(args[0] << ": " << r.err << r.out.substr(0, 2000));
+    // verify reports the planted record (its file's state tree does not
+    // list it) as a problem: exit 2, with a JSON report.
+    CHECK(r.rc == (args[0] == "verify" ? 2 : 0));
+    CHECK(r.err.find("json.exception") == std::string::npos);
+    if (args.back() == "--json") {
+      json j;
+      CHECK_NOTHROW(j = json::parse(r.out));
+      if (args[0] == "tree" || args[0] == "stats" || args[0] == "show") {
+        CHECK(r.out.find(shown) != std::string::npos);
+      }
+    }
+  }
+  Run ex = KvBrowser(f.db, {"export", "step1", "--file", testing::kModelFile, "--out",
+                            f.dir.Sub("export"), "--json"});
+  INFO(ex.err);
+  REQUIRE(ex.rc == 0);
+  json skipped = ex.j()["skipped"];
+  REQUIRE(skipped.size() == 1);
+  CHECK(skipped[0]["reason"].get<std::string>().find("UTF-8") != std::string::npos);
+  CHECK(SafetensorsProblem(Slurp(f.dir.Sub("export/model.safetensors"))) == "");
+}
+
+// Regression: a failed export left a renamed shard and a .partial file
+// behind, an export into a directory holding another export's index wrote
+// its shards before noticing, and --force over a larger export left the
+// old shards beside the new ones.
+TEST_CASE("export: all or nothing, never mixed with files already in --out",
+          "[tools][kv-browser]") {
+  Fixture f;
+  // A foreign index (or shard) in --out: refused before anything is written.
+  const std::string foreign = f.dir.Sub("foreign");
+  std::filesystem::create_directories(foreign);
+  std::ofstream(foreign + "/model.safetensors.index.json") << "{\"weight_map\": {}}\n";
+  Run refused =
+      KvBrowser(f.db, {"export", "step1", "--out", foreign, "--file", testing::kModelFile});
+  CHECK(refused.rc == 1);
+  CHECK(refused.err.find("already holds safetensors files") != std::string::npos);
+  CHECK(refused.err.find("--force") != std::string::npos);
+  CHECK(Listing(foreign) == std::vector<std::string>{"model.safetensors.index.json"});
+  const std::string other = f.dir.Sub("other");
+  std::filesystem::create_directories(other);
+  std::ofstream(other + "/weights.safetensors") << "x";
+  CHECK(KvBrowser(f.db, {"export", "step1", "--out", other}).rc == 1);
+  CHECK(Listing(other) == std::vector<std::string>{"weights.safetensors"});
+
+  // --force over a 4-shard export with a 1-shard one: only the new files.
+  const std::string out = f.dir.Sub("out");
+  Run four =
+      KvBrowser(f.db, {"export", "step2", "--out", out, "--max-shard-size", "10KiB", "--json"});
+  REQUIRE(four.rc == 0);
+  REQUIRE(four.j()["files"].size() == 4);
+  for (const auto& file : four.j()["files"]) {
+    CHECK(SafetensorsProblem(Slurp(out + "/" + file["file"].get<std::string>())) == "");
+  }
+  std::ofstream(out + "/README.md") << "kept\n";
+  Run one = KvBrowser(f.db, {"export", "step2", "--out", out, "--force", "--json"});
+  REQUIRE(one.rc == 0);
+  CHECK(Listing(out) == (std::vector<std::string>{"README.md", "model.safetensors",
+                                                  "model.safetensors.index.json"}));
+  CHECK(one.j()["replaced"].size() == 5);
+  json index = json::parse(Slurp(out + "/model.safetensors.index.json"));
+  for (const auto& [name, file] : index["weight_map"].items()) CHECK(file == "model.safetensors");
+  CHECK(SafetensorsProblem(Slurp(out + "/model.safetensors")) == "");
+
+  // A damaged block in the last shard: exit 2, and --out as it was.
+  Run show = KvBrowser(
+      f.db, {"show", "step2", testing::kOptimFile, "optimizer/state/0/exp_avg", "--json"});
+  REQUIRE(show.rc == 0);
+  const std::string hex = show.j()["chunks"][0]["digest"];
+  std::string key = "B";
+  for (size_t i = 0; i < 32; i += 2) {
+    key.push_back(static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+  }
+  {
+    testing::RawDb raw(f.db);
+    std::string block = raw.Get("blocks", key);
+    REQUIRE(block.size() > 5);
+    block.back() ^= 0x5a;
+    raw.Put("blocks", key, block);
+  }
+  const std::string failed = f.dir.Sub("failed");
+  Run damaged = KvBrowser(f.db, {"export", "step2", "--out", failed, "--max-shard-size", "10KiB"});
+  CHECK(damaged.rc == 2);
+  CHECK(damaged.err.find("exp_avg") != std::string::npos);
+  CHECK(Listing(failed).empty());
+  Run over =
+      KvBrowser(f.db, {"export", "step2", "--out", out, "--force", "--max-shard-size", "10KiB"});
+  CHECK(over.rc == 2);
+  CHECK(Listing(out) == (std::vector<std::string>{"README.md", "model.safetensors",
+                                                  "model.safetensors.index.json"}));
+}
+
+// Regression: two tensors with one exported name (file "m.pt" param "x/y"
+// and file "m.pt/x" param "y"), or a param named __metadata__, gave a
+// header missing a tensor that the export still called verified.
+TEST_CASE("export: names that would make an invalid safetensors header", "[tools][kv-browser]") {
+  TempDir dir;
+  const std::string clash = dir.Sub("clash");
+  WriteNamedStore(clash, {{"m.pt", {"x/y", "z"}}, {"m.pt/x", {"y"}}});
+  Run r = KvBrowser(clash, {"export", "t", "--out", dir.Sub("out1")});
+  CHECK(r.rc == 1);
+  CHECK(r.err.find("both export as 'm.pt/x/y'") != std::string::npos);
+  CHECK(Listing(dir.Sub("out1")).empty());
+  Run one = KvBrowser(clash, {"export", "t", "--file", "m.pt", "--out", dir.Sub("out2"), "--json"});
+  REQUIRE(one.rc == 0);
+  CHECK(SafetensorsProblem(Slurp(dir.Sub("out2/model.safetensors"))) == "");
+
+  const std::string meta = dir.Sub("meta");
+  WriteNamedStore(meta, {{"m.pt", {"__metadata__", "w"}}});
+  Run m = KvBrowser(meta, {"export", "t", "--out", dir.Sub("out3"), "--json"});
+  REQUIRE(m.rc == 0);
+  CHECK(m.j()["tensors"] == 1);
+  REQUIRE(m.j()["skipped"].size() == 1);
+  CHECK(m.j()["skipped"][0]["name"] == "__metadata__");
+  std::string bytes = Slurp(dir.Sub("out3/model.safetensors"));
+  CHECK(SafetensorsProblem(bytes) == "");
+  CHECK(bytes.find("\"w\"") != std::string::npos);
 }

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <set>
 
+#include "store/size_math.h"
 #include "tools/kv_browser/text.h"
 
 namespace fs = std::filesystem;
@@ -17,9 +18,9 @@ std::vector<int64_t> TensorEntry::shape() const {
 }
 
 uint64_t TensorEntry::numel() const {
-  uint64_t n = 1;
-  for (int64_t d : shape()) n *= static_cast<uint64_t>(d);
-  return n;
+  // The store's record checks guarantee it fits; 0 if it ever did not.
+  if (!rec().shape()) return 1;
+  return static_cast<uint64_t>(CheckedNumel(*rec().shape()).value_or(0));
 }
 
 size_t TensorEntry::num_chunks() const {
@@ -119,7 +120,16 @@ Result<const TagContents*> Browser::Contents(const std::string& tag) {
   auto it = contents_.find(tag);
   if (it != contents_.end()) return it->second.get();
   auto c = std::make_unique<TagContents>();
-  ASSIGN_OR_RETURN(c->info, store_->GetTag(tag));
+  // The commit record as listed: a stored tag name is not validated again
+  // (one that is not UTF-8, written around the API, must still browse).
+  ASSIGN_OR_RETURN(const auto* tags, Tags());
+  auto listed =
+      std::find_if(tags->begin(), tags->end(), [&](const TagInfo& t) { return t.tag == tag; });
+  if (listed != tags->end()) {
+    c->info = *listed;
+  } else {
+    ASSIGN_OR_RETURN(c->info, store_->GetTag(tag));
+  }
   for (const auto& file : c->info.files) {
     ASSIGN_OR_RETURN(auto params, store_->ListParams(tag, file));
     for (const auto& p : params) {

@@ -7,10 +7,13 @@
 
 #include <CLI/CLI.hpp>
 
+#include "tools/cli_args.h"
 #include "tools/kv_browser/commands.h"
 #include "tools/kv_browser/safetensors.h"
 
 namespace ckptkv::kvb {
+
+using tools::IntArg;
 
 namespace {
 
@@ -23,18 +26,8 @@ int WithBrowser(const std::string& db, const std::function<int(Browser&)>& fn) {
 
 Result<std::string> Tag(Browser& b, const std::string& name) { return b.ResolveTag(name); }
 
-uint64_t ParseSize(const std::string& s) {
-  size_t pos = 0;
-  double v = std::stod(s, &pos);
-  std::string unit = s.substr(pos);
-  for (auto& ch : unit) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
-  double mult = 1;
-  if (unit == "K" || unit == "KB" || unit == "KIB") mult = 1024.0;
-  if (unit == "M" || unit == "MB" || unit == "MIB") mult = 1024.0 * 1024;
-  if (unit == "G" || unit == "GB" || unit == "GIB") mult = 1024.0 * 1024 * 1024;
-  if (v <= 0) throw std::invalid_argument("size must be positive");
-  return static_cast<uint64_t>(v * mult);
-}
+// Most values one peek prints.
+constexpr int64_t kMaxPeekLimit = 1000000;
 
 }  // namespace
 
@@ -79,13 +72,16 @@ int RunCli(int argc, char** argv) {
   hist_cmd->add_option("tag", tag)->required();
   hist_cmd->add_option("param", param)->required();
   hist_cmd->add_option("--file", file, "the file holding the parameter");
-  hist_cmd->add_option("--bins", bins, "number of buckets");
+  hist_cmd->add_option("--bins", bins, "number of buckets")->check(IntArg(1, 10000));
   auto* peek_cmd = app.add_subcommand("peek", "first values, or a numpy-style slice");
   peek_cmd->add_option("tag", tag)->required();
   peek_cmd->add_option("param", param)->required();
   peek_cmd->add_option("slice", slice, "e.g. '0:2, :, -1'");
   peek_cmd->add_option("--file", file, "the file holding the parameter");
-  peek_cmd->add_option("--limit", limit, "most values printed (default 10 without a slice)");
+  peek_cmd
+      ->add_option("--limit", limit,
+                   "most values printed (default 10 without a slice, 1000 with one)")
+      ->check(IntArg(1, kMaxPeekLimit));
   auto* diff_cmd = app.add_subcommand("diff", "parameters added, removed, reshaped, changed");
   diff_cmd->add_option("tag_a", tag)->required();
   diff_cmd->add_option("tag_b", tag_b)->required();
@@ -101,7 +97,8 @@ int RunCli(int argc, char** argv) {
   auto* du_cmd = app.add_subcommand("du", "space: logical, unique and shared bytes");
   du_cmd->add_option("--by", by, "tag, file or param-prefix")
       ->check(CLI::IsMember({"tag", "file", "param-prefix"}));
-  du_cmd->add_option("--depth", depth, "param-prefix: path components kept");
+  du_cmd->add_option("--depth", depth, "param-prefix: path components kept")
+      ->check(IntArg(1, 1024));
   auto* verify_cmd = app.add_subcommand("verify", "re-hash every block; check every record");
   verify_cmd->add_option("tag", tag, "one tag (default: all)");
   verify_cmd->add_flag("--all", all, "every tag");
@@ -122,9 +119,9 @@ int RunCli(int argc, char** argv) {
   auto* keep_cmd = app.add_subcommand("keep", "delete all but the last N tags (writes)");
   keep_cmd->add_option("--last", last, "tags to keep, newest first")
       ->required()
-      ->check(CLI::Range(1, 1 << 30));
+      ->check(IntArg(1, 1 << 30));
   keep_cmd->add_option("--every", every, "also keep every K-th older tag (1st, K+1-th, ...)")
-      ->check(CLI::Range(1, 1 << 30));
+      ->check(IntArg(1, 1 << 30));
   keep_cmd->add_flag("--gc", wf.run_gc, "run gc afterwards");
   write_opts(keep_cmd);
   auto* export_cmd = app.add_subcommand("export", "write a tag as safetensors files");
@@ -229,12 +226,13 @@ int RunCli(int argc, char** argv) {
   if (*rm_cmd) return RunRm(db, tags, wf);
   if (*keep_cmd) return RunKeep(db, last, every, wf);
   if (*export_cmd) {
-    try {
-      ex.max_shard_bytes = ParseSize(shard_size);
-    } catch (const std::exception&) {
-      std::cerr << "error: --max-shard-size '" << shard_size << "' is not a size (e.g. 500MiB)\n";
+    std::string why;
+    auto size = tools::ParseByteSize(shard_size, 1, uint64_t{1} << 62, &why);
+    if (!size) {
+      std::cerr << "error: --max-shard-size: " << why << "\n";
       return 1;
     }
+    ex.max_shard_bytes = *size;
     return WithBrowser(db, [&](Browser& b) {
       auto t = Tag(b, tag);
       if (!t.ok()) return ReportError(t.status());

@@ -7,6 +7,7 @@
 #include <iostream>
 
 #include "tools/kv_browser/text.h"
+#include "tools/json_text.h"
 
 namespace ckptkv::kvb {
 
@@ -16,7 +17,7 @@ std::string Str(const json& j) {
   if (j.is_null()) return "-";
   if (j.is_string()) return j.get<std::string>();
   if (j.is_number()) return FormatNumber(j.get<double>());
-  return j.dump();
+  return tools::JsonText(j);
 }
 
 std::string Shape(const json& j) { return ShapeString(j["shape"].get<std::vector<int64_t>>()); }
@@ -33,7 +34,7 @@ int ReportError(const Status& s) {
 int Emit(const Result<json>& r, bool as_json, const std::function<void(const json&)>& text) {
   if (!r.ok()) return ReportError(r.status());
   if (as_json) {
-    std::cout << r.value().dump(2) << std::endl;
+    std::cout << tools::JsonText(r.value(), 2) << std::endl;
   } else {
     text(r.value());
   }
@@ -99,7 +100,7 @@ void RenderShow(const json& j) {
   if (!j["placement"].is_null()) {
     std::printf("  placement:\n");
     for (const auto& [k, v] : j["placement"].items()) {
-      std::printf("    %-14s %s\n", k.c_str(), v.dump().c_str());
+      std::printf("    %-14s %s\n", k.c_str(), tools::JsonText(v).c_str());
     }
   }
   if (!j["chunks"].empty()) {
@@ -234,13 +235,13 @@ void PrintYaml(const json& v, int indent) {
         std::printf("%s%s:\n", pad.c_str(), k.c_str());
         PrintYaml(x, indent + 2);
       } else {
-        std::printf("%s%s: %s\n", pad.c_str(), k.c_str(), x.dump().c_str());
+        std::printf("%s%s: %s\n", pad.c_str(), k.c_str(), tools::JsonText(x).c_str());
       }
     }
   } else if (v.is_array()) {
     bool flat = std::all_of(v.begin(), v.end(), [](const json& x) { return x.is_primitive(); });
     if (flat) {
-      std::printf("%s%s\n", pad.c_str(), v.dump().c_str());
+      std::printf("%s%s\n", pad.c_str(), tools::JsonText(v).c_str());
       return;
     }
     for (const auto& x : v) {
@@ -248,7 +249,7 @@ void PrintYaml(const json& v, int indent) {
       PrintYaml(x, indent + 2);
     }
   } else {
-    std::printf("%s%s\n", pad.c_str(), v.dump().c_str());
+    std::printf("%s%s\n", pad.c_str(), tools::JsonText(v).c_str());
   }
 }
 }  // namespace

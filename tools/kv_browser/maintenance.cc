@@ -11,6 +11,7 @@
 
 #include "tools/kv_browser/commands.h"
 #include "tools/kv_browser/text.h"
+#include "tools/json_text.h"
 
 namespace ckptkv::kvb {
 
@@ -111,11 +112,11 @@ int DeleteTags(Browser& b, const std::vector<std::string>& doomed,
     if (!g.ok()) return ReportError(g.status());
     out["gc"] = *g;
     if (!f.as_json) {
-      std::printf("gc: removed %s blocks (%s)\n", (*g)["blocks_removed"].dump().c_str(),
+      std::printf("gc: removed %s blocks (%s)\n", tools::JsonText((*g)["blocks_removed"]).c_str(),
                   HumanBytes((*g)["stored_bytes_removed"].get<uint64_t>()).c_str());
     }
   }
-  if (f.as_json) std::cout << out.dump(2) << std::endl;
+  if (f.as_json) std::cout << tools::JsonText(out, 2) << std::endl;
   return 0;
 }
 
@@ -130,7 +131,7 @@ int RunGc(const std::string& db, const WriteFlags& f) {
   if (!b.ok()) return ReportError(b.status());
   auto r = DoGc(**b, f, /*quiet=*/false);
   if (!r.ok()) return ReportError(r.status());
-  if (f.as_json) std::cout << r->dump(2) << std::endl;
+  if (f.as_json) std::cout << tools::JsonText(*r, 2) << std::endl;
   return 0;
 }
 

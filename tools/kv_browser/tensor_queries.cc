@@ -5,7 +5,9 @@
 #include <cstdlib>
 #include <map>
 
+#include "store/size_math.h"
 #include "tools/kv_browser/analysis.h"
+#include "tools/kv_browser/slice.h"
 #include "tools/kv_browser/text.h"
 
 namespace ckptkv::kvb {
@@ -57,29 +59,46 @@ json ElementJson(fb::DType dtype, const uint8_t* p) {
   }
 }
 
-struct Dim {
-  int64_t start = 0, step = 1, count = 0;
-  bool keep = true;  // false for an integer index (the dimension is dropped)
-};
-
-Result<int64_t> ParseInt(const std::string& s, const std::string& slice) {
-  char* end = nullptr;
-  long long v = std::strtoll(s.c_str(), &end, 10);
-  if (s.empty() || *end != '\0') {
-    return Status::InvalidArgument("bad slice '" + slice + "': '" + s + "' is not an integer");
-  }
-  return static_cast<int64_t>(v);
-}
-
 std::string Trim(const std::string& s) {
   size_t a = s.find_first_not_of(" \t[]");
   size_t b = s.find_last_not_of(" \t[]");
   return a == std::string::npos ? "" : s.substr(a, b - a + 1);
 }
 
-// Numpy-style slice over `shape`. Indices and bounds outside a dimension
-// are errors (not clamped), so that a typo does not print a silent empty.
-Result<std::vector<Dim>> ParseSlice(const std::string& slice, const std::vector<int64_t>& shape) {
+// A decimal int64 with an optional sign, nothing else.
+Result<int64_t> ParseSliceInt(const std::string& s, const std::string& slice) {
+  size_t i = s.empty() || (s[0] != '-' && s[0] != '+') ? 0 : 1;
+  const bool neg = i == 1 && s[0] == '-';
+  if (i == s.size()) {
+    return Status::InvalidArgument("bad slice '" + slice + "': '" + s + "' is not an integer");
+  }
+  uint64_t v = 0;
+  for (; i < s.size(); ++i) {
+    if (s[i] < '0' || s[i] > '9') {
+      return Status::InvalidArgument("bad slice '" + slice + "': '" + s + "' is not an integer");
+    }
+    auto m = CheckedMul(v, 10);
+    auto n = m ? CheckedAdd(*m, static_cast<uint64_t>(s[i] - '0')) : std::nullopt;
+    if (!n || *n > (uint64_t{1} << 63)) {
+      v = ~uint64_t{0};
+      break;
+    }
+    v = *n;
+  }
+  if (v > (neg ? uint64_t{1} << 63 : (uint64_t{1} << 63) - 1)) {
+    return Status::InvalidArgument("bad slice '" + slice + "': '" + s +
+                                   "' does not fit in a 64-bit integer");
+  }
+  return neg ? static_cast<int64_t>(0 - v) : static_cast<int64_t>(v);
+}
+
+}  // namespace
+
+Result<std::vector<SliceDim>> ParseSlice(const std::string& slice,
+                                         const std::vector<int64_t>& shape) {
+  for (int64_t n : shape) {
+    if (n < 0) return Status::InvalidArgument("shape " + ShapeString(shape) + " is negative");
+  }
   std::vector<std::string> parts;
   std::string body = Trim(slice);
   size_t pos = 0;
@@ -94,75 +113,113 @@ Result<std::vector<Dim>> ParseSlice(const std::string& slice, const std::vector<
                                    " dimensions; the tensor has " + std::to_string(shape.size()) +
                                    " (shape " + ShapeString(shape) + ")");
   }
-  std::vector<Dim> dims;
+  std::vector<SliceDim> dims;
   for (size_t d = 0; d < shape.size(); ++d) {
     const int64_t n = shape[d];
-    Dim dim;
+    SliceDim dim;
     std::string p = d < parts.size() ? parts[d] : ":";
     auto where = [&] {
       return " in dimension " + std::to_string(d) + " of size " + std::to_string(n) + " (shape " +
              ShapeString(shape) + ")";
     };
     if (p.find(':') == std::string::npos) {
-      ASSIGN_OR_RETURN(int64_t i, ParseInt(p, slice));
+      ASSIGN_OR_RETURN(int64_t i, ParseSliceInt(p, slice));
       if (i < -n || i >= n) {
-        return Status::InvalidArgument("index " + std::to_string(i) + " is out of range" + where());
+        return Status::InvalidArgument("index " + std::to_string(i) + " is out of range" + where() +
+                                       "; valid indices are -" + std::to_string(n) + " to " +
+                                       std::to_string(n - 1));
       }
       dim.start = i < 0 ? i + n : i;
       dim.count = 1;
       dim.keep = false;
-    } else {
-      std::string f[3];
-      int k = 0;
-      for (char ch : p) {
-        if (ch == ':') {
-          if (++k > 2) return Status::InvalidArgument("bad slice '" + slice + "'");
-        } else {
-          f[k] += ch;
-        }
-      }
-      int64_t step = 1;
-      if (!Trim(f[2]).empty()) {
-        ASSIGN_OR_RETURN(step, ParseInt(Trim(f[2]), slice));
-      }
-      if (step == 0) return Status::InvalidArgument("slice step must not be zero");
-      auto bound = [&](const std::string& s, int64_t dflt) -> Result<int64_t> {
-        if (Trim(s).empty()) return dflt;
-        ASSIGN_OR_RETURN(int64_t v, ParseInt(Trim(s), slice));
-        if (v < -n || v > n) {
-          return Status::InvalidArgument("slice bound " + std::to_string(v) + " is out of range" +
-                                         where());
-        }
-        return v < 0 ? v + n : v;
-      };
-      ASSIGN_OR_RETURN(int64_t start, bound(f[0], step > 0 ? 0 : n - 1));
-      ASSIGN_OR_RETURN(int64_t stop, bound(f[1], step > 0 ? n : -1));
-      if (step < 0 && Trim(f[1]).empty()) stop = -1;
-      if (step < 0 && start >= n) start = n - 1;
-      dim.start = start;
-      dim.step = step;
-      dim.count = step > 0 ? std::max<int64_t>(0, (stop - start + step - 1) / step)
-                           : std::max<int64_t>(0, (start - stop + (-step) - 1) / (-step));
+      dims.push_back(dim);
+      continue;
     }
+    std::string f[3];
+    int k = 0;
+    for (char ch : p) {
+      if (ch == ':') {
+        if (++k > 2) {
+          return Status::InvalidArgument("bad slice '" + slice + "': '" + p +
+                                         "' has more than two ':'; expected start:stop:step");
+        }
+      } else {
+        f[k] += ch;
+      }
+    }
+    for (auto& x : f) x = Trim(x);
+    int64_t step = 1;
+    if (!f[2].empty()) {
+      ASSIGN_OR_RETURN(step, ParseSliceInt(f[2], slice));
+    }
+    if (step == 0) return Status::InvalidArgument("slice step must not be zero" + where());
+    // A bound in [-n, n], as an offset in [0, n].
+    auto bound = [&](const std::string& s) -> Result<int64_t> {
+      ASSIGN_OR_RETURN(int64_t v, ParseSliceInt(s, slice));
+      if (v < -n || v > n) {
+        return Status::InvalidArgument("slice bound " + std::to_string(v) + " is out of range" +
+                                       where() + "; valid bounds are -" + std::to_string(n) +
+                                       " to " + std::to_string(n));
+      }
+      return v < 0 ? v + n : v;
+    };
+    int64_t start = 0, stop = 0;
+    if (step > 0) {
+      start = 0;
+      stop = n;
+      if (!f[0].empty()) {
+        ASSIGN_OR_RETURN(start, bound(f[0]));
+      }
+      if (!f[1].empty()) {
+        ASSIGN_OR_RETURN(stop, bound(f[1]));
+      }
+      // Both in [0, n]: the differences and the quotient cannot overflow.
+      dim.count = stop > start ? (stop - start - 1) / step + 1 : 0;
+    } else {
+      start = n - 1;
+      stop = -1;  // before element 0
+      if (!f[0].empty()) {
+        ASSIGN_OR_RETURN(start, bound(f[0]));
+      }
+      if (!f[1].empty()) {
+        ASSIGN_OR_RETURN(stop, bound(f[1]));
+      }
+      if (start >= n) start = n - 1;
+      // -step without overflow for step = INT64_MIN.
+      const uint64_t mag = static_cast<uint64_t>(-(step + 1)) + 1;
+      dim.count = start > stop
+                      ? static_cast<int64_t>(static_cast<uint64_t>(start - stop - 1) / mag + 1)
+                      : 0;
+    }
+    dim.start = dim.count > 0 ? start : 0;
+    dim.step = step;
     dims.push_back(dim);
   }
   return dims;
 }
 
-// Element reader with a one-window cache.
+namespace {
+
+// Element reader with a one-window cache. Never reads outside the tensor:
+// an index at or past its end is an error.
 class ElementReader {
  public:
   ElementReader(Browser& b, const TensorEntry& e)
       : b_(b), e_(e), es_(DTypeSize(e.dtype())), window_(WindowBytes(e)) {}
   Result<const uint8_t*> At(uint64_t index) {
-    uint64_t off = index * es_;
-    if (buf_.empty() || off < start_ || off + es_ > start_ + buf_.size()) {
-      start_ = off / window_ * window_;
+    auto off = CheckedMul(index, es_);
+    auto end = off ? CheckedAdd(*off, es_) : std::nullopt;
+    if (es_ == 0 || !end || *end > e_.bytes()) {
+      return Status::InvalidArgument("element " + std::to_string(index) + " is outside " +
+                                     e_.where() + " (" + std::to_string(e_.bytes()) + " bytes)");
+    }
+    if (buf_.empty() || *off < start_ || *end > start_ + buf_.size()) {
+      start_ = *off / window_ * window_;
       uint64_t len = std::min<uint64_t>(window_, e_.bytes() - start_);
       buf_.resize(len);
       RETURN_IF_ERROR(b_.Read(e_, start_, len, buf_.data()));
     }
-    return buf_.data() + (off - start_);
+    return buf_.data() + (*off - start_);
   }
 
  private:
@@ -271,22 +328,35 @@ Result<json> PeekReport(Browser& b, const TensorEntry& e, const std::string& sli
     return out;
   }
   const std::vector<int64_t> shape = e.shape();
-  ASSIGN_OR_RETURN(std::vector<Dim> dims, ParseSlice(slice, shape));
+  ASSIGN_OR_RETURN(std::vector<SliceDim> dims, ParseSlice(slice, shape));
   std::vector<int64_t> result_shape;
   uint64_t count = 1;
   for (const auto& d : dims) {
     if (d.keep) result_shape.push_back(d.count);
-    count *= static_cast<uint64_t>(d.count);
+    count = CheckedMul(count, static_cast<uint64_t>(d.count)).value_or(~uint64_t{0});
   }
+  // Row-major strides; they fit because the record's numel does.
   std::vector<int64_t> strides(shape.size(), 1);
-  for (size_t d = shape.size(); d-- > 1;) strides[d - 1] = strides[d] * shape[d];
+  for (size_t d = shape.size(); d-- > 1;) {
+    auto s = CheckedMul64(strides[d], std::max<int64_t>(shape[d], 1));
+    if (!s) return Status::Corruption(e.where() + ": shape " + ShapeString(shape) + " overflows");
+    strides[d - 1] = *s;
+  }
   std::vector<int64_t> idx(dims.size(), 0);
   uint64_t n = std::min<uint64_t>(count, limit);
   for (uint64_t k = 0; k < n; ++k) {
-    int64_t flat = 0;
-    for (size_t d = 0; d < dims.size(); ++d)
-      flat += (dims[d].start + idx[d] * dims[d].step) * strides[d];
-    ASSIGN_OR_RETURN(const uint8_t* p, reader.At(static_cast<uint64_t>(flat)));
+    std::optional<int64_t> flat = 0;
+    for (size_t d = 0; d < dims.size() && flat; ++d) {
+      auto i = CheckedMul64(idx[d], dims[d].step);
+      auto at = i ? CheckedAdd64(dims[d].start, *i) : std::nullopt;
+      auto term = at ? CheckedMul64(*at, strides[d]) : std::nullopt;
+      flat = term ? CheckedAdd64(*flat, *term) : std::nullopt;
+    }
+    if (!flat || *flat < 0) {
+      return Status::InvalidArgument("slice '" + slice + "' selects an element outside " +
+                                     e.where());
+    }
+    ASSIGN_OR_RETURN(const uint8_t* p, reader.At(static_cast<uint64_t>(*flat)));
     values.push_back(ElementJson(e.dtype(), p));
     for (size_t d = dims.size(); d-- > 0;) {
       if (++idx[d] < dims[d].count) break;

@@ -5,6 +5,7 @@
 #include "tools/kv_browser/commands.h"
 #include "tools/kv_browser/text.h"
 #include "tools/kv_browser/tui.h"
+#include "tools/json_text.h"
 
 namespace ckptkv::kvb {
 
@@ -32,7 +33,7 @@ bool Matches(const std::string& filter, const std::string& key) {
 std::string Str(const json& j) {
   if (j.is_string()) return j.get<std::string>();
   if (j.is_number()) return FormatNumber(j.get<double>());
-  return j.dump();
+  return tools::JsonText(j);
 }
 
 }  // namespace
