@@ -15,6 +15,7 @@
 #include <map>
 #include <random>
 #include <thread>
+#include <algorithm>
 #include <atomic>
 
 #include "store/block_codec.h"
@@ -636,4 +637,47 @@ TEST_CASE("readers beside a live writer never report a healthy tag corrupt", "[u
   CHECK(failure.empty());
   CHECK(rounds > 1);
   CHECK(last_tags == kTags);  // the round after the writer finished saw every tag
+}
+
+TEST_CASE("a vanished blob file is reported, repaired and healed by the next save",
+          "[unit][store]") {
+  TempDir dir;
+  std::mt19937_64 rng(8);
+  const auto a = RandomBytes(rng, 3 * kChunk);
+  const auto b = RandomBytes(rng, 3 * kChunk);
+  {
+    auto store = OpenStore(dir.path());
+    SaveTag(*store, "a", {{"w", a}});  // each commit flushes its blocks to a new blob file
+    SaveTag(*store, "b", {{"w", b}});
+  }
+  std::vector<fs::path> blobs;
+  for (const auto& e : fs::directory_iterator(dir.path())) {
+    if (e.path().extension() == ".blob") blobs.push_back(e.path());
+  }
+  std::sort(blobs.begin(), blobs.end());
+  REQUIRE(blobs.size() >= 2);
+  fs::remove(blobs.front());  // tag a's blocks
+  StoreOptions o;
+  o.chunk_size = kChunk;
+  auto opened = Store::Open(dir.path(), o);
+  if (!opened.ok()) {
+    // RocksDB may refuse a database whose MANIFEST names a missing file.
+    INFO(opened.status().ToString());
+    CHECK((opened.status().IsCorruption() || opened.status().code() == Status::Code::kIOError));
+    return;
+  }
+  auto& store = *opened;
+  VerifyOptions vo;
+  vo.repair = true;
+  auto report = store->Verify(vo);
+  REQUIRE(report.ok());
+  INFO((report->problems.empty() ? "" : report->problems[0].what));
+  CHECK(report->damaged_tags == std::set<std::string>{"a"});
+  CHECK(report->blocks_forgotten == 3);
+  std::vector<uint8_t> out;
+  REQUIRE(ReadAll(*store, "b", "w", &out).ok());
+  CHECK(out == b);
+  CHECK(SaveTag(*store, "a2", {{"w", a}}).new_blocks == 3);
+  REQUIRE(ReadAll(*store, "a", "w", &out).ok());
+  CHECK(out == a);
 }
