@@ -19,12 +19,15 @@ flatbuffers::uoffset_t MaxTables(size_t bytes) {
   return static_cast<flatbuffers::uoffset_t>(std::min<size_t>(bytes / 4 + 16, 1u << 30));
 }
 
+// Alignment is verified: a record whose fields are not aligned (crafted, or
+// bytes not held at an allocation's start) would be read through misaligned
+// pointers. Callers hold records in their own std::string.
 template <typename T>
 const T* Verified(std::string_view bytes) {
   if (bytes.empty()) return nullptr;
   const auto* data = reinterpret_cast<const uint8_t*>(bytes.data());
   flatbuffers::Verifier verifier(data, bytes.size(), kMaxDepth, MaxTables(bytes.size()),
-                                 /*check_alignment=*/false);
+                                 /*check_alignment=*/true);
   if (!verifier.VerifyBuffer<T>(nullptr)) return nullptr;
   return flatbuffers::GetRoot<T>(data);
 }

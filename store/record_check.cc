@@ -1,6 +1,7 @@
 #include "store/record_check.h"
 
 #include <algorithm>
+#include <cstdint>
 
 #include "store/digest.h"
 #include "store/names.h"
@@ -19,11 +20,22 @@ Status Bad(const std::string& where, const std::string& what) {
   return Status::Corruption(where + ": " + what);
 }
 
+// The Verifier checks the alignment of tables, fields and vector lengths,
+// not of the 8-byte elements of a vector; a crafted record could place them
+// where reading them is undefined behaviour.
+template <typename V>
+bool Aligned8(const V* v) {
+  return v == nullptr || v->size() == 0 || reinterpret_cast<uintptr_t>(v->Data()) % 8 == 0;
+}
+
 }  // namespace
 
 Status CheckPlacementRecord(const fb::Placement& p, const std::vector<int64_t>& tensor_shape,
                             const std::string& where) {
   const std::string at = where + ": placement";
+  if (!Aligned8(p.global_shape()) || !Aligned8(p.offsets()) || !Aligned8(p.shard_shape())) {
+    return Bad(at, "a vector of 64-bit numbers is not aligned");
+  }
   const std::vector<int64_t> global = Vec(p.global_shape());
   const std::vector<int64_t> offsets = Vec(p.offsets());
   const std::vector<int64_t> shard = Vec(p.shard_shape());
@@ -99,6 +111,9 @@ Status CheckPlacementRecord(const fb::Placement& p, const std::vector<int64_t>& 
 }
 
 Status CheckTensorRecord(const fb::TensorRecord& r, const std::string& where) {
+  if (!Aligned8(r.shape()) || !Aligned8(r.chunks())) {
+    return Bad(where, "shape or chunk list is not aligned to 8 bytes");
+  }
   const uint64_t esize = DTypeSize(r.dtype());
   if (esize == 0) {
     return Bad(where, "unknown dtype code " + std::to_string(static_cast<int>(r.dtype())));

@@ -983,7 +983,10 @@ Result<std::vector<TagInfo>> Store::ListTags() const {
   std::unique_ptr<rocksdb::Iterator> it(
       impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
-    const fb::CommitRecord* r = VerifiedCommitRecord(it->value().ToStringView());
+    // A copy: FlatBuffers reads need the alignment of an allocation, which
+    // an iterator's value does not have.
+    const std::string value = it->value().ToString();
+    const fb::CommitRecord* r = VerifiedCommitRecord(value);
     if (r == nullptr) {
       return Status::Corruption("commit record tags/" + it->key().ToString() +
                                 " fails verification");
@@ -1248,7 +1251,8 @@ Status Store::SetLatest(const std::string& tag) {
 Status Store::Impl::MarkLive(std::unordered_set<Digest, DigestHash>* live) const {
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), tensors_));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
-    const fb::TensorRecord* r = VerifiedTensorRecord(it->value().ToStringView());
+    const std::string value = it->value().ToString();  // aligned for FlatBuffers
+    const fb::TensorRecord* r = VerifiedTensorRecord(value);
     if (r == nullptr) {
       // Refuse to sweep on a damaged catalog: it could free live blocks.
       std::string_view parts[3];
@@ -1407,12 +1411,13 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report, BlockV
     report->tensors++;
     params_of[file].insert(param);
     const fb::TensorRecord* r = nullptr;
-    Status s = VerifyTensorRecordBytes(it->value().ToStringView(), "record", &r);
+    std::string value = it->value().ToString();  // aligned for FlatBuffers
+    Status s = VerifyTensorRecordBytes(value, "record", &r);
     if (!s.ok()) {
       problem(file, param, "", s.message());
       continue;
     }
-    good_bytes.push_back(it->value().ToString());
+    good_bytes.push_back(std::move(value));
     good_names.emplace_back(file, param);
   }
   if (!it->status().ok()) {
@@ -1429,7 +1434,7 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report, BlockV
     std::string file = fit->key().ToString().substr(prefix.size());
     files_seen.insert(file);
     report->files++;
-    const std::string_view bytes = fit->value().ToStringView();
+    const std::string bytes = fit->value().ToString();  // aligned for FlatBuffers
     const fb::StateTree* tree = VerifiedStateTree(bytes);
     if (tree == nullptr) {
       problem(file, "", "", "state tree fails verification");
