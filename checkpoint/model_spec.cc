@@ -12,12 +12,6 @@ int64_t Numel(const std::vector<int64_t>& shape) {
   return n;
 }
 
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 ShardingRules ShardingRules::MegatronDefaults() {
   ShardingRules r;
   r.rules_ = {

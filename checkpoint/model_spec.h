@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "store/names.h"
 #include "store/status.h"
 
 namespace ckptkv::checkpoint {
@@ -96,7 +97,8 @@ class ModelSpec {
 };
 
 int64_t Numel(const std::vector<int64_t>& shape);
-std::string ShapeString(const std::vector<int64_t>& shape);
+// "[2, 3]" (store/names.h).
+using ::ckptkv::ShapeString;
 
 }  // namespace ckptkv::checkpoint
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "store/store.h"
+#include "tests/store_util.h"
 
 namespace ckptkv::fuzz {
 
@@ -49,13 +50,9 @@ inline Store* SeedStore() {
   }
   Store* store = s.value().release();
   const std::vector<uint8_t> bytes = SeedBytes();
-  TensorMeta meta;
-  meta.dtype = fb::DType::UInt8;
-  meta.shape = {static_cast<int64_t>(bytes.size())};
-  ByteSource src;
-  src.length = bytes.size();
-  src.data = bytes.data();
-  if (!store->BeginTag("t").ok() || !store->PutTensor("t", "f", "w", meta, src).ok()) std::abort();
+  if (!store->BeginTag("t").ok() || !testing::PutBytes(*store, "t", "f", "w", bytes).ok()) {
+    std::abort();
+  }
   return store;  // the tag stays pending: its blocks are written and readable
 }
 

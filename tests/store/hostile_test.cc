@@ -25,6 +25,7 @@
 #include "store/size_math.h"
 #include "store/store.h"
 #include "tests/raw_db.h"
+#include "tests/store_util.h"
 #include "tests/test_util.h"
 
 using namespace ckptkv;
@@ -84,13 +85,7 @@ WriteStats SaveTag(Store& s, const std::string& tag,
   WriteStats total;
   std::vector<std::string> names;
   for (const auto& [param, bytes] : tensors) {
-    TensorMeta meta;
-    meta.dtype = fb::DType::UInt8;
-    meta.shape = {static_cast<int64_t>(bytes.size())};
-    ByteSource src;
-    src.length = bytes.size();
-    src.data = bytes.data();
-    auto r = s.PutTensor(tag, kFile, param, meta, src);
+    auto r = ckptkv::testing::PutBytes(s, tag, kFile, param, bytes);
     INFO(r.status().ToString());
     REQUIRE(r.ok());
     total.Add(*r);
@@ -382,14 +377,7 @@ TEST_CASE("verify finds a state tree whose tensors have no record", "[unit][stor
   auto store = OpenStore(dir.path());
   REQUIRE(store->BeginTag("t").ok());
   REQUIRE(store->PutFile("t", kFile, TreeOf({"w", "missing"})).ok());
-  TensorMeta meta;
-  meta.dtype = fb::DType::UInt8;
-  meta.shape = {3 * kChunk};
-  auto bytes = RandomBytes(rng, 3 * kChunk);
-  ByteSource src;
-  src.length = bytes.size();
-  src.data = bytes.data();
-  REQUIRE(store->PutTensor("t", kFile, "w", meta, src).ok());
+  REQUIRE(ckptkv::testing::PutBytes(*store, "t", kFile, "w", RandomBytes(rng, 3 * kChunk)).ok());
   REQUIRE(store->CommitTag("t", CommitOptions()).ok());
   auto report = store->Verify();
   REQUIRE(report.ok());
@@ -590,13 +578,7 @@ TEST_CASE("readers beside a live writer never report a healthy tag corrupt", "[u
       if (Status s = (*store)->BeginTag(tag); !s.ok()) return fail(s);
       for (auto [param, bytes] : {std::pair<std::string, std::vector<uint8_t>>{"shared", shared},
                                   {"fresh", RandomBytes(rng, 6 * kChunk + 17)}}) {
-        TensorMeta meta;
-        meta.dtype = fb::DType::UInt8;
-        meta.shape = {static_cast<int64_t>(bytes.size())};
-        ByteSource src;
-        src.length = bytes.size();
-        src.data = bytes.data();
-        auto put = (*store)->PutTensor(tag, kFile, param, meta, src);
+        auto put = ckptkv::testing::PutBytes(**store, tag, kFile, param, bytes);
         if (!put.ok()) return fail(put.status());
       }
       if (Status s = (*store)->PutFile(tag, kFile, TreeOf({"fresh", "shared"})); !s.ok()) {

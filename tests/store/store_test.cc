@@ -14,6 +14,7 @@
 #include "store/names.h"
 #include "store/store.h"
 #include "tests/raw_db.h"
+#include "tests/store_util.h"
 #include "tests/test_util.h"
 
 using namespace ckptkv;
@@ -55,13 +56,7 @@ std::vector<uint8_t> RandomBytes(std::mt19937_64& rng, size_t n) {
 
 WriteStats Put(Store& s, const std::string& tag, const std::string& file, const std::string& param,
                const std::vector<uint8_t>& bytes) {
-  TensorMeta meta;
-  meta.dtype = fb::DType::UInt8;
-  meta.shape = {static_cast<int64_t>(bytes.size())};
-  ByteSource src;
-  src.length = bytes.size();
-  src.data = bytes.data();
-  auto r = s.PutTensor(tag, file, param, meta, src);
+  auto r = ckptkv::testing::PutBytes(s, tag, file, param, bytes);
   INFO(r.status().ToString());
   REQUIRE(r.ok());
   return r.value();
