@@ -34,12 +34,11 @@ cp -r "$db" "$tmp/real" && rm "$tmp/real/CKPTKV-DEMO" "$tmp/real/OWNER"
 # Regression: a demo rerun over a store another process is writing used to
 # delete it (it opened it read-only, took no lock, then removed it). The
 # write lock is a flock on the store directory; flock(1) holds it here.
-flock "$db" sleep 20 &
+flock "$db" sleep 8 &  # sleep inherits the lock: it is released when sleep ends
 holder=$!
 sleep 0.5
 expect_rc 1 "demo refuses a store another process holds" "$ckptkv" demo --db "$db" --steps 12 --every 3 --vocab 512 --hidden 32
 check "the refusal names the lock" grep -q "locked by" "$tmp/out" "$tmp/err"
-kill "$holder" 2>/dev/null || true
 wait "$holder" 2>/dev/null || true
 check "the held store is intact" "$ckptkv" verify --db "$db"
 expect_rc 1 "demo refuses a store it did not make" "$ckptkv" demo --db "$tmp/real" --steps 12 --every 3
