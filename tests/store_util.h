@@ -2,6 +2,9 @@
 #ifndef CKPTKV_TESTS_STORE_UTIL_H_
 #define CKPTKV_TESTS_STORE_UTIL_H_
 
+#include <sys/types.h>
+#include <unistd.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -20,6 +23,28 @@ inline Result<WriteStats> PutBytes(Store& s, const std::string& tag, const std::
   src.length = bytes.size();
   src.data = bytes.data();
   return s.PutTensor(tag, file, param, meta, src);
+}
+
+// Forks a child that opens the store at `dir` for writing and holds it
+// until it is killed. Returns the child's pid once the store is open, or -1
+// if the child could not open it. The child makes no RocksDB background
+// calls, so it is safe to fork from a process that used RocksDB.
+inline pid_t HoldStoreInChild(const std::string& dir, const StoreOptions& options) {
+  int ready[2];
+  if (::pipe(ready) != 0) return -1;
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    auto held = Store::Open(dir, options);
+    char c = held.ok() ? 'y' : 'n';
+    (void)!::write(ready[1], &c, 1);
+    ::pause();
+    ::_exit(0);
+  }
+  ::close(ready[1]);
+  char c = 0;
+  const bool ok = pid > 0 && ::read(ready[0], &c, 1) == 1 && c == 'y';
+  ::close(ready[0]);
+  return ok ? pid : -1;
 }
 
 }  // namespace ckptkv::testing

@@ -526,20 +526,8 @@ TEST_CASE("a block found bad is not reused: the next save of its bytes heals it"
 TEST_CASE("deleting OWNER and LOCK does not let a second writer in", "[unit][store]") {
   TempDir dir;
   OpenStore(dir.path()).reset();
-  int ready[2];
-  REQUIRE(pipe(ready) == 0);
-  pid_t pid = fork();
-  if (pid == 0) {
-    StoreOptions o;
-    auto held = Store::Open(dir.path(), o);
-    char c = held.ok() ? 'y' : 'n';
-    (void)!write(ready[1], &c, 1);
-    pause();
-    _exit(0);
-  }
-  char c = 0;
-  REQUIRE(read(ready[0], &c, 1) == 1);
-  REQUIRE(c == 'y');
+  const pid_t pid = ckptkv::testing::HoldStoreInChild(dir.path(), StoreOptions());
+  REQUIRE(pid > 0);
   fs::remove(fs::path(dir.path()) / "OWNER");
   fs::remove(fs::path(dir.path()) / "LOCK");
   auto second = Store::Open(dir.path(), StoreOptions());

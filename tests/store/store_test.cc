@@ -333,19 +333,8 @@ TEST_CASE("a second writer gets a clear lock error", "[unit][store]") {
 
   // Another process.
   store.reset();
-  int ready[2];
-  REQUIRE(pipe(ready) == 0);
-  pid_t pid = fork();
-  if (pid == 0) {
-    auto held = Store::Open(dir.path(), SmallChunks());
-    char c = held.ok() ? 'y' : 'n';
-    (void)!write(ready[1], &c, 1);
-    pause();
-    _exit(0);
-  }
-  char c = 0;
-  REQUIRE(read(ready[0], &c, 1) == 1);
-  REQUIRE(c == 'y');
+  const pid_t pid = ckptkv::testing::HoldStoreInChild(dir.path(), SmallChunks());
+  REQUIRE(pid > 0);
   auto locked = Store::Open(dir.path(), SmallChunks());
   CHECK(locked.status().IsBusy());
   CHECK(locked.status().message().find("process " + std::to_string(pid)) != std::string::npos);
