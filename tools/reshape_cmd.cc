@@ -9,10 +9,10 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "checkpoint/naive_reshape.h"
-#include "checkpoint/placer.h"
-#include "checkpoint/reshape.h"
-#include "checkpoint/synth.h"
+#include "checkpoint/deepspeed/naive_reshape.h"
+#include "checkpoint/query/placer.h"
+#include "checkpoint/query/reshape.h"
+#include "checkpoint/query/synth.h"
 #include "tools/admin.h"
 #include "tools/cli_args.h"
 #include "tools/json_text.h"

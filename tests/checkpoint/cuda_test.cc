@@ -13,10 +13,10 @@
 #include <cstring>
 #include <sstream>
 
-#include "checkpoint/reshape.h"
-#include "checkpoint/synth.h"
-#include "checkpoint/tag_index.h"
-#include "checkpoint/writer.h"
+#include "checkpoint/query/reshape.h"
+#include "checkpoint/query/synth.h"
+#include "checkpoint/query/tag_index.h"
+#include "checkpoint/query/writer.h"
 #include "engine/kv_checkpoint_engine.h"
 #include "tests/checkpoint/small_gpt.h"
 #include "tests/test_util.h"

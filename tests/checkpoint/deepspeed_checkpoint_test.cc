@@ -10,13 +10,13 @@
 #include <string>
 #include <vector>
 
-#include "checkpoint/deepspeed_checkpoint.h"
-#include "checkpoint/descriptor.h"
-#include "checkpoint/file_names.h"
-#include "checkpoint/merge_state.h"
-#include "checkpoint/naive_reshape.h"
-#include "checkpoint/state_view.h"
-#include "checkpoint/zero_checkpoint.h"
+#include "checkpoint/deepspeed/deepspeed_checkpoint.h"
+#include "checkpoint/core/descriptor.h"
+#include "checkpoint/core/file_names.h"
+#include "checkpoint/deepspeed/merge_state.h"
+#include "checkpoint/deepspeed/naive_reshape.h"
+#include "checkpoint/core/state_view.h"
+#include "checkpoint/deepspeed/zero_checkpoint.h"
 #include "engine/kv_checkpoint_engine.h"
 #include "tests/test_util.h"
 

@@ -2,7 +2,7 @@
 // recovers the rank coordinates.
 #include <catch2/catch.hpp>
 
-#include "checkpoint/file_names.h"
+#include "checkpoint/core/file_names.h"
 
 using namespace ckptkv::checkpoint;
 

@@ -7,11 +7,11 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 
-#include "checkpoint/file_names.h"
-#include "checkpoint/placer.h"
-#include "checkpoint/reshape.h"
-#include "checkpoint/synth.h"
-#include "checkpoint/tag_index.h"
+#include "checkpoint/core/file_names.h"
+#include "checkpoint/query/placer.h"
+#include "checkpoint/query/reshape.h"
+#include "checkpoint/query/synth.h"
+#include "checkpoint/query/tag_index.h"
 #include "engine/kv_checkpoint_engine.h"
 #include "tests/checkpoint/small_gpt.h"
 #include "tests/test_util.h"

@@ -3,8 +3,8 @@
 // and the module run by hand), and the errors for reshapes it rejects.
 #include <catch2/catch.hpp>
 
-#include "checkpoint/descriptor.h"
-#include "checkpoint/reshape_maps.h"
+#include "checkpoint/core/descriptor.h"
+#include "checkpoint/core/reshape_maps.h"
 
 using namespace ckptkv::checkpoint;
 using V = std::vector<int>;

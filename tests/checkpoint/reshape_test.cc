@@ -8,12 +8,12 @@
 #include <set>
 #include <tuple>
 
-#include "checkpoint/fragments.h"
-#include "checkpoint/reshape.h"
-#include "checkpoint/reshape_maps.h"
-#include "checkpoint/synth.h"
-#include "checkpoint/tag_index.h"
-#include "checkpoint/zero_layout.h"
+#include "checkpoint/query/fragments.h"
+#include "checkpoint/query/reshape.h"
+#include "checkpoint/core/reshape_maps.h"
+#include "checkpoint/query/synth.h"
+#include "checkpoint/query/tag_index.h"
+#include "checkpoint/core/zero_layout.h"
 #include "engine/state_codec.h"
 #include "tests/checkpoint/small_gpt.h"
 #include "tests/test_util.h"

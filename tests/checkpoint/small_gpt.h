@@ -4,7 +4,7 @@
 #ifndef CKPTKV_TESTS_CHECKPOINT_SMALL_GPT_H_
 #define CKPTKV_TESTS_CHECKPOINT_SMALL_GPT_H_
 
-#include "checkpoint/model_spec.h"
+#include "checkpoint/core/model_spec.h"
 
 namespace ckptkv::testing {
 

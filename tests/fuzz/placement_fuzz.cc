@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "checkpoint/fragments.h"
-#include "checkpoint/tag_index.h"
+#include "checkpoint/query/fragments.h"
+#include "checkpoint/query/tag_index.h"
 #include "store/record_check.h"
 
 using namespace ckptkv;

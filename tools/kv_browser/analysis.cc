@@ -7,7 +7,7 @@
 #include <set>
 #include <unordered_set>
 
-#include "checkpoint/file_names.h"
+#include "checkpoint/core/file_names.h"
 #include "tools/kv_browser/text.h"
 
 namespace ckptkv::kvb {

@@ -1,0 +1,217 @@
+#include "checkpoint/core/descriptor.h"
+
+#include <algorithm>
+#include <optional>
+#include <set>
+#include <tuple>
+
+#include "checkpoint/core/file_names.h"
+#include "checkpoint/core/state_view.h"
+#include "store/store.h"
+
+namespace ckptkv::checkpoint {
+namespace {
+
+std::string Basename(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+bool StartsWith(const std::string& s, const std::string& prefix) {
+  return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
+}
+
+std::string Join(const std::vector<std::string>& v, size_t max = 8) {
+  std::string s;
+  for (size_t i = 0; i < v.size() && i < max; ++i) s += (i ? ", " : "") + v[i];
+  if (v.size() > max) s += ", ... (" + std::to_string(v.size()) + " files)";
+  return s.empty() ? "none" : s;
+}
+
+struct ParallelDims {
+  int pp = 0;
+  int tp = 0;
+};
+
+// checkpoint_parallel_dimensions of one model file: nullopt when absent.
+Result<std::optional<ParallelDims>> ReadDims(const Store& store, const std::string& tag,
+                                             const std::string& file) {
+  ASSIGN_OR_RETURN(StoredState state, StoredState::Read(store, tag, file));
+  const fb::Node* dims = state.Find({"checkpoint_parallel_dimensions"});
+  if (IsNone(dims)) return std::optional<ParallelDims>();
+  auto pp = AsInt(Child(dims, "pp_degree"));
+  auto tp = AsInt(Child(dims, "tp_degree"));
+  if (!pp || !tp || *pp < 1 || *tp < 1) {
+    return Status::InvalidArgument(
+        state.where() +
+        ": checkpoint_parallel_dimensions must be {pp_degree: int >= 1, tp_degree: int >= 1}");
+  }
+  return std::optional<ParallelDims>(ParallelDims{static_cast<int>(*pp), static_cast<int>(*tp)});
+}
+
+// The agreed dims of `files`, nullopt when none has them; an error when only
+// some have them or they disagree.
+Result<std::optional<ParallelDims>> AgreedDims(const Store& store, const std::string& tag,
+                                               const std::vector<std::string>& files) {
+  std::optional<ParallelDims> agreed;
+  std::string agreed_file;
+  std::vector<std::string> without;
+  for (const auto& f : files) {
+    ASSIGN_OR_RETURN(auto dims, ReadDims(store, tag, f));
+    if (!dims) {
+      without.push_back(f);
+      continue;
+    }
+    if (!agreed) {
+      agreed = dims;
+      agreed_file = f;
+    } else if (dims->pp != agreed->pp || dims->tp != agreed->tp) {
+      std::string msg = "tag '" + tag + "': ";
+      msg += f;
+      msg += " has checkpoint_parallel_dimensions (pp " + std::to_string(dims->pp) + ", tp " +
+             std::to_string(dims->tp) + ") but ";
+      msg += agreed_file;
+      msg += " has (pp " + std::to_string(agreed->pp) + ", tp " + std::to_string(agreed->tp) +
+             "); every model file must agree";
+      return Status::InvalidArgument(msg);
+    }
+  }
+  if (agreed && !without.empty()) {
+    return Status::InvalidArgument("tag '" + tag + "': " + agreed_file +
+                                   " has checkpoint_parallel_dimensions but " + Join(without) +
+                                   " do not; every model file must have it, or none");
+  }
+  return agreed;
+}
+
+}  // namespace
+
+std::vector<std::string> GetFilesWithPrefix(const std::vector<std::string>& files,
+                                            const std::string& prefix) {
+  std::vector<std::string> out;
+  for (const auto& f : files) {
+    if (StartsWith(Basename(f), prefix)) out.push_back(f);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<std::string> GetZeroFiles(const std::vector<std::string>& files) {
+  for (const char* prefix : {"zero_pp_rank_", "fp16_zero_pp_rank_", "bf16_zero_pp_rank_"}) {
+    std::vector<std::tuple<int, int, std::string>> ranked;
+    for (const auto& f : GetFilesWithPrefix(files, prefix)) {
+      auto c = ParseFileName(f);
+      if (!c || c->kind != FileKind::kOptimStates) continue;
+      ranked.emplace_back(c->dp_rank, c->mp_rank, f);
+    }
+    if (ranked.empty()) continue;
+    std::sort(ranked.begin(), ranked.end());
+    std::vector<std::string> out;
+    out.reserve(ranked.size());
+    for (auto& r : ranked) out.push_back(std::move(std::get<2>(r)));
+    return out;
+  }
+  return {};
+}
+
+DeepSpeedFiles ClassifyFiles(const std::vector<std::string>& files) {
+  DeepSpeedFiles out;
+  out.all = files;
+  for (const auto& f : GetFilesWithPrefix(files, "mp_rank_")) {
+    auto c = ParseFileName(f);
+    if (c && c->kind == FileKind::kModelStates) out.model.push_back(f);
+  }
+  std::vector<std::tuple<int, int, std::string>> zm;
+  for (const auto& f : files) {
+    auto c = ParseFileName(f);
+    if (c && c->kind == FileKind::kZeroModelStates) zm.emplace_back(c->dp_rank, c->mp_rank, f);
+  }
+  std::sort(zm.begin(), zm.end());
+  for (auto& z : zm) out.zero_model.push_back(std::move(std::get<2>(z)));
+  out.zero = GetZeroFiles(files);
+  out.layer = GetFilesWithPrefix(files, "layer_");
+  return out;
+}
+
+Result<DeepSpeedFiles> ListDeepSpeedFiles(const Store& store, const std::string& tag) {
+  ASSIGN_OR_RETURN(auto files, store.ListFiles(tag));
+  return ClassifyFiles(files);
+}
+
+Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& tag) {
+  ASSIGN_OR_RETURN(DeepSpeedFiles files, ListDeepSpeedFiles(store, tag));
+  const int num_zero = static_cast<int>(files.zero.size());
+  Model3dDesc d;
+  if (files.model.empty() && !files.zero_model.empty()) {
+    // ZeRO-3: one model file per (dp, mp) rank instead of mp_rank_* files.
+    std::set<int> mp_ranks;
+    for (const auto& f : files.zero_model) mp_ranks.insert(ParseFileName(f)->mp_rank);
+    ASSIGN_OR_RETURN(auto dims, AgreedDims(store, tag, files.zero_model));
+    const int num_mp = static_cast<int>(mp_ranks.size());
+    if (dims) {
+      if (dims->pp * dims->tp != num_mp) {
+        return Status::InvalidArgument(
+            "tag '" + tag + "': checkpoint_parallel_dimensions say pp " + std::to_string(dims->pp) +
+            " x tp " + std::to_string(dims->tp) + " but the ZeRO-3 " + "model files name " +
+            std::to_string(num_mp) + " MP ranks: " + Join(files.zero_model));
+      }
+      d.pp = dims->pp;
+      d.tp = dims->tp;
+    } else {
+      d.pp = 1;
+      d.tp = num_mp;
+    }
+    const int count = num_zero > 0 ? num_zero : static_cast<int>(files.zero_model.size());
+    if (count % (d.pp * d.tp) != 0) {
+      return Status::InvalidArgument(
+          "tag '" + tag + "': " + std::to_string(count) +
+          " ZeRO-3 files are not a multiple of pp*tp = " + std::to_string(d.pp * d.tp));
+    }
+    d.dp = std::max(1, count / (d.pp * d.tp));
+    return d;
+  }
+  if (files.model.empty()) {
+    return Status::InvalidArgument("tag '" + tag +
+                                   "' is not a DeepSpeed checkpoint: it has no "
+                                   "mp_rank_*_model_states.pt (or ZeRO-3 model) files; files: " +
+                                   Join(files.all));
+  }
+  const int num_mp = static_cast<int>(files.model.size());
+  ASSIGN_OR_RETURN(auto dims, AgreedDims(store, tag, files.model));
+  if (dims) {
+    const int mp = dims->pp * dims->tp;
+    if (num_mp != mp) {
+      return Status::InvalidArgument(
+          "tag '" + tag + "': checkpoint_parallel_dimensions say pp " + std::to_string(dims->pp) +
+          " x tp " + std::to_string(dims->tp) + " = " + std::to_string(mp) +
+          " model files, but the tag has " + std::to_string(num_mp) + ": " + Join(files.model));
+    }
+    if (num_zero % mp != 0) {
+      return Status::InvalidArgument("tag '" + tag + "': " + std::to_string(num_zero) +
+                                     " ZeRO files are not a multiple of pp*tp = " +
+                                     std::to_string(mp) + ": " + Join(files.zero));
+    }
+    d.pp = dims->pp;
+    d.tp = dims->tp;
+  } else {
+    // Legacy heuristic (Megatron: layer_01 is the embedding, one per TP rank).
+    const int num_layer01 = static_cast<int>(GetFilesWithPrefix(files.all, "layer_01").size());
+    if (num_layer01 > 0) {
+      d.tp = num_layer01;
+      d.pp = num_mp / d.tp;
+      if (d.pp < 1) {
+        return Status::InvalidArgument("tag '" + tag + "': " + std::to_string(num_layer01) +
+                                       " layer_01 files but only " + std::to_string(num_mp) +
+                                       " model files; expected a multiple of " +
+                                       std::to_string(num_layer01));
+      }
+    } else {
+      d.tp = num_mp;
+      d.pp = 1;
+    }
+  }
+  d.dp = std::max(1, num_zero / (d.pp * d.tp));
+  return d;
+}
+
+}  // namespace ckptkv::checkpoint
