@@ -222,4 +222,17 @@ bool SplitKey(std::string_view key, size_t n, std::string_view* parts) {
   return true;
 }
 
+std::string FileName(std::string_view tag, std::string_view file) {
+  std::string s;
+  s.reserve(tag.size() + 1 + file.size());
+  s.append(tag).append("/").append(file);
+  return s;
+}
+
+std::string TensorName(std::string_view tag, std::string_view file, std::string_view param) {
+  std::string s = FileName(tag, file);
+  s.append(":").append(param);
+  return s;
+}
+
 }  // namespace ckptkv

@@ -49,6 +49,10 @@ std::string PrefixEnd(std::string prefix);
 // Splits "a\0b\0c" into parts; false if the count differs from `n`.
 bool SplitKey(std::string_view key, size_t n, std::string_view* parts);
 
+// How messages name a stored thing: "tag/file" and "tag/file:param".
+std::string FileName(std::string_view tag, std::string_view file);
+std::string TensorName(std::string_view tag, std::string_view file, std::string_view param);
+
 // Shows a name in a message: quoted, the first 200 bytes, with control bytes
 // and bytes that are not UTF-8 escaped as \\xNN (so the result is UTF-8).
 std::string Quote(std::string_view name);

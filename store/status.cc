@@ -22,6 +22,8 @@ const char* CodeName(Status::Code code) {
       return "Busy";
     case Status::Code::kNotSupported:
       return "NotSupported";
+    case Status::Code::kResourceExhausted:
+      return "ResourceExhausted";
   }
   return "Unknown";
 }

@@ -3,8 +3,8 @@
 // A Status is free on success (no allocation) and otherwise carries a code
 // and a message that names the thing at fault and what would be valid.
 // RocksDB statuses are converted in store/ (FromRocks); LibTorch's c10::Error
-// is converted in engine/. The engine API, which mirrors DeepSpeed's Python
-// API, reports a non-OK Status by throwing StatusError.
+// is converted at one boundary, engine/torch_call.h. The engine API, which mirrors DeepSpeed's
+// Python API, reports a non-OK Status by throwing StatusError.
 #ifndef CKPTKV_STORE_STATUS_H_
 #define CKPTKV_STORE_STATUS_H_
 
@@ -28,6 +28,7 @@ class [[nodiscard]] Status {
     kFailedPrecondition,  // e.g. save before create
     kBusy,                // store locked by another process
     kNotSupported,
+    kResourceExhausted,  // out of memory (host or device)
   };
 
   Status() = default;
@@ -47,6 +48,10 @@ class [[nodiscard]] Status {
   static Status Busy(std::string msg) { return Status(Code::kBusy, std::move(msg)); }
   static Status NotSupported(std::string msg) {
     return Status(Code::kNotSupported, std::move(msg));
+  }
+
+  static Status ResourceExhausted(std::string msg) {
+    return Status(Code::kResourceExhausted, std::move(msg));
   }
 
   bool ok() const { return state_ == nullptr; }
