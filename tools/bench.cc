@@ -30,15 +30,19 @@
 #include "engine/kv_checkpoint_engine.h"
 #include "engine/torch_checkpoint_engine.h"
 #include "store/store.h"
-#include "tools/admin.h"
 #include "tools/bench_reshape.h"
 #include "tools/json_text.h"
+#include "tools/kv_browser/text.h"
 #include "tools/proc_stats.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::ordered_json;
 
 namespace ckptkv::tools {
+
+using kvb::HumanBytes;
+using kvb::ReportError;
+
 namespace {
 
 constexpr double kMiB = 1024.0 * 1024.0;

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "tools/admin.h"
+#include "tools/kv_browser/text.h"
 #include "tools/proc_stats.h"
 
 extern char** environ;
@@ -26,6 +26,10 @@ namespace fs = std::filesystem;
 using json = nlohmann::ordered_json;
 
 namespace ckptkv::tools {
+
+using kvb::HumanBytes;
+using kvb::ReportError;
+
 namespace {
 
 constexpr double kMiB = 1024.0 * 1024.0;
@@ -178,12 +182,6 @@ Status CloneStore(const std::string& from, const std::string& to) {
   return Status::OK();
 }
 
-// A failed step: its message alone (the code adds nothing for a reader).
-int Fail(const Status& s) {
-  std::cerr << "error: " << s.message() << std::endl;
-  return 1;
-}
-
 double Ratio(double a, double b) { return b > 0 ? a / b : 0.0; }
 
 uint64_t U(const json& j, const char* key) { return j.value(key, uint64_t{0}); }
@@ -246,7 +244,7 @@ int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostr
   const std::string logs = root + "/logs";
   std::error_code ec;
   fs::create_directories(logs, ec);
-  if (ec) return Fail(Status::IOError("cannot make '" + logs + "': " + ec.message()));
+  if (ec) return ReportError(Status::IOError("cannot make '" + logs + "': " + ec.message()));
 
   bool all_cold = true;
   int n = 0;
@@ -310,7 +308,7 @@ int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostr
                 "--vocab",
                 std::to_string(o.reshape_vocab),
                 "--json"};
-  if (Status st = run(&synth, /*on_clone=*/false, /*drop=*/false); !st.ok()) return Fail(st);
+  if (Status st = run(&synth, /*on_clone=*/false, /*drop=*/false); !st.ok()) return ReportError(st);
 
   const std::vector<Target> targets = {{2, 1, 1}, {1, 1, 4}};
 
@@ -322,7 +320,7 @@ int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostr
   for (auto& a : layout_args(targets[0])) floor.args.push_back(a);
   floor.args.push_back("--plan");
   floor.args.push_back("--json");
-  if (Status st = run(&floor, /*on_clone=*/true, /*drop=*/true); !st.ok()) return Fail(st);
+  if (Status st = run(&floor, /*on_clone=*/true, /*drop=*/true); !st.ok()) return ReportError(st);
 
   // (c) Each target, fragment then naive, each on its own clone.
   struct Row {
@@ -352,7 +350,7 @@ int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostr
     for (auto& a : layout_args(row.naive_target)) row.naive.args.push_back(a);
     row.naive.args.insert(row.naive.args.end(), {"--out-tag", "naive", "--json"});
     for (Child* c : {&row.fragment, &row.naive}) {
-      if (Status st = run(c, /*on_clone=*/true, /*drop=*/true); !st.ok()) return Fail(st);
+      if (Status st = run(c, /*on_clone=*/true, /*drop=*/true); !st.ok()) return ReportError(st);
     }
     rows.push_back(std::move(row));
   }

@@ -5,14 +5,17 @@
 //                 [--scenarios all|core|reshape] [--reshape-layers N] [--reshape-hidden H]
 //                 [--reshape-vocab V]
 //   ckptkv ls     --db DIR [--json]
-//   ckptkv verify --db DIR [--tag T] [--json] [--repair]
-//   ckptkv gc     --db DIR [--dry-run] [--json]
-//   ckptkv rm     --db DIR TAG
+//   ckptkv verify --db DIR [--tag T | TAG | --all] [--json] [--repair]
+//   ckptkv gc     --db DIR [--dry-run] [--yes] [--json]
+//   ckptkv rm     --db DIR TAG... [--gc] [--dry-run] [--yes] [--json]
 //   ckptkv synth  --db DIR --tag T --tp N --pp M --dp K --zero-stage S [--dtype bf16|fp32] ...
 //   ckptkv reshape --db DIR --tag T --tp N --pp M --dp K [--out-tag T2] [--device D] [--plan]
 //                  [--naive]
 //   ckptkv export-universal --db DIR --tag T [--out-tag T2]
 //   ckptkv import-universal --db DIR --tag T --tp N --pp M --dp K --out-tag T2
+//
+// ls, verify, gc and rm are kv-browser's tags, verify, gc and rm
+// (tools/kv_browser/admin.h): the same code, output and JSON.
 //
 // Exit codes: 0 success; 1 usage errors, missing stores or tags and other
 // failures; 2 corruption (verify problems, a checkpoint that loads wrong);
@@ -26,13 +29,16 @@
 #include <CLI/CLI.hpp>
 
 #include "store/status.h"
-#include "tools/admin.h"
 #include "tools/bench.h"
 #include "tools/cli_args.h"
 #include "tools/demo.h"
+#include "tools/kv_browser/admin_cli.h"
+#include "tools/kv_browser/text.h"
 #include "tools/reshape_cmd.h"
 
 namespace {
+
+namespace kvb = ckptkv::kvb;
 
 int Run(int argc, char** argv) {
   using namespace ckptkv::tools;
@@ -97,30 +103,20 @@ int Run(int argc, char** argv) {
   CheckpointCommands checkpoint_cmds;
   checkpoint_cmds.Add(app);
 
+  // The admin commands: kv-browser's, each taking --db and --json here.
   std::string db;
   bool json = false;
+  kvb::AdminArgs admin;
+  admin.write.unattended = kvb::Unattended::kWrite;
   auto* ls_cmd = app.add_subcommand("ls", "list the committed tags of a store");
-  ls_cmd->add_option("--db", db, "store directory")->required();
-  ls_cmd->add_flag("--json", json, "JSON output");
-
-  std::string tag;
-  auto* verify_cmd = app.add_subcommand("verify", "re-hash every block of a tag (or every tag)");
-  verify_cmd->add_option("--db", db, "store directory")->required();
-  verify_cmd->add_option("--tag", tag, "only this tag");
-  verify_cmd->add_flag("--json", json, "JSON output");
-  bool repair = false;
-  verify_cmd->add_flag("--repair", repair,
-                       "drop the index entries of bad blocks so the next save rewrites them");
-
-  bool dry_run = false;
-  auto* gc_cmd = app.add_subcommand("gc", "remove blocks no tag references");
-  gc_cmd->add_option("--db", db, "store directory")->required();
-  gc_cmd->add_flag("--dry-run", dry_run, "only count what would be removed");
-  gc_cmd->add_flag("--json", json, "JSON output");
-
-  auto* rm_cmd = app.add_subcommand("rm", "delete a committed tag (then gc reclaims its blocks)");
-  rm_cmd->add_option("--db", db, "store directory")->required();
-  rm_cmd->add_option("tag", tag, "tag to delete")->required();
+  auto* verify_cmd = kvb::AddVerifyCommand(app, admin);
+  verify_cmd->add_option("--tag", admin.tag, "only this tag (as the TAG argument)");
+  auto* gc_cmd = kvb::AddGcCommand(app, admin);
+  auto* rm_cmd = kvb::AddRmCommand(app, admin);
+  for (CLI::App* c : {ls_cmd, verify_cmd, gc_cmd, rm_cmd}) {
+    c->add_option("--db", db, "store directory")->required();
+    c->add_flag("--json", json, "JSON output (fields in docs/kv-browser.md)");
+  }
 
   try {
     app.parse(argc, argv);
@@ -134,14 +130,11 @@ int Run(int argc, char** argv) {
   }
   if (*bench_cmd) return RunBench(bench);
   if (auto rc = checkpoint_cmds.Run()) return *rc;
-  if (*ls_cmd) return RunLs(db, json);
-  if (*verify_cmd) {
-    std::optional<std::string> t;
-    if (verify_cmd->count("--tag") > 0) t = tag;
-    return RunVerify(db, t, json, repair);
-  }
-  if (*gc_cmd) return RunGc(db, dry_run, json);
-  if (*rm_cmd) return RunRm(db, tag);
+  admin.write.as_json = json;
+  if (*ls_cmd) return kvb::RunTags(db, json);
+  if (*verify_cmd) return kvb::RunVerify(db, admin.verify_tag(), admin.repair, json);
+  if (*gc_cmd) return kvb::RunGc(db, admin.write);
+  if (*rm_cmd) return kvb::RunRm(db, admin.tags, admin.write);
   return 1;
 }
 
@@ -151,7 +144,7 @@ int main(int argc, char** argv) {
   try {
     return Run(argc, argv);
   } catch (const ckptkv::StatusError& e) {
-    return ckptkv::tools::ReportError(e.status());
+    return kvb::ReportError(e.status());
   } catch (const c10::Error& e) {
     std::cerr << "error: " << e.what_without_backtrace() << std::endl;
     return 1;

@@ -18,12 +18,15 @@
 #include "engine/torch_checkpoint_engine.h"
 #include "store/file_lock.h"
 #include "store/store.h"
-#include "tools/admin.h"
+#include "tools/kv_browser/text.h"
 #include "tools/proc_stats.h"
 
 namespace fs = std::filesystem;
 
 namespace ckptkv::tools {
+
+using kvb::ReportError;
+
 namespace {
 
 constexpr const char* kFile = "mp_rank_00_model_states.pt";

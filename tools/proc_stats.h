@@ -50,9 +50,6 @@ uint64_t TreeBytes(const std::string& path);
 // Monotonic seconds.
 double NowSeconds();
 
-// "1.23 GiB" style.
-std::string HumanBytes(uint64_t bytes);
-
 }  // namespace ckptkv::tools
 
 #endif  // CKPTKV_TOOLS_PROC_STATS_H_

@@ -13,14 +13,15 @@
 #include "checkpoint/query/placer.h"
 #include "checkpoint/query/reshape.h"
 #include "checkpoint/query/synth.h"
-#include "tools/admin.h"
 #include "tools/cli_args.h"
 #include "tools/json_text.h"
+#include "tools/kv_browser/text.h"
 #include "tools/proc_stats.h"
 
 namespace ckptkv::tools {
 
 using checkpoint::TrainLayout;
+using kvb::ReportError;
 using json = nlohmann::json;
 
 namespace {

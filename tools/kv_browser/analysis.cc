@@ -62,6 +62,15 @@ json PlacementJson(const fb::Placement* p) {
   return j;
 }
 
+namespace {
+
+// The training layout a commit recorded.
+json LayoutJson(const Layout& l) {
+  return {{"tp", l.tp}, {"pp", l.pp}, {"dp", l.dp}, {"zero_stage", l.zero_stage}};
+}
+
+}  // namespace
+
 Result<json> TagsReport(Browser& b) {
   ASSIGN_OR_RETURN(const auto* tags, b.Tags());
   ASSIGN_OR_RETURN(std::string latest, b.Latest());
@@ -83,6 +92,9 @@ Result<json> TagsReport(Browser& b) {
     j["dedup_ratio"] =
         t.new_bytes ? json(static_cast<double>(t.logical_bytes) / t.new_bytes) : json(nullptr);
     j["parent_tag"] = t.parent_tag.empty() ? json(nullptr) : json(t.parent_tag);
+    j["new_blocks"] = t.new_blocks;
+    j["stored_new_bytes"] = t.stored_new_bytes;
+    if (t.layout) j["layout"] = LayoutJson(*t.layout);
     out.push_back(std::move(j));
   }
   return out;
@@ -158,12 +170,7 @@ Result<json> TreeReport(Browser& b, const std::string& tag, const ParamFilter& f
     files.push_back(std::move(fj));
   }
   json out{{"tag", tag}, {"files", std::move(files)}};
-  if (c->info.layout) {
-    out["layout"] = {{"tp", c->info.layout->tp},
-                     {"pp", c->info.layout->pp},
-                     {"dp", c->info.layout->dp},
-                     {"zero_stage", c->info.layout->zero_stage}};
-  }
+  if (c->info.layout) out["layout"] = LayoutJson(*c->info.layout);
   return out;
 }
 

@@ -40,8 +40,6 @@ Digest TensorEntry::digest() const {
   return rec().digest() ? Digest{rec().digest()->lo(), rec().digest()->hi()} : Digest{};
 }
 
-int ExitCodeFor(const Status& s) { return s.IsCorruption() ? 2 : 1; }
-
 Result<std::unique_ptr<Browser>> Browser::Open(const std::string& dir, Mode mode) {
   std::error_code ec;
   if (dir.empty()) return Status::InvalidArgument("--db is empty; give the store directory");

@@ -116,9 +116,6 @@ class Browser {
   std::optional<BlockMap> blocks_;
 };
 
-// A Status's exit code: 2 for corruption, 1 otherwise.
-int ExitCodeFor(const Status& s);
-
 }  // namespace ckptkv::kvb
 
 #endif  // CKPTKV_TOOLS_KV_BROWSER_BROWSER_CORE_H_

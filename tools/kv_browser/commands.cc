@@ -1,5 +1,3 @@
-// Text renderings of the query documents (the JSON documents are printed
-// as they are with --json).
 #include "tools/kv_browser/commands.h"
 
 #include <algorithm>
@@ -25,11 +23,6 @@ std::string Shape(const json& j) { return ShapeString(j["shape"].get<std::vector
 uint64_t U(const json& j) { return j.get<uint64_t>(); }
 
 }  // namespace
-
-int ReportError(const Status& s) {
-  std::cerr << "error: " << s.message() << std::endl;
-  return ExitCodeFor(s);
-}
 
 int Emit(const Result<json>& r, bool as_json, const std::function<void(const json&)>& text) {
   if (!r.ok()) return ReportError(r.status());

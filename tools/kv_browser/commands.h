@@ -1,5 +1,6 @@
-// kv-browser's front-end glue: text renderers for the query documents, the
-// maintenance commands (the only ones that write) and the terminal UI.
+// Text renderers of the query documents (the JSON documents are printed as
+// they are with --json), shared by kv-browser's CLI and terminal UI and by
+// ckptkv's admin commands (admin.h).
 #ifndef CKPTKV_TOOLS_KV_BROWSER_COMMANDS_H_
 #define CKPTKV_TOOLS_KV_BROWSER_COMMANDS_H_
 
@@ -11,8 +12,6 @@
 
 namespace ckptkv::kvb {
 
-// Prints "error: ..." to stderr and returns the exit code of the status.
-int ReportError(const Status& s);
 // Prints the document as JSON or through `text`; returns 0, or the error's
 // exit code.
 int Emit(const Result<json>& r, bool as_json, const std::function<void(const json&)>& text);
@@ -33,21 +32,6 @@ void RenderExport(const json& j);
 std::vector<std::string> HistogramLines(const json& hist, int width);
 // Nested, numpy-like text of a peek document's values.
 std::string PeekText(const json& peek);
-
-struct WriteFlags {
-  bool dry_run = false;
-  bool yes = false;     // write without asking
-  bool run_gc = false;  // rm / keep: gc afterwards
-  bool as_json = false;
-};
-int RunGc(const std::string& db, const WriteFlags& f);
-int RunRm(const std::string& db, const std::vector<std::string>& tags, const WriteFlags& f);
-int RunKeep(const std::string& db, int last, int every, const WriteFlags& f);
-
-int RunTui(const std::string& db);
-
-// Parses the command line and runs one subcommand; returns the exit code.
-int RunCli(int argc, char** argv);
 
 }  // namespace ckptkv::kvb
 

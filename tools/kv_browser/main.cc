@@ -3,7 +3,7 @@
 #include <exception>
 #include <iostream>
 
-#include "tools/kv_browser/commands.h"
+#include "tools/kv_browser/cli.h"
 
 int main(int argc, char** argv) {
   try {

@@ -9,9 +9,17 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <iostream>
 #include <map>
 
 namespace ckptkv::kvb {
+
+int ExitCodeFor(const Status& s) { return s.IsCorruption() ? 2 : 1; }
+
+int ReportError(const Status& s) {
+  std::cerr << "error: " << s.message() << std::endl;
+  return ExitCodeFor(s);
+}
 
 std::string HumanBytes(uint64_t bytes) {
   static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};

@@ -1,5 +1,6 @@
-// Text helpers of kv-browser: sizes, times, name suggestions, globs,
-// collapsing of numbered runs (layers.N.*) and the progress bar.
+// Text helpers of kv-browser (and of ckptkv, which links them): error
+// lines and exit codes, sizes, times, name suggestions, globs, collapsing of
+// numbered runs (layers.N.*) and the progress bar.
 #ifndef CKPTKV_TOOLS_KV_BROWSER_TEXT_H_
 #define CKPTKV_TOOLS_KV_BROWSER_TEXT_H_
 
@@ -8,14 +9,20 @@
 #include <vector>
 
 #include "store/names.h"
+#include "store/status.h"
 
 namespace ckptkv::kvb {
+
+// A failed Status's exit code: 2 for corruption, 1 otherwise.
+int ExitCodeFor(const Status& s);
+// Prints "error: <message>" (one line; the message names what is wrong, the
+// code adds nothing for a reader) to stderr and returns ExitCodeFor(s).
+int ReportError(const Status& s);
 
 // "1.50 MiB", "312 B".
 std::string HumanBytes(uint64_t bytes);
 // Local time "YYYY-MM-DD HH:MM:SS" of a unix epoch in milliseconds.
 std::string FormatTime(int64_t ms);
-// "[4, 8]".
 // A double in short form (integers without a fraction, nan, inf).
 std::string FormatNumber(double v);
 

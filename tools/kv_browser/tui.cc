@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <iostream>
 
-#include "tools/kv_browser/commands.h"
+#include "tools/kv_browser/text.h"
 #include "tools/kv_browser/tui.h"
 
 // After the project's headers: ncurses defines OK and ERR as macros.

@@ -48,6 +48,9 @@ class TuiModel {
   Browser& b_;
 };
 
+// Runs the terminal UI (drawn by tui.cc) on the store; returns the exit code.
+int RunTui(const std::string& db);
+
 }  // namespace ckptkv::kvb
 
 #endif  // CKPTKV_TOOLS_KV_BROWSER_TUI_H_

@@ -1,7 +1,8 @@
-// gc, rm and keep: the only kv-browser commands that write. Each opens the
-// store for writing (refused with Busy while another process holds it),
-// shows what it would do and what that reclaims, and writes only with
-// --yes or after a "y" on the terminal; --dry-run stops after the plan.
+// The admin commands (admin.h). tags and verify read; gc, rm and keep, the
+// only ones that write, show what they would do and what that reclaims,
+// then write as Confirm allows.
+#include "tools/kv_browser/admin.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,18 +18,20 @@ namespace ckptkv::kvb {
 
 namespace {
 
-// Whether to write: --yes, or a "y" typed on the terminal.
+// Whether to write (the rule in admin.h). The question goes to stderr, so it
+// is asked only where someone can see it and answer.
 Result<bool> Confirm(const WriteFlags& f, const std::string& what) {
   if (f.dry_run) return false;
   if (f.yes) return true;
-  if (!::isatty(STDIN_FILENO)) {
-    return Status::InvalidArgument("not writing: " + what +
-                                   " needs --yes when standard input is not a terminal");
+  if (::isatty(STDIN_FILENO) && ::isatty(STDERR_FILENO)) {
+    std::fprintf(stderr, "%s? [y/N] ", what.c_str());
+    std::string answer;
+    std::getline(std::cin, answer);
+    return answer == "y" || answer == "Y" || answer == "yes";
   }
-  std::fprintf(stderr, "%s? [y/N] ", what.c_str());
-  std::string answer;
-  std::getline(std::cin, answer);
-  return answer == "y" || answer == "Y" || answer == "yes";
+  if (f.unattended == Unattended::kWrite) return true;
+  return Status::InvalidArgument("not writing: " + what +
+                                 " needs --yes when not run on a terminal");
 }
 
 json GcJson(const GcStats& g, bool dry_run) {
@@ -45,12 +48,14 @@ json GcJson(const GcStats& g, bool dry_run) {
 Result<json> DoGc(Browser& b, const WriteFlags& f, bool quiet) {
   ASSIGN_OR_RETURN(GcStats plan, b.store().Gc(/*dry_run=*/true));
   if (!quiet && !f.as_json) {
-    std::printf("gc: %llu of %llu blocks are unreferenced: %s would be reclaimed\n",
+    std::printf("gc: %llu of %llu blocks are unreferenced: %s would be reclaimed%s\n",
                 static_cast<unsigned long long>(plan.blocks_removed),
                 static_cast<unsigned long long>(plan.blocks_scanned),
-                HumanBytes(plan.stored_bytes_removed).c_str());
+                HumanBytes(plan.stored_bytes_removed).c_str(),
+                plan.resumed_compaction ? "; an interrupted gc's compaction is to finish" : "");
   }
-  if (plan.blocks_removed == 0) return GcJson(plan, true);
+  // Nothing to remove and no compaction of an interrupted gc to finish.
+  if (plan.blocks_removed == 0 && !plan.resumed_compaction) return GcJson(plan, true);
   ASSIGN_OR_RETURN(bool go, quiet ? Result<bool>(true) : Confirm(f, "remove them"));
   if (!go) return GcJson(plan, true);
   Progress progress("gc", 1);
@@ -125,6 +130,26 @@ Result<std::unique_ptr<Browser>> OpenForWrite(const std::string& db) {
 }
 
 }  // namespace
+
+int RunTags(const std::string& db, bool as_json) {
+  auto b = Browser::Open(db, Browser::Mode::kReadOnly);
+  if (!b.ok()) return ReportError(b.status());
+  return Emit(TagsReport(**b), as_json, RenderTags);
+}
+
+int RunVerify(const std::string& db, const std::string& tag, bool repair, bool as_json) {
+  auto b = Browser::Open(db, repair ? Browser::Mode::kWrite : Browser::Mode::kReadOnly);
+  if (!b.ok()) return ReportError(b.status());
+  std::optional<std::string> only;
+  if (!tag.empty()) {
+    auto t = (*b)->ResolveTag(tag);
+    if (!t.ok()) return ReportError(t.status());
+    only = *t;
+  }
+  auto r = VerifyStore((*b)->store(), only, repair);
+  int rc = Emit(r, as_json, RenderVerify);
+  return rc == 0 && !(*r)["ok"].get<bool>() ? 2 : rc;
+}
 
 int RunGc(const std::string& db, const WriteFlags& f) {
   auto b = OpenForWrite(db);
