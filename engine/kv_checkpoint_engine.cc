@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "engine/state_codec.h"
+#include "engine/torch_call.h"
 #include "store/names.h"
 
 namespace ckptkv {
@@ -25,22 +26,10 @@ bool StartsWith(const std::string& s, const std::string& prefix) {
   return s.size() > prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
 }
 
-// Runs LibTorch code and turns its exceptions into our Status.
-template <typename F>
-Status Guard(const std::string& where, F&& f) {
-  try {
-    return f();
-  } catch (const StatusError& e) {
-    return e.status();
-  } catch (const c10::Error& e) {
-    return Status::InvalidArgument(where + ": " + e.what_without_backtrace());
-  }
-}
-
 Result<WriteStats> SaveTensor(Store& store, const std::string& tag, const std::string& file,
                               const std::string& param, const at::Tensor& tensor,
                               const Placement* placement) {
-  const std::string where = tag + "/" + file + ":" + param;
+  const std::string where = TensorName(tag, file, param);
   ASSIGN_OR_RETURN(fb::DType dtype, ToDType(tensor.scalar_type(), where));
   TensorMeta meta;
   meta.dtype = dtype;
@@ -63,7 +52,7 @@ Result<WriteStats> SaveTensor(Store& store, const std::string& tag, const std::s
     const int64_t es = t.element_size();
     const auto options = at::TensorOptions().dtype(t.scalar_type()).device(at::kCPU);
     src.fill = [flat, es, options, where](uint64_t off, uint64_t len, uint8_t* dst) {
-      return Guard(where, [&] {
+      return TorchCall(TorchErrorKind::kDevice, where, [&] {
         at::Tensor host = at::from_blob(dst, {static_cast<int64_t>(len) / es}, options);
         host.copy_(flat.narrow(0, static_cast<int64_t>(off) / es, static_cast<int64_t>(len) / es));
         return Status::OK();
@@ -76,17 +65,17 @@ Result<WriteStats> SaveTensor(Store& store, const std::string& tag, const std::s
 Result<at::Tensor> LoadTensor(const Store& store, const std::string& tag, const std::string& file,
                               const std::string& param, const std::string& saved_device,
                               const MapLocation& map_location) {
-  const std::string where = tag + "/" + file + ":" + param;
+  const std::string where = TensorName(tag, file, param);
   ASSIGN_OR_RETURN(at::Tensor t, ReadStoredTensor(store, tag, file, param));
   c10::Device target = at::kCPU;
   if (map_location) {
     target = *map_location;
   } else {
-    try {
-      target = c10::Device(saved_device);
-    } catch (const c10::Error&) {
+    std::optional<c10::Device> saved = ParseDevice(saved_device);
+    if (!saved) {
       return Status::Corruption(where + ": saved device '" + saved_device + "' is not a device");
     }
+    target = *saved;
   }
   if (target.is_cuda() && !at::hasCUDA()) {
     return Status::InvalidArgument(where + ": tensor was saved from " + saved_device +
@@ -200,7 +189,7 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
                                             ") first"));
   }
   ThrowIfError(ValidateFile(target.file));
-  const std::string where = target.tag + "/" + target.file;
+  const std::string where = FileName(target.tag, target.file);
   EncodedState encoded = ValueOrThrow(EncodeState(state_dict, where));
   TensorPlacer::Placements placements;
   if (config_.placer) placements = config_.placer->Place(target.tag, target.file, state_dict);
@@ -210,7 +199,7 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
     WriteStats stats;
     auto pl = placements.find(st.tensor.unsafeGetTensorImpl());
     const Placement* placement = pl == placements.end() ? nullptr : &pl->second;
-    ThrowIfError(Guard(where, [&] {
+    ThrowIfError(TorchCall(TorchErrorKind::kUserValue, where, [&] {
       ASSIGN_OR_RETURN(
           stats, SaveTensor(*store_, target.tag, target.file, st.param, st.tensor, placement));
       return Status::OK();
@@ -278,15 +267,13 @@ c10::IValue KvCheckpointEngine::load(const std::string& path, MapLocation map_lo
   Target target = ResolvePath(path, /*for_load=*/true);
   ThrowIfError(ValidateTag(target.tag));
   ThrowIfError(ValidateFile(target.file));
-  const std::string where = target.tag + "/" + target.file;
+  const std::string where = FileName(target.tag, target.file);
   std::string tree_bytes = ValueOrThrow(store_->GetFileTree(target.tag, target.file));
   TensorLoader loader = [&](const std::string& param,
                             const std::string& device) -> Result<at::Tensor> {
-    try {
+    return TorchCall(TorchErrorKind::kUserValue, where + ":" + param, [&] {
       return LoadTensor(*store_, target.tag, target.file, param, device, map_location);
-    } catch (const c10::Error& e) {
-      return Status::InvalidArgument(where + ":" + param + ": " + e.what_without_backtrace());
-    }
+    });
   };
   return ValueOrThrow(DecodeState(std::string_view(tree_bytes), loader, where));
 }

@@ -9,7 +9,9 @@
 #include <tuple>
 #include <unordered_map>
 
+#include "engine/torch_call.h"
 #include "store/record_check.h"
+#include "store/names.h"
 
 namespace ckptkv {
 namespace {
@@ -314,11 +316,8 @@ class Decoder {
         return c10::IValue(n->s()->str());
       case fb::NodeKind::Device:
         if (!n->s()) return Corrupt("device node without a value");
-        try {
-          return c10::IValue(c10::Device(n->s()->str()));
-        } catch (const c10::Error&) {
-          return Corrupt("device node holds an invalid device string");
-        }
+        if (std::optional<c10::Device> d = ParseDevice(n->s()->str())) return c10::IValue(*d);
+        return Corrupt("device node holds an invalid device string");
       case fb::NodeKind::Tensor: {
         if (!n->s()) return Corrupt("tensor node without a param path");
         std::string param = n->s()->str();
@@ -393,11 +392,7 @@ class Decoder {
 }  // namespace
 
 Result<EncodedState> EncodeState(const c10::IValue& state, const std::string& where) {
-  try {
-    return Encoder(where).Run(state);
-  } catch (const c10::Error& e) {
-    return Status::InvalidArgument(where + ": " + e.what_without_backtrace());
-  }
+  return TorchCall(TorchErrorKind::kUserValue, where, [&] { return Encoder(where).Run(state); });
 }
 
 Result<c10::IValue> DecodeState(const fb::StateTree& tree, const TensorLoader& tensor_for,
@@ -414,17 +409,12 @@ Result<c10::IValue> DecodeState(std::string_view tree_bytes, const TensorLoader&
 
 Result<c10::IValue> DecodeNode(const fb::Node* node, const TensorLoader& tensor_for,
                                const std::string& where, size_t node_budget) {
-  try {
+  // LibTorch's containers also throw std::runtime_error (e.g. a key type
+  // the dict cannot hash, or keys of mixed types): TorchCall maps both.
+  return TorchCall(TorchErrorKind::kStoredValue, where + ": cannot rebuild the saved value", [&] {
     Decoder d(tensor_for, where, node_budget);
     return d.Decode(node, 0);
-  } catch (const c10::Error& e) {
-    return Status::Corruption(where +
-                              ": cannot rebuild the saved value: " + e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    // LibTorch's containers also throw std::runtime_error (e.g. a key
-    // type the dict cannot hash, or keys of mixed types).
-    return Status::Corruption(where + ": cannot rebuild the saved value: " + e.what());
-  }
+  });
 }
 
 const c10::IValue* DictField(const c10::IValue& dict, const std::string& key) {
@@ -442,7 +432,7 @@ std::optional<int64_t> DictInt(const c10::IValue& dict, const std::string& key) 
 
 Result<at::Tensor> ReadStoredTensor(const Store& store, const std::string& tag,
                                     const std::string& file, const std::string& param) {
-  const std::string where = tag + "/" + file + ":" + param;
+  const std::string where = TensorName(tag, file, param);
   ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
   std::vector<int64_t> shape;
   if (rec->shape()) shape.assign(rec->shape()->begin(), rec->shape()->end());

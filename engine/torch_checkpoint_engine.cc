@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "engine/torch_call.h"
 #include "store/names.h"
 
 namespace ckptkv {
@@ -103,12 +104,10 @@ void TorchCheckpointEngine::makedirs(const std::string& path, bool exist_ok) {
 void TorchCheckpointEngine::save(const c10::IValue& state_dict, const std::string& path) {
   spdlog::info("[Torch] Saving {}...", path);
   std::vector<char> bytes;
-  try {
+  ThrowIfError(TorchCall(TorchErrorKind::kUserValue, "cannot serialize '" + path + "'", [&] {
     bytes = torch::pickle_save(state_dict);
-  } catch (const c10::Error& e) {
-    ThrowIfError(
-        Status::InvalidArgument("cannot serialize '" + path + "': " + e.what_without_backtrace()));
-  }
+    return Status::OK();
+  }));
   ThrowIfError(WriteFile(path, bytes));
   files_[TagOfPath(path)].push_back(path);
   spdlog::info("[Torch] Saved {}.", path);
@@ -172,13 +171,11 @@ c10::IValue TorchCheckpointEngine::load(const std::string& path, MapLocation map
   std::ifstream in(path, std::ios::binary);
   if (!in) ThrowIfError(Status::NotFound("checkpoint file '" + path + "' does not exist"));
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  try {
-    c10::IValue v = torch::pickle_load(bytes);
-    return map_location ? MoveTensors(v, *map_location) : v;
-  } catch (const c10::Error& e) {
-    ThrowIfError(Status::Corruption("cannot read '" + path + "': " + e.what_without_backtrace()));
-  }
-  return c10::IValue();
+  return ValueOrThrow(TorchCall(TorchErrorKind::kStoredValue, "cannot read '" + path + "'",
+                                [&]() -> Result<c10::IValue> {
+                                  c10::IValue v = torch::pickle_load(bytes);
+                                  return map_location ? MoveTensors(v, *map_location) : v;
+                                }));
 }
 
 void TorchCheckpointEngine::close(const std::string& tag) {}

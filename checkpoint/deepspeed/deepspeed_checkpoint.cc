@@ -6,11 +6,12 @@
 #include <regex>
 #include <set>
 
-#include "checkpoint/core/descriptor.h"
+#include "checkpoint/core/tag_layout.h"
 #include "checkpoint/core/file_names.h"
 #include "checkpoint/core/state_view.h"
 #include "engine/state_codec.h"
 #include "store/store.h"
+#include "engine/torch_call.h"
 
 namespace ckptkv::checkpoint {
 namespace {
@@ -93,13 +94,13 @@ Result<c10::IValue> MergeStateDicts(const std::vector<c10::IValue>& dicts) {
       }
       parts.push_back(it->value().toTensor());
     }
-    try {
-      out.insert(e.key(), at::cat(parts, LayerConcatDim(key)));
-    } catch (const c10::Error& err) {
-      return Status::InvalidArgument("_merge_state_dicts: cannot cat '" + key + "' on dim " +
-                                     std::to_string(LayerConcatDim(key)) + ": " +
-                                     err.what_without_backtrace());
-    }
+    RETURN_IF_ERROR(TorchCall(TorchErrorKind::kUserValue,
+                              "_merge_state_dicts: cannot cat '" + key + "' on dim " +
+                                  std::to_string(LayerConcatDim(key)),
+                              [&] {
+                                out.insert(e.key(), at::cat(parts, LayerConcatDim(key)));
+                                return Status::OK();
+                              }));
   }
   return c10::IValue(out);
 }

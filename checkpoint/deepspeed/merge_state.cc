@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "engine/torch_call.h"
+
 namespace ckptkv::checkpoint {
 namespace {
 
@@ -118,14 +120,12 @@ Result<c10::IValue> MergeState(const c10::IValue& a, const c10::IValue& b,
           ": a 0-dim tensor cannot be concatenated (DeepSpeed's torch.cat fails the same way); "
           "set MergeOptions::scalar_tensors_from_first to take it from the first file");
     }
-    try {
-      return c10::IValue(at::cat({x, y}, 0));
-    } catch (const c10::Error& e) {
-      return Status::InvalidArgument("merge_state at " + Where(path) + ": cannot cat tensors of " +
-                                     "shapes " + c10::str(x.sizes()) + " and " +
-                                     c10::str(y.sizes()) +
-                                     " on dim 0: " + e.what_without_backtrace());
-    }
+    return TorchCall(TorchErrorKind::kUserValue,
+                     "merge_state at " + Where(path) + ": cannot cat tensors of shapes " +
+                         c10::str(x.sizes()) + " and " + c10::str(y.sizes()) + " on dim 0",
+                     [&]() -> Result<c10::IValue> {
+                       return c10::IValue(at::cat({x, y}, 0));
+                     });
   }
   return a;
 }

@@ -6,6 +6,8 @@
 #include "checkpoint/core/file_names.h"
 #include "checkpoint/deepspeed/zero_checkpoint.h"
 #include "engine/kv_checkpoint_engine.h"
+#include "engine/state_codec.h"
+#include "engine/torch_call.h"
 
 namespace ckptkv::checkpoint {
 namespace {
@@ -15,12 +17,6 @@ void SetKey(const c10::IValue& state, const std::string& key, c10::IValue value)
   if (!state.isGenericDict()) return;
   auto d = state.toGenericDict();
   d.insert_or_assign(c10::IValue(key), std::move(value));
-}
-
-bool HasKey(const c10::IValue& state, const std::string& key) {
-  if (!state.isGenericDict()) return false;
-  const auto d = state.toGenericDict();
-  return d.find(c10::IValue(key)) != d.end();
 }
 
 Result<NaiveReshapeStats> Run(KvCheckpointEngine& engine, const std::string& store_dir,
@@ -61,16 +57,17 @@ Result<NaiveReshapeStats> Run(KvCheckpointEngine& engine, const std::string& sto
       ASSIGN_OR_RETURN(c10::IValue sd, ckpt.Get2dParallelState(tp, pp));
       // The layout metadata of the new degrees (merge_state kept the first
       // file's).
-      if (HasKey(sd, "checkpoint_parallel_dimensions")) {
+      if (DictField(sd, "checkpoint_parallel_dimensions") != nullptr) {
         c10::impl::GenericDict dims(c10::StringType::get(), c10::AnyType::get());
         dims.insert("pp_degree", static_cast<int64_t>(target.pp));
         dims.insert("tp_degree", static_cast<int64_t>(target.tp));
         SetKey(sd, "checkpoint_parallel_dimensions", dims);
       }
-      if (HasKey(sd, "mp_world_size")) {
+      if (DictField(sd, "mp_world_size") != nullptr) {
         SetKey(sd, "mp_world_size", static_cast<int64_t>(target.pp * target.tp));
       }
-      if (HasKey(sd, "dp_world_size")) SetKey(sd, "dp_world_size", static_cast<int64_t>(target.dp));
+      if (DictField(sd, "dp_world_size") != nullptr)
+        SetKey(sd, "dp_world_size", static_cast<int64_t>(target.dp));
       save(sd, ModelFileName(MpRank(pp, tp, target.tp)));
     }
   }
@@ -106,14 +103,8 @@ Result<NaiveReshapeStats> NaiveReshape(const std::string& store_dir, const std::
   config.store = options.store;
   config.overwrite = options.overwrite;
   KvCheckpointEngine engine(config);
-  try {
-    return Run(engine, store_dir, source_tag, target, output_tag, options);
-  } catch (const StatusError& e) {
-    return e.status();
-  } catch (const c10::Error& e) {
-    return Status::InvalidArgument("naive reshape of tag '" + source_tag +
-                                   "': " + e.what_without_backtrace());
-  }
+  return TorchCall(TorchErrorKind::kUserValue, "naive reshape of tag '" + source_tag + "'",
+                   [&] { return Run(engine, store_dir, source_tag, target, output_tag, options); });
 }
 
 }  // namespace ckptkv::checkpoint

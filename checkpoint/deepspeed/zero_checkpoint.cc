@@ -6,10 +6,12 @@
 #include <unordered_set>
 #include <utility>
 
-#include "checkpoint/core/descriptor.h"
+#include "checkpoint/core/tag_layout.h"
 #include "engine/kv_checkpoint_engine.h"
 #include "engine/state_codec.h"
 #include "store/store.h"
+#include "engine/torch_call.h"
+#include "store/names.h"
 
 namespace ckptkv::checkpoint {
 namespace {
@@ -59,21 +61,20 @@ void CountTensors(const c10::IValue& v, std::unordered_set<const void*>* seen, L
 
 FileLoader StoreFileLoader(const Store& store, const std::string& tag, LoadStats* stats) {
   return [&store, tag, stats](const std::string& file) -> Result<c10::IValue> {
-    const std::string where = tag + "/" + file;
+    const std::string where = FileName(tag, file);
     ASSIGN_OR_RETURN(std::string bytes, store.GetFileTree(tag, file));
     const fb::StateTree* tree = flatbuffers::GetRoot<fb::StateTree>(bytes.data());
     TensorLoader tensor_for = [&](const std::string& param,
                                   const std::string& /*device*/) -> Result<at::Tensor> {
-      try {
-        ASSIGN_OR_RETURN(at::Tensor t, ReadStoredTensor(store, tag, file, param));
-        if (stats) {
-          stats->tensors++;
-          stats->tensor_bytes += t.numel() * t.element_size();
-        }
-        return t;
-      } catch (const c10::Error& e) {
-        return Status::InvalidArgument(where + ":" + param + ": " + e.what_without_backtrace());
-      }
+      return TorchCall(TorchErrorKind::kUserValue, where + ":" + param,
+                       [&]() -> Result<at::Tensor> {
+                         ASSIGN_OR_RETURN(at::Tensor t, ReadStoredTensor(store, tag, file, param));
+                         if (stats) {
+                           stats->tensors++;
+                           stats->tensor_bytes += t.numel() * t.element_size();
+                         }
+                         return t;
+                       });
     };
     ASSIGN_OR_RETURN(c10::IValue v, DecodeState(*tree, tensor_for, where));
     if (stats) stats->files++;
@@ -86,13 +87,10 @@ FileLoader EngineFileLoader(KvCheckpointEngine& engine, const std::string& load_
   return [&engine, load_dir, tag, stats](const std::string& file) -> Result<c10::IValue> {
     const std::string path = (load_dir.empty() ? "" : load_dir + "/") + tag + "/" + file;
     c10::IValue v;
-    try {
+    RETURN_IF_ERROR(TorchCall(TorchErrorKind::kUserValue, path, [&] {
       v = engine.load(path, c10::Device(c10::kCPU));
-    } catch (const StatusError& e) {
-      return e.status();
-    } catch (const c10::Error& e) {
-      return Status::InvalidArgument(path + ": " + e.what_without_backtrace());
-    }
+      return Status::OK();
+    }));
     if (stats) {
       std::unordered_set<const void*> seen;
       CountTensors(v, &seen, stats);
@@ -211,7 +209,7 @@ Result<c10::IValue> ZeROCheckpoint::GetStateForRank(int pp, int tp, int dp,
   std::optional<c10::IValue> merged;
   for (const auto& file : files) {
     ASSIGN_OR_RETURN(c10::IValue sd, loader_(file));
-    const std::string where = tag_ + "/" + file;
+    const std::string where = FileName(tag_, file);
     if (sd.isGenericDict()) {
       auto dict = sd.toGenericDict();
       for (const auto& key : keys_to_ignore) (void)dict.erase(c10::IValue(key));

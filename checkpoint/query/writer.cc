@@ -6,12 +6,14 @@
 #include <chrono>
 
 #include "engine/state_codec.h"
+#include "engine/torch_call.h"
+#include "store/names.h"
 
 namespace ckptkv::checkpoint {
 
 Status CheckDevice(const std::string& device) {
-  try {
-    c10::Device d(device);
+  if (std::optional<c10::Device> parsed = ParseDevice(device)) {
+    const c10::Device& d = *parsed;
     if (d.is_cpu()) return Status::OK();
     if (d.is_cuda()) {
       if (!at::hasCUDA()) {
@@ -27,7 +29,6 @@ Status CheckDevice(const std::string& device) {
       }
       return Status::OK();
     }
-  } catch (const c10::Error&) {
   }
   return Status::InvalidArgument("device '" + device + "' is not valid; give cpu, cuda or cuda:N");
 }
@@ -37,7 +38,7 @@ namespace {
 Result<WriteStats> PutHost(Store& store, const std::string& tag, const std::string& file,
                            const std::string& param, const at::Tensor& tensor,
                            const std::optional<Placement>& placement) {
-  const std::string where = tag + "/" + file + ":" + param;
+  const std::string where = TensorName(tag, file, param);
   at::Tensor host = tensor.is_cpu() ? tensor.contiguous() : tensor.cpu().contiguous();
   TensorMeta meta;
   ASSIGN_OR_RETURN(meta.dtype, ToDType(host.scalar_type(), where));
@@ -55,7 +56,7 @@ Result<WriteStats> PutStreamed(Store& store, const std::string& tag, const std::
                                const std::string& param, const ModelSpec& spec,
                                const Placement& placement, FragmentSource& source,
                                const std::vector<int64_t>& shape, c10::ScalarType dtype) {
-  const std::string where = tag + "/" + file + ":" + param;
+  const std::string where = TensorName(tag, file, param);
   TensorMeta meta;
   ASSIGN_OR_RETURN(meta.dtype, ToDType(dtype, where));
   meta.shape = shape;
@@ -72,13 +73,11 @@ Result<WriteStats> PutStreamed(Store& store, const std::string& tag, const std::
     }
     const auto begin = static_cast<int64_t>(offset / es);
     const auto n = static_cast<int64_t>(len / es);
-    try {
+    return TorchCall(TorchErrorKind::kUserValue, where, [&] {
       at::Tensor piece = at::from_blob(dst, {n}, options);
       return FillRangeFromPlacement(spec, placement, source, shape, begin, begin + n, piece)
           .WithContext(where);
-    } catch (const c10::Error& e) {
-      return Status::InvalidArgument(where + ": " + e.what_without_backtrace());
-    }
+    });
   };
   return store.PutTensor(tag, file, param, meta, src);
 }
@@ -98,7 +97,7 @@ Result<WriteReport> WriteTag(Store& store, const std::string& tag, const ModelSp
     return s;
   };
   for (const PlannedFile& f : files) {
-    const std::string where = tag + "/" + f.name;
+    const std::string where = FileName(tag, f.name);
     auto encoded = EncodeState(f.state, where);
     if (!encoded.ok()) return fail(encoded.status());
     for (const StateTensor& st : encoded->tensors) {
@@ -128,17 +127,14 @@ Result<WriteReport> WriteTag(Store& store, const std::string& tag, const ModelSp
           // Assembled whole on the device, then copied to the host. LibTorch
           // reports device trouble (out of memory, a lost GPU) by throwing:
           // the pending tag is dropped and the error returned.
-          Status s;
-          try {
+          Status s = TorchCall(TorchErrorKind::kDevice, "on " + options.device, [&] {
             at::Tensor out =
                 at::empty(st.tensor.sizes(),
                           at::TensorOptions().dtype(st.tensor.scalar_type()).device(device));
-            s = FillFromPlacement(spec, it->second, source, out);
-            if (s.ok()) stats = PutHost(store, tag, f.name, st.param, out, it->second);
-          } catch (const c10::Error& e) {
-            s = Status::IOError(std::string("on ") + options.device + ": " +
-                                e.what_without_backtrace());
-          }
+            Status fill = FillFromPlacement(spec, it->second, source, out);
+            if (fill.ok()) stats = PutHost(store, tag, f.name, st.param, out, it->second);
+            return fill;
+          });
           if (!s.ok()) return fail(s.WithContext(where + ":" + st.param));
         }
       }
