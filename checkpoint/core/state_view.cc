@@ -3,6 +3,7 @@
 #include <charconv>
 
 #include "store/store.h"
+#include "store/names.h"
 
 namespace ckptkv::checkpoint {
 namespace {
@@ -20,7 +21,7 @@ std::optional<int64_t> ParseInt(const std::string& s) {
 Result<StoredState> StoredState::Read(const Store& store, const std::string& tag,
                                       const std::string& file) {
   ASSIGN_OR_RETURN(std::string bytes, store.GetFileTree(tag, file));
-  return FromBytes(std::move(bytes), tag + "/" + file);
+  return FromBytes(std::move(bytes), FileName(tag, file));
 }
 
 Result<StoredState> StoredState::FromBytes(std::string bytes, std::string where) {

@@ -22,10 +22,16 @@
 
 namespace ckptkv::checkpoint {
 
-struct TrainLayout {
-  int tp = 1, pp = 1, dp = 1;
-  int zero_stage = 2;  // 1, 2 or 3
-  bool bf16 = true;    // training weights in bf16 (else fp32), bf16_ file prefix
+// A training run's layout: the store's Layout (the degrees and ZeRO stage a
+// commit records; DeepSpeed's Model3dDesc is its (pp, tp, dp)) and the
+// training dtype. TrainLayout{tp, pp, dp, zero_stage, bf16}.
+struct TrainLayout : Layout {
+  bool bf16 = true;  // training weights in bf16 (else fp32), bf16_ file prefix
+
+  TrainLayout(int tp = 1, int pp = 1, int dp = 1, int zero_stage = 2, bool bf16 = true)
+      : Layout{tp, pp, dp, zero_stage}, bf16(bf16) {}
+  // What a commit records (everything but the dtype).
+  const Layout& stored() const { return *this; }
   std::string ToString() const;
 };
 

@@ -3,13 +3,16 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "checkpoint/core/file_names.h"
+#include "checkpoint/core/tag_layout.h"
 #include "checkpoint/query/layout.h"
 #include "checkpoint/core/zero_layout.h"
 #include "engine/state_codec.h"
 #include "checkpoint/query/tag_index.h"
 #include "schema/records.h"
+#include "store/names.h"
 
 namespace ckptkv::checkpoint {
 
@@ -102,7 +105,7 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::TryPlace(const std::string& ta
                                                            const IValue& state) {
   std::optional<FileCoordinates> c = ParseFileName(file);
   if (!c || c->mp_rank < 0) return Placements{};
-  const std::string where = tag + "/" + file;
+  const std::string where = FileName(tag, file);
   if (!state.isGenericDict()) {
     return Status::InvalidArgument(where + " is not a dict; DeepSpeed files are");
   }
@@ -121,19 +124,19 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& 
                                                              const IValue& state) {
   (void)file;
   ModelInfo info;
-  if (const IValue* dims = DictField(state, "checkpoint_parallel_dimensions")) {
-    auto tp = DictInt(*dims, "tp_degree");
-    if (!tp || *tp < 1) {
-      return Status::InvalidArgument(
-          "checkpoint_parallel_dimensions has no tp_degree >= 1; expected {\"tp_degree\": N, "
-          "\"pp_degree\": M}");
-    }
-    info.tp = static_cast<int>(*tp);
-  } else if (auto mpw = DictInt(state, "mp_world_size"); mpw && *mpw >= 1) {
-    info.tp = static_cast<int>(*mpw);  // legacy: no pipeline
+  SavedDims saved;
+  if (const IValue* dims = DictField(state, "checkpoint_parallel_dimensions");
+      dims != nullptr && !dims->isNone()) {
+    saved.has_parallel_dims = true;
+    saved.pp_degree = DictInt(*dims, "pp_degree");
+    saved.tp_degree = DictInt(*dims, "tp_degree");
   }
-  if (auto dp = DictInt(state, "dp_world_size"); dp && *dp >= 1) {
-    info.dp = static_cast<int>(*dp);
+  saved.mp_world_size = DictInt(state, "mp_world_size");
+  saved.dp_world_size = DictInt(state, "dp_world_size");
+  ASSIGN_OR_RETURN(info.tp, SavedTpDegree(saved));
+  if (saved.dp_world_size && *saved.dp_world_size >= 1 &&
+      *saved.dp_world_size <= std::numeric_limits<int>::max()) {
+    info.dp = static_cast<int>(*saved.dp_world_size);
   }
   const int tp_rank = TpOfMp(mp, info.tp);
   std::map<std::string, std::vector<int64_t>> shapes;
@@ -343,7 +346,7 @@ Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std:
   RETURN_IF_ERROR(store.BeginTag(report.out_tag, /*overwrite=*/true));
   auto staged = [&]() -> Status {
     for (const std::string& file : files) {
-      const std::string where = tag + "/" + file;
+      const std::string where = FileName(tag, file);
       ASSIGN_OR_RETURN(std::string tree_bytes, store.GetFileTree(tag, file));
       const fb::StateTree* tree = VerifiedStateTree(tree_bytes);
       if (tree == nullptr) return Status::Corruption(where + ": state tree fails verification");

@@ -9,6 +9,7 @@
 #include "checkpoint/core/file_names.h"
 #include "engine/state_codec.h"
 #include "schema/records.h"
+#include "store/names.h"
 
 namespace ckptkv::checkpoint {
 
@@ -21,42 +22,6 @@ GenericDict StrDict() { return GenericDict(c10::StringType::get(), c10::AnyType:
 
 double Seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// Files of a tag by role.
-struct TagFiles {
-  std::map<int, std::string> model;                  // mp -> model file (ZeRO-3: dp 0's)
-  std::map<std::pair<int, int>, std::string> optim;  // (dp, mp) -> optim file
-  std::string universal_optim;                       // zero/optimizer_state.pt
-  std::vector<std::string> universal_steps;          // zero/<name>/step.pt
-  std::vector<std::string> all_model;                // every model file
-};
-
-TagFiles Classify(const std::vector<std::string>& files) {
-  TagFiles t;
-  for (const auto& f : files) {
-    if (f == "zero/optimizer_state.pt") {
-      t.universal_optim = f;
-      continue;
-    }
-    if (f.size() > 8 && f.compare(0, 5, "zero/") == 0 &&
-        f.compare(f.size() - 8, 8, "/step.pt") == 0) {
-      t.universal_steps.push_back(f);
-      continue;
-    }
-    auto c = ParseFileName(f);
-    if (!c || f.find('/') != std::string::npos) continue;
-    if (c->kind == FileKind::kModelStates) {
-      t.model[c->mp_rank] = f;
-      t.all_model.push_back(f);
-    } else if (c->kind == FileKind::kZeroModelStates) {
-      if (c->dp_rank == 0) t.model[c->mp_rank] = f;
-      t.all_model.push_back(f);
-    } else if (c->kind == FileKind::kOptimStates) {
-      t.optim[{c->dp_rank, c->mp_rank}] = f;
-    }
-  }
-  return t;
 }
 
 // Answers "param" with the master weights, as DeepSpeed's universal load
@@ -149,7 +114,7 @@ Result<ReshapeReport> WritePlanned(Store& store, TagIndex& index, const SourceIn
                                  const std::vector<ReadStep>&) { return Status::OK(); }));
   const uint64_t read0 = store.BlockBytesRead();
   WriteOptions w = write;
-  if (!w.layout) w.layout = Layout{to.tp, to.pp, to.dp, to.zero_stage};
+  if (!w.layout) w.layout = to.stored();
   ReshapeReport r;
   r.from = info.layout;
   r.to = to;
@@ -166,7 +131,7 @@ Result<ReshapeReport> WritePlanned(Store& store, TagIndex& index, const SourceIn
 
 Result<PlannedFile> LoadPlanned(const Store& store, const std::string& tag,
                                 const std::string& file) {
-  const std::string where = tag + "/" + file;
+  const std::string where = FileName(tag, file);
   ASSIGN_OR_RETURN(std::string tree_bytes, store.GetFileTree(tag, file));
   const fb::StateTree* tree = VerifiedStateTree(tree_bytes);
   if (tree == nullptr) return Status::Corruption(where + ": state tree fails verification");
@@ -193,35 +158,27 @@ Result<PlannedFile> LoadPlanned(const Store& store, const std::string& tag,
 
 Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
   const std::string& tag = index.tag();
-  ASSIGN_OR_RETURN(std::vector<std::string> names, store.ListFiles(tag));
-  TagFiles files = Classify(names);
-  if (files.model.empty()) {
-    return Status::InvalidArgument(
-        "tag " + tag +
-        " has no DeepSpeed model-state file (mp_rank_XX_model_states.pt or "
-        "zero_pp_rank_D_mp_rank_XX_model_states.pt); only DeepSpeed checkpoints can be reshaped");
-  }
+  ASSIGN_OR_RETURN(TagLayout tl, DiscoverTagLayout(store, tag));
   SourceInfo info;
-  info.universal = !files.universal_optim.empty();
-  ASSIGN_OR_RETURN(PlannedFile m0, LoadPlanned(store, tag, files.model.begin()->second));
-  const IValue& sd = m0.state;
-  const IValue* dims = DictField(sd, "checkpoint_parallel_dimensions");
+  info.universal = tl.universal;
+  const DeepSpeedFiles& files = tl.files;
   TrainLayout& L = info.layout;
-  L.tp = dims ? static_cast<int>(DictInt(*dims, "tp_degree").value_or(1))
-              : static_cast<int>(files.model.size());
-  L.pp = dims ? static_cast<int>(DictInt(*dims, "pp_degree").value_or(1)) : 1;
-  L.dp = static_cast<int>(DictInt(sd, "dp_world_size").value_or(1));
-  if (static_cast<int>(files.model.size()) != L.tp * L.pp) {
-    return Status::Corruption("tag " + tag + " has " + std::to_string(files.model.size()) +
-                              " model-state files but its checkpoint_parallel_dimensions say tp " +
+  L.tp = tl.degrees.tp;
+  L.pp = tl.degrees.pp;
+  L.dp = tl.dp_world_size;
+  if (static_cast<int>(files.model_by_mp.size()) != L.tp * L.pp) {
+    return Status::Corruption("tag " + tag + " has " + std::to_string(files.model_by_mp.size()) +
+                              " model-state files of dp rank 0 but its layout is tp " +
                               std::to_string(L.tp) + " x pp " + std::to_string(L.pp));
   }
+  ASSIGN_OR_RETURN(PlannedFile m0, LoadPlanned(store, tag, files.model_by_mp.begin()->second));
+  const IValue& sd = m0.state;
   // Model: parameters in module order, groups from param_shapes.
   std::vector<ParamSpec> params;
   std::set<std::string> seen;
   for (int s = 0; s < L.pp; ++s) {
-    auto it = files.model.find(MpRank(s, 0, L.tp));
-    if (it == files.model.end()) {
+    auto it = files.model_by_mp.find(MpRank(s, 0, L.tp));
+    if (it == files.model_by_mp.end()) {
       return Status::Corruption("tag " + tag + " lacks the model file of stage " +
                                 std::to_string(s));
     }
@@ -254,6 +211,7 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
     }
   }
   info.spec = ModelSpec::FromParams(std::move(params));
+  info.files = files;
   // Training dtype: the first module tensor's.
   L.bf16 = true;
   for (const auto& [impl, pl] : m0.placements) {
@@ -288,8 +246,8 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
     osd = u.state;
     inner = u.state;
   } else {
-    auto it = files.optim.find({0, 0});
-    if (it == files.optim.end()) {
+    auto it = files.optim_by_rank.find({0, 0});
+    if (it == files.optim_by_rank.end()) {
       return Status::InvalidArgument("tag " + tag +
                                      " has no ZeRO optimizer file for dp 0, mp 0; reshape needs "
                                      "a ZeRO checkpoint (stage 1, 2 or 3)");
@@ -433,11 +391,9 @@ Result<ReshapeReport> ExportUniversal(Store& store, const std::string& tag,
   ASSIGN_OR_RETURN(std::unique_ptr<TagIndex> index, TagIndex::Build(store, tag));
   ASSIGN_OR_RETURN(SourceInfo info, DescribeTag(store, *index));
   if (info.universal) return Status::InvalidArgument("tag " + tag + " is already universal");
-  ASSIGN_OR_RETURN(std::vector<std::string> names, store.ListFiles(tag));
-  TagFiles tf = Classify(names);
   std::vector<PlannedFile> files;
   // The model-state files, as they are (linked).
-  for (const auto& f : tf.all_model) {
+  for (const auto& f : info.files.all_model) {
     ASSIGN_OR_RETURN(PlannedFile pf, LoadPlanned(store, tag, f));
     files.push_back(std::move(pf));
   }
@@ -487,7 +443,7 @@ Result<ReshapeReport> ExportUniversal(Store& store, const std::string& tag,
   opt.state = od;
   files.push_back(std::move(opt));
   WriteOptions w = write;
-  w.layout = Layout{info.layout.tp, info.layout.pp, info.layout.dp, info.layout.zero_stage};
+  w.layout = info.layout.stored();
   return WritePlanned(store, *index, info, files, /*universal=*/false, info.layout, out_tag, w);
 }
 

@@ -13,6 +13,7 @@
 
 #include <string>
 
+#include "checkpoint/core/tag_layout.h"
 #include "checkpoint/query/layout.h"
 #include "checkpoint/query/tag_index.h"
 #include "checkpoint/query/writer.h"
@@ -25,6 +26,7 @@ struct SourceInfo {
   TrainLayout layout;
   CheckpointMeta meta;
   bool universal = false;
+  DeepSpeedFiles files;
 };
 Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index);
 

@@ -182,7 +182,7 @@ Result<WriteReport> Synth(Store& store, const std::string& tag, const SynthOptio
   ASSIGN_OR_RETURN(std::vector<PlannedFile> files, PlanFiles(spec, o.layout, meta));
   SynthSource source(spec, o.model, o.seed);
   WriteOptions w = write;
-  if (!w.layout) w.layout = Layout{o.layout.tp, o.layout.pp, o.layout.dp, o.layout.zero_stage};
+  if (!w.layout) w.layout = o.layout.stored();
   return WriteTag(store, tag, spec, files, source, w);
 }
 

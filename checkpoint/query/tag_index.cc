@@ -108,7 +108,7 @@ Result<std::unique_ptr<TagIndex>> TagIndex::Build(const Store& store, const std:
       if (rec->placement() == nullptr) continue;
       StoredTensor st{file, path, rec, PlacementOf(*rec->placement())};
       const Placement& pl = st.placement;
-      const std::string where = tag + "/" + file + ":" + path;
+      const std::string where = TensorName(tag, file, path);
       RETURN_IF_ERROR(CheckPlacement(pl, Vec(rec->shape()), where));
       if (!pl.param.empty()) {
         auto [it, fresh] = ix->params_.try_emplace(pl.param);
@@ -158,7 +158,7 @@ Result<std::unique_ptr<TagIndex>> TagIndex::Build(const Store& store, const std:
   for (size_t t = 0; t < ix->tensors_.size(); ++t) {
     const StoredTensor& st = ix->tensors_[t];
     const Placement& pl = st.placement;
-    const std::string where = tag + "/" + st.file + ":" + st.path;
+    const std::string where = TensorName(tag, st.file, st.path);
     const std::vector<int64_t> shape = Vec(st.record->shape());
     if (pl.state == "placeholder") continue;
     ix->exact_.emplace(PlacementSignature(pl, st.record->dtype()), t);
@@ -217,15 +217,6 @@ Result<std::unique_ptr<TagIndex>> TagIndex::Build(const Store& store, const std:
     }
   }
   return ix;
-}
-
-std::vector<std::string> TagIndex::States(const std::string& param) const {
-  std::vector<std::string> out;
-  for (auto it = pieces_.lower_bound(param + "\n"); it != pieces_.end(); ++it) {
-    if (it->first.compare(0, param.size() + 1, param + "\n") != 0) break;
-    out.push_back(it->first.substr(param.size() + 1));
-  }
-  return out;
 }
 
 const PieceSet* TagIndex::PiecesFor(const std::string& param, const std::string& state) const {
@@ -379,11 +370,11 @@ Status TagIndex::CopyChunk(size_t tensor, uint64_t chunk, uint64_t lo, uint64_t 
     std::string bytes(std::min(cs, st.record->byte_length() - chunk * cs), '\0');
     RETURN_IF_ERROR(store_.ReadTensorRange(*st.record.get(), chunk * cs, bytes.size(),
                                            reinterpret_cast<uint8_t*>(bytes.data()),
-                                           tag_ + "/" + st.file + ":" + st.path));
+                                           TensorName(tag_, st.file, st.path)));
     cache_bytes_ += bytes.size();
     it = cache_.emplace(key, std::move(bytes)).first;
     cache_order_.push_back(key);
-    while (cache_bytes_ > cache_limit_ && cache_order_.size() > 1) {
+    while (cache_bytes_ > kCacheLimit && cache_order_.size() > 1) {
       auto old = cache_.find(cache_order_.front());
       cache_bytes_ -= old->second.size();
       cache_.erase(old);
@@ -396,9 +387,9 @@ Status TagIndex::CopyChunk(size_t tensor, uint64_t chunk, uint64_t lo, uint64_t 
 
 Status TagIndex::ReadBytes(const ReadStep& s, uint8_t* dst) {
   const StoredTensor& st = tensors_[s.tensor];
-  if (s.chunks == 0 || cache_limit_ == 0) {
+  if (s.chunks == 0) {
     return store_.ReadTensorRange(*st.record.get(), s.byte_offset, s.byte_length, dst,
-                                  tag_ + "/" + st.file + ":" + st.path);
+                                  TensorName(tag_, st.file, st.path));
   }
   const uint64_t cs = st.record->chunk_size();
   const uint64_t begin = s.byte_offset, end = s.byte_offset + s.byte_length;
@@ -412,7 +403,7 @@ Status TagIndex::ReadBytes(const ReadStep& s, uint8_t* dst) {
   if (whole_hi > whole_lo) {
     RETURN_IF_ERROR(store_.ReadTensorRange(*st.record.get(), whole_lo, whole_hi - whole_lo,
                                            dst + (whole_lo - begin),
-                                           tag_ + "/" + st.file + ":" + st.path));
+                                           TensorName(tag_, st.file, st.path)));
   }
   for (uint64_t c = s.first_chunk; c < s.first_chunk + s.chunks; ++c) {
     const uint64_t lo = std::max(begin, c * cs);

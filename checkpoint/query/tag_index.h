@@ -74,8 +74,6 @@ class TagIndex : public FragmentSource {
   const std::string& tag() const { return tag_; }
   const std::vector<StoredTensor>& tensors() const { return tensors_; }
   const std::map<std::string, ParamInfo>& params() const { return params_; }
-  // States stored for a parameter ("param", "fp32", ...).
-  std::vector<std::string> States(const std::string& param) const;
 
   // The planner: the reads that fill `rect` of (param, state), each element
   // read once. A "param" query with no training-weight fragments falls back
@@ -99,8 +97,6 @@ class TagIndex : public FragmentSource {
     prefer_rank_ = tp_rank;
     prefer_degree_ = tp_degree;
   }
-  // Bytes of decoded chunks kept for reuse by neighbouring small reads.
-  void set_cache_bytes(uint64_t bytes) { cache_limit_ = bytes; }
 
   // The whole global tensor of (param, state) on `device`, in the stored dtype.
   Result<at::Tensor> Assemble(const std::string& param, const std::string& state,
@@ -124,7 +120,9 @@ class TagIndex : public FragmentSource {
   // Decoded chunks, (tensor, chunk) -> bytes, evicted oldest first.
   std::map<std::pair<size_t, uint64_t>, std::string> cache_;
   std::deque<std::pair<size_t, uint64_t>> cache_order_;
-  uint64_t cache_bytes_ = 0, cache_limit_ = 64u << 20;
+  // Bytes of decoded chunks kept for reuse by neighbouring small reads.
+  uint64_t cache_bytes_ = 0;
+  static constexpr uint64_t kCacheLimit = 64u << 20;
 };
 
 // Placement of a stored record (fb) as the writer's struct.

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "checkpoint/deepspeed/deepspeed_checkpoint.h"
-#include "checkpoint/core/descriptor.h"
+#include "checkpoint/core/tag_layout.h"
 #include "checkpoint/core/file_names.h"
 #include "checkpoint/deepspeed/merge_state.h"
 #include "checkpoint/deepspeed/naive_reshape.h"

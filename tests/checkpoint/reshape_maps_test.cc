@@ -3,7 +3,7 @@
 // and the module run by hand), and the errors for reshapes it rejects.
 #include <catch2/catch.hpp>
 
-#include "checkpoint/core/descriptor.h"
+#include "checkpoint/core/tag_layout.h"
 #include "checkpoint/core/reshape_maps.h"
 
 using namespace ckptkv::checkpoint;

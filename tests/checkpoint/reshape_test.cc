@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "checkpoint/query/fragments.h"
+#include "checkpoint/core/tag_layout.h"
 #include "checkpoint/query/reshape.h"
 #include "checkpoint/core/reshape_maps.h"
 #include "checkpoint/query/synth.h"
@@ -326,6 +327,43 @@ TEST_CASE("a query assembles a full parameter from TP shards and from ZeRO parti
   auto missing = (*tp)->Assemble("2.mlp.dense_h_to_4h.wieght", "param");
   CHECK(missing.status().IsNotFound());
   CHECK(missing.status().message().find("2.mlp.dense_h_to_4h.weight") != std::string::npos);
+}
+
+TEST_CASE("DiscoverTagLayout: one answer for a trained, a reshaped and a universal tag",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthTag(*store, "src", 2, 2, 2, 2, true);
+  auto src = DiscoverTagLayout(*store, "src");
+  INFO(src.status().ToString());
+  REQUIRE(src.ok());
+  CHECK(src->degrees == Model3dDesc{2, 2, 2});
+  CHECK(src->dp_world_size == 2);
+  CHECK_FALSE(src->universal);
+  CHECK(src->files.model_by_mp.size() == 4);
+  CHECK(src->files.optim_by_rank.size() == 8);
+  // DeepSpeed's get_model_3d_descriptor and the queries agree.
+  CHECK(GetModel3dDescriptor(*store, "src").value() == src->degrees);
+
+  ReshapeOptions ro;
+  ro.tp = 1;
+  ro.pp = 2;
+  ro.dp = 1;
+  ro.out_tag = "small";
+  REQUIRE(Reshape(*store, "src", ro).ok());
+  auto small = DiscoverTagLayout(*store, "small");
+  REQUIRE(small.ok());
+  CHECK(small->degrees == Model3dDesc{2, 1, 1});
+
+  // A universal tag has no ZeRO files to count: the degree its model files
+  // record is kept.
+  REQUIRE(ExportUniversal(*store, "src", "uni", WriteOptions()).ok());
+  auto uni = DiscoverTagLayout(*store, "uni");
+  REQUIRE(uni.ok());
+  CHECK(uni->universal);
+  CHECK(uni->degrees == Model3dDesc{2, 2, 1});
+  CHECK(uni->dp_world_size == 2);
+  CHECK(DiscoverTagLayout(*store, "no-such-tag").status().IsNotFound());
 }
 
 TEST_CASE("universal export and import round-trip to any layout", "[unit][checkpoint][reshape]") {

@@ -1,12 +1,14 @@
-#include "checkpoint/core/descriptor.h"
+#include "checkpoint/core/tag_layout.h"
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <set>
 #include <tuple>
 
 #include "checkpoint/core/file_names.h"
 #include "checkpoint/core/state_view.h"
+#include "store/names.h"
 #include "store/store.h"
 
 namespace ckptkv::checkpoint {
@@ -28,32 +30,26 @@ std::string Join(const std::vector<std::string>& v, size_t max = 8) {
   return s.empty() ? "none" : s;
 }
 
-struct ParallelDims {
+struct PpTp {
   int pp = 0;
   int tp = 0;
 };
 
 // checkpoint_parallel_dimensions of one model file: nullopt when absent.
-Result<std::optional<ParallelDims>> ReadDims(const Store& store, const std::string& tag,
+Result<std::optional<PpTp>> ReadDims(const Store& store, const std::string& tag,
                                              const std::string& file) {
-  ASSIGN_OR_RETURN(StoredState state, StoredState::Read(store, tag, file));
-  const fb::Node* dims = state.Find({"checkpoint_parallel_dimensions"});
-  if (IsNone(dims)) return std::optional<ParallelDims>();
-  auto pp = AsInt(Child(dims, "pp_degree"));
-  auto tp = AsInt(Child(dims, "tp_degree"));
-  if (!pp || !tp || *pp < 1 || *tp < 1) {
-    return Status::InvalidArgument(
-        state.where() +
-        ": checkpoint_parallel_dimensions must be {pp_degree: int >= 1, tp_degree: int >= 1}");
-  }
-  return std::optional<ParallelDims>(ParallelDims{static_cast<int>(*pp), static_cast<int>(*tp)});
+  ASSIGN_OR_RETURN(SavedDims saved, ReadSavedDims(store, tag, file));
+  auto dims = ParallelDims(saved);
+  if (!dims.ok()) return dims.status().WithContext(FileName(tag, file));
+  if (!dims->has_value()) return std::optional<PpTp>();
+  return std::optional<PpTp>(PpTp{(*dims)->first, (*dims)->second});
 }
 
 // The agreed dims of `files`, nullopt when none has them; an error when only
 // some have them or they disagree.
-Result<std::optional<ParallelDims>> AgreedDims(const Store& store, const std::string& tag,
+Result<std::optional<PpTp>> AgreedDims(const Store& store, const std::string& tag,
                                                const std::vector<std::string>& files) {
-  std::optional<ParallelDims> agreed;
+  std::optional<PpTp> agreed;
   std::string agreed_file;
   std::vector<std::string> without;
   for (const auto& f : files) {
@@ -130,7 +126,67 @@ DeepSpeedFiles ClassifyFiles(const std::vector<std::string>& files) {
   for (auto& z : zm) out.zero_model.push_back(std::move(std::get<2>(z)));
   out.zero = GetZeroFiles(files);
   out.layer = GetFilesWithPrefix(files, "layer_");
+  for (const auto& f : files) {
+    if (f == "zero/optimizer_state.pt") {
+      out.universal_optim = f;
+    } else if (f.size() > 8 && StartsWith(f, "zero/") &&
+               f.compare(f.size() - 8, 8, "/step.pt") == 0) {
+      out.universal_steps.push_back(f);
+    }
+    if (f.find('/') != std::string::npos) continue;
+    auto c = ParseFileName(f);
+    if (!c) continue;
+    if (c->kind == FileKind::kModelStates ||
+        (c->kind == FileKind::kZeroModelStates && c->dp_rank == 0)) {
+      out.model_by_mp[c->mp_rank] = f;
+    }
+    if (c->kind == FileKind::kModelStates || c->kind == FileKind::kZeroModelStates) {
+      out.all_model.push_back(f);
+    }
+  }
+  for (const auto& f : out.zero) {
+    if (f.find('/') != std::string::npos) continue;
+    auto c = ParseFileName(f);
+    out.optim_by_rank[{c->dp_rank, c->mp_rank}] = f;
+  }
   return out;
+}
+
+Result<SavedDims> ReadSavedDims(const Store& store, const std::string& tag,
+                                const std::string& file) {
+  ASSIGN_OR_RETURN(StoredState state, StoredState::Read(store, tag, file));
+  SavedDims d;
+  const fb::Node* dims = state.Find({"checkpoint_parallel_dimensions"});
+  d.has_parallel_dims = !IsNone(dims);
+  if (d.has_parallel_dims) {
+    d.pp_degree = AsInt(Child(dims, "pp_degree"));
+    d.tp_degree = AsInt(Child(dims, "tp_degree"));
+  }
+  d.mp_world_size = AsInt(state.Find({"mp_world_size"}));
+  d.dp_world_size = AsInt(state.Find({"dp_world_size"}));
+  return d;
+}
+
+Result<std::optional<std::pair<int, int>>> ParallelDims(const SavedDims& d) {
+  if (!d.has_parallel_dims) return std::optional<std::pair<int, int>>();
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (!d.pp_degree || !d.tp_degree || *d.pp_degree < 1 || *d.tp_degree < 1 || *d.pp_degree > kMax ||
+      *d.tp_degree > kMax) {
+    return Status::InvalidArgument(
+        "checkpoint_parallel_dimensions must be {pp_degree: int >= 1, tp_degree: int >= 1}");
+  }
+  return std::optional<std::pair<int, int>>(
+      std::make_pair(static_cast<int>(*d.pp_degree), static_cast<int>(*d.tp_degree)));
+}
+
+Result<int> SavedTpDegree(const SavedDims& d) {
+  ASSIGN_OR_RETURN(auto dims, ParallelDims(d));
+  if (dims) return dims->second;
+  if (d.mp_world_size && *d.mp_world_size >= 1 &&
+      *d.mp_world_size <= std::numeric_limits<int>::max()) {
+    return static_cast<int>(*d.mp_world_size);
+  }
+  return 1;
 }
 
 Result<DeepSpeedFiles> ListDeepSpeedFiles(const Store& store, const std::string& tag) {
@@ -212,6 +268,22 @@ Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& 
   }
   d.dp = std::max(1, num_zero / (d.pp * d.tp));
   return d;
+}
+
+Result<TagLayout> DiscoverTagLayout(const Store& store, const std::string& tag) {
+  TagLayout t;
+  ASSIGN_OR_RETURN(t.degrees, GetModel3dDescriptor(store, tag));
+  ASSIGN_OR_RETURN(t.files, ListDeepSpeedFiles(store, tag));
+  t.universal = !t.files.universal_optim.empty();
+  t.dp_world_size = t.degrees.dp;
+  if (!t.files.model_by_mp.empty()) {
+    ASSIGN_OR_RETURN(SavedDims d, ReadSavedDims(store, tag, t.files.model_by_mp.begin()->second));
+    if (d.dp_world_size && *d.dp_world_size >= 1 &&
+        *d.dp_world_size <= std::numeric_limits<int>::max()) {
+      t.dp_world_size = static_cast<int>(*d.dp_world_size);
+    }
+  }
+  return t;
 }
 
 }  // namespace ckptkv::checkpoint
