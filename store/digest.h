@@ -23,7 +23,6 @@ struct Digest {
 
   bool operator==(const Digest& o) const { return lo == o.lo && hi == o.hi; }
   bool operator!=(const Digest& o) const { return !(*this == o); }
-  bool operator<(const Digest& o) const { return hi != o.hi ? hi < o.hi : lo < o.lo; }
 };
 
 struct DigestHash {

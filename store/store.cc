@@ -327,12 +327,6 @@ class Store::Impl {
     }
     return Status::OK();
   }
-  Status GetValue(rocksdb::ColumnFamilyHandle* cf, const std::string& key, std::string* value,
-                  const std::string& what) const {
-    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), cf, key, value);
-    if (s.IsNotFound()) return Status::NotFound(what);
-    return FromRocks(s, what);
-  }
   // Whether a commit has indexed the block (reads only `index`).
   Result<bool> IsIndexed(const Digest& d) const {
     std::string v;
@@ -1238,14 +1232,6 @@ Status Store::DeleteTag(const std::string& tag) {
   rocksdb::WriteOptions wo;
   wo.sync = true;
   return FromRocks(impl_->db_->Write(wo, &batch), "deleting tag " + Quote(tag));
-}
-
-Status Store::SetLatest(const std::string& tag) {
-  RETURN_IF_ERROR(impl_->WritableCheck("set latest"));
-  RETURN_IF_ERROR(GetTag(tag).status());
-  rocksdb::WriteOptions wo;
-  wo.sync = true;
-  return FromRocks(impl_->db_->Put(wo, impl_->meta_, kLatestKey, tag), "setting latest");
 }
 
 Status Store::Impl::MarkLive(std::unordered_set<Digest, DigestHash>* live) const {

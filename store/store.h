@@ -249,7 +249,6 @@ class Store {
   // Removes a committed tag in one batch; moves `latest` to the newest
   // remaining tag if it pointed at this one.
   Status DeleteTag(const std::string& tag);
-  Status SetLatest(const std::string& tag);
   // Mark and sweep of blocks no committed or pending tag references.
   Result<GcStats> Gc(bool dry_run = false);
   // Checks the tag (or every tag) as a loader would need it: the commit
