@@ -228,13 +228,25 @@ Status CollectTreeTensors(const fb::StateTree& tree, size_t bytes, const std::st
 }
 
 Status VerifyTensorRecordBytes(std::string_view bytes, const std::string& where,
-                               const fb::TensorRecord** out) {
+                               const std::string& unverified, const fb::TensorRecord** out) {
   *out = nullptr;
   const fb::TensorRecord* r = VerifiedTensorRecord(bytes);
-  if (r == nullptr) return Bad(where, "tensor record fails verification");
+  if (r == nullptr) return Status::Corruption(unverified);
   RETURN_IF_ERROR(CheckTensorRecord(*r, where));
   *out = r;
   return Status::OK();
+}
+
+Status VerifyTensorRecordBytes(std::string_view bytes, const std::string& where,
+                               const fb::TensorRecord** out) {
+  return VerifyTensorRecordBytes(bytes, where, where + ": tensor record fails verification", out);
+}
+
+Status VerifyStateTreeBytes(std::string_view bytes, const std::string& where,
+                            const std::string& unverified, std::vector<std::string>* paths) {
+  const fb::StateTree* tree = VerifiedStateTree(bytes);
+  if (tree == nullptr) return Status::Corruption(unverified);
+  return CollectTreeTensors(*tree, bytes.size(), where, paths);
 }
 
 }  // namespace ckptkv

@@ -47,9 +47,22 @@ size_t StateTreeNodeBudget(size_t bytes);
 Status CollectTreeTensors(const fb::StateTree& tree, size_t bytes, const std::string& where,
                           std::vector<std::string>* paths);
 
-// A verified, checked TensorRecord; nullptr and a Corruption otherwise.
+// A verified, checked TensorRecord; nullptr and a Corruption otherwise:
+// `unverified` when the Verifier refuses the bytes, CheckTensorRecord's
+// message (which starts with `where`) when a check fails. The bytes must
+// stay alive and in place while *out is used.
+Status VerifyTensorRecordBytes(std::string_view bytes, const std::string& where,
+                               const std::string& unverified, const fb::TensorRecord** out);
+// The same, `unverified` being "<where>: tensor record fails verification".
 Status VerifyTensorRecordBytes(std::string_view bytes, const std::string& where,
                                const fb::TensorRecord** out);
+
+// Verifies a StateTree and walks it within its node budget
+// (CollectTreeTensors, messages starting with `where`), listing the param
+// paths of its tensor nodes; a Corruption of message `unverified` when the
+// Verifier refuses the bytes.
+Status VerifyStateTreeBytes(std::string_view bytes, const std::string& where,
+                            const std::string& unverified, std::vector<std::string>* paths);
 
 }  // namespace ckptkv
 

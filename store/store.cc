@@ -335,6 +335,14 @@ class Store::Impl {
     if (!s.ok()) return FromRocks(s, "index lookup of block " + d.Hex());
     return true;
   }
+  // Pins block `d` for `pending`, so that Gc keeps it (gc_mu_ must be held
+  // shared until the pin is in place or undone). True when the store holds
+  // the block already: pinned by this tag before, written by a save not yet
+  // committed (then listed for this tag's commit to index), or indexed.
+  // False when it does not: `d` is pinned and the caller writes the block
+  // or calls UnpinBlock. On an error nothing is pinned.
+  Result<bool> PinBlock(PendingTag* pending, const Digest& d);
+  void UnpinBlock(PendingTag* pending, const Digest& d);
   Status WriteChunk(PendingTag* pending, const uint8_t* data, size_t len, Digest* out,
                     WriteStats* stats);
   // The pending tag a save writes into; mu_ must be held.
@@ -641,29 +649,34 @@ bool Store::IsPending(const std::string& tag) const {
   return impl_->pending_.count(tag) > 0;
 }
 
+Result<bool> Store::Impl::PinBlock(PendingTag* pending, const Digest& d) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!pending->pinned.insert(d).second) return true;  // already handled in this tag
+    auto w = written_.find(d);
+    if (w != written_.end()) {  // written by a save not yet committed
+      pending->unindexed[d] = w->second;
+      return true;
+    }
+  }
+  Result<bool> indexed = IsIndexed(d);
+  if (!indexed.ok()) UnpinBlock(pending, d);
+  return indexed;
+}
+
+void Store::Impl::UnpinBlock(PendingTag* pending, const Digest& d) {
+  // A failed write must not let a retry of this tag skip the chunk.
+  std::lock_guard<std::mutex> lock(mu_);
+  pending->pinned.erase(d);
+}
+
 Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t len, Digest* out,
                                WriteStats* stats) {
   Digest d = Digest::Of(data, len);
   *out = d;
   std::shared_lock<std::shared_mutex> gc_guard(gc_mu_);
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!pending->pinned.insert(d).second) return Status::OK();  // already handled in this tag
-    auto w = written_.find(d);
-    if (w != written_.end()) {  // written by a save not yet committed
-      pending->unindexed[d] = w->second;
-      return Status::OK();
-    }
-  }
-  auto unpin = [&](Status s) {
-    // A failed write must not let a retry of this tag skip the chunk.
-    std::lock_guard<std::mutex> lock(mu_);
-    pending->pinned.erase(d);
-    return s;
-  };
-  Result<bool> indexed = IsIndexed(d);
-  if (!indexed.ok()) return unpin(indexed.status());
-  if (indexed.value()) return Status::OK();
+  ASSIGN_OR_RETURN(bool present, PinBlock(pending, d));
+  if (present) return Status::OK();
   // The payload goes to RocksDB straight from the tensor's memory (raw) or
   // from the compressed buffer: no encoded copy of the chunk is made.
   std::string compressed;
@@ -685,7 +698,10 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
   rocksdb::WriteOptions wo;
   wo.disableWAL = options_.block_durability == BlockDurability::kFlush;
   Status st = FromRocks(db_->Write(wo, &batch), "writing block " + d.Hex());
-  if (!st.ok()) return unpin(st);
+  if (!st.ok()) {
+    UnpinBlock(pending, d);
+    return st;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     // Set after the write and before the block can be found through
@@ -819,23 +835,12 @@ Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& 
     for (const auto* c : *source.chunks()) digests.push_back(FromFb(*c));
     std::shared_lock<std::shared_mutex> gc_guard(impl_->gc_mu_);
     for (const Digest& d : digests) {
-      {
-        std::lock_guard<std::mutex> lock(impl_->mu_);
-        if (pending->pinned.count(d)) continue;
-        auto w = impl_->written_.find(d);
-        if (w != impl_->written_.end()) {
-          pending->unindexed[d] = w->second;
-          pending->pinned.insert(d);
-          continue;
-        }
-      }
-      ASSIGN_OR_RETURN(bool indexed, impl_->IsIndexed(d));
-      if (!indexed) {
+      ASSIGN_OR_RETURN(bool present, impl_->PinBlock(pending, d));
+      if (!present) {
+        impl_->UnpinBlock(pending, d);
         return Status::NotFound(where + ": block " + d.Hex() +
                                 " of the source record is not in the store");
       }
-      std::lock_guard<std::mutex> lock(impl_->mu_);
-      pending->pinned.insert(d);
     }
     stats.chunks = digests.size();
     record = BuildTensorRecord(meta, source.byte_length(), source.chunk_size(), digests, nullptr,
@@ -1021,16 +1026,14 @@ Result<std::string> Store::GetFileTree(const std::string& tag, const std::string
                             "; its files: " + JoinNames(info.files));
   }
   RETURN_IF_ERROR(FromRocks(s, "reading " + tag + "/" + file));
-  const fb::StateTree* tree = VerifiedStateTree(bytes);
-  if (tree == nullptr) {
-    return Status::Corruption("state tree of " + tag + "/" + file + " (files key " + Quote(tag) +
-                              "\\0" + Quote(file) + ") fails verification");
-  }
   // A walk within the node budget, so that every decoder of these bytes is
   // bounded by their size.
   std::vector<std::string> paths;
-  RETURN_IF_ERROR(
-      CollectTreeTensors(*tree, bytes.size(), "state tree of " + tag + "/" + file, &paths));
+  RETURN_IF_ERROR(VerifyStateTreeBytes(bytes, "state tree of " + tag + "/" + file,
+                                       "state tree of " + tag + "/" + file + " (files key " +
+                                           Quote(tag) + "\\0" + Quote(file) +
+                                           ") fails verification",
+                                       &paths));
   return bytes;
 }
 
@@ -1063,9 +1066,9 @@ Result<TensorRecordRef> Store::GetTensorRecord(const std::string& tag, const std
                             "; its parameters: " + JoinNames(params));
   }
   RETURN_IF_ERROR(FromRocks(s, "reading " + where));
-  const fb::TensorRecord* r = VerifiedTensorRecord(bytes);
-  if (r == nullptr) return Status::Corruption("tensor record " + where + " fails verification");
-  RETURN_IF_ERROR(CheckTensorRecord(*r, "tensor record " + where));
+  const fb::TensorRecord* r = nullptr;
+  RETURN_IF_ERROR(VerifyTensorRecordBytes(bytes, "tensor record " + where,
+                                          "tensor record " + where + " fails verification", &r));
   return TensorRecordRef(std::move(bytes));
 }
 
@@ -1421,13 +1424,8 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report, BlockV
     files_seen.insert(file);
     report->files++;
     const std::string bytes = fit->value().ToString();  // aligned for FlatBuffers
-    const fb::StateTree* tree = VerifiedStateTree(bytes);
-    if (tree == nullptr) {
-      problem(file, "", "", "state tree fails verification");
-      continue;
-    }
     std::vector<std::string> paths;
-    Status ts = CollectTreeTensors(*tree, bytes.size(), "state tree", &paths);
+    Status ts = VerifyStateTreeBytes(bytes, "state tree", "state tree fails verification", &paths);
     if (!ts.ok()) {
       problem(file, "", "", ts.message());
       continue;
