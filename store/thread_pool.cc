@@ -6,11 +6,14 @@
 
 namespace ckptkv {
 
+size_t ThreadPool::WorkerCount(size_t threads) {
+  if (threads != 0) return threads;
+  return std::min<size_t>(4, std::max(1u, std::thread::hardware_concurrency()));
+}
+
 ThreadPool::ThreadPool(size_t threads) {
-  if (threads == 0) {
-    threads = std::min<size_t>(4, std::max(1u, std::thread::hardware_concurrency()));
-  }
-  for (size_t i = 0; i < threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+  const size_t n = WorkerCount(threads);
+  for (size_t i = 0; i < n; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }
 
 ThreadPool::~ThreadPool() {

@@ -18,7 +18,11 @@ namespace ckptkv {
 
 class ThreadPool {
  public:
-  // threads == 0 picks min(4, hardware threads).
+  // The number of workers a pool of `threads` has: `threads`, or for 0
+  // the default, min(4, hardware threads).
+  static size_t WorkerCount(size_t threads);
+
+  // threads == 0 picks WorkerCount(0).
   explicit ThreadPool(size_t threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;

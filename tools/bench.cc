@@ -30,6 +30,7 @@
 #include "engine/kv_checkpoint_engine.h"
 #include "engine/torch_checkpoint_engine.h"
 #include "store/store.h"
+#include "store/thread_pool.h"
 #include "tools/bench_reshape.h"
 #include "tools/json_text.h"
 #include "tools/kv_browser/text.h"
@@ -394,40 +395,77 @@ std::string Fixed(double v, int prec = 2) {
   return buf;
 }
 
-// The core scenarios: saves and loads of one synthetic state dict under
-// `root`. With --json the results go into *out_json, otherwise tables are
-// printed. Returns 0, or 2 if a loaded checkpoint differs from the saved one.
-int RunCoreBench(const BenchOptions& o, const std::string& root, std::ostream& log,
-                 json* out_json) {
-  std::error_code ec;
-  const BlockDurability main_d =
-      o.durability == "wal" ? BlockDurability::kWal : BlockDurability::kFlush;
-  const BlockDurability alt_d =
-      main_d == BlockDurability::kWal ? BlockDurability::kFlush : BlockDurability::kWal;
-  const size_t workers =
-      o.threads ? o.threads
-                : std::min<size_t>(4, std::max(1u, std::thread::hardware_concurrency()));
+// ---------------------------------------------------------------------------
+// The core scenarios: saves and loads of one synthetic state dict.
 
-  log << "ckptkv bench: " << o.size_mb << " MiB state dict, chunk " << o.chunk_kb << " KiB, blocks "
-      << DurabilityName(main_d) << ", scratch " << root << std::endl;
-  double tg = NowSeconds();
-  SyntheticState state = MakeState(o.size_mb);
-  const uint64_t logical = state.logical_bytes();
-  const size_t n_tensors = state.big.size() + state.small.size();
-  const c10::IValue sd = ToStateDict(state, 1000);
-  log << "generated " << n_tensors << " tensors, " << HumanBytes(logical) << " in "
-      << Fixed(NowSeconds() - tg) << " s" << std::endl;
+// What the core scenarios share: the options, the state dict, the stores'
+// directories and the scenarios measured so far.
+struct CoreBench {
+  CoreBench(const BenchOptions& options, const std::string& root, std::ostream& log_stream)
+      : o(options),
+        log(log_stream),
+        main_d(o.durability == "wal" ? BlockDurability::kWal : BlockDurability::kFlush),
+        alt_d(main_d == BlockDurability::kWal ? BlockDurability::kFlush : BlockDurability::kWal),
+        workers(ThreadPool::WorkerCount(o.threads)),  // as the stores count them
+        root(root),
+        raw_dir(root + "/raw"),
+        torch_dir(root + "/torch"),
+        kv_dir(root + "/kv"),
+        alt_dir(root + std::string("/kv-") + DurabilityName(alt_d)),
+        series_dir(root + "/kv-series") {}
 
-  std::vector<Scenario> order;
-  std::map<std::string, Scenario> sc;
-  auto begin = [&](const std::string& name, const std::string& what) -> Scenario& {
+  const BenchOptions& o;
+  std::ostream& log;
+  const BlockDurability main_d, alt_d;
+  const size_t workers;
+  const std::string root, raw_dir, torch_dir, kv_dir, alt_dir, series_dir;
+  const std::string tag1 = "global_step1000";  // the full save, which the loads read
+
+  SyntheticState state;
+  uint64_t logical = 0;
+  size_t n_tensors = 0;
+  c10::IValue sd;
+
+  // The main store, open from full_save_kv until resave_10pct_kv has ended.
+  std::unique_ptr<KvCheckpointEngine> kv;
+  // An engine the running scenario used, closed only after the scenario has
+  // ended (settled), so that closing it is not charged to the scenario.
+  std::unique_ptr<CheckpointEngine> held;
+  // Scratch directories removed once the running scenario has ended (unless --keep).
+  std::vector<std::string> remove_after;
+
+  uint64_t changed_bytes = 0;   // of resave_10pct_kv
+  bool dropped = true;          // whether the loads ran from a cold page cache
+  int rc = 0;                   // 2 once a loaded checkpoint differs from the saved one
+  std::vector<Scenario> order;  // as they ended
+  std::map<std::string, Scenario> by_name;
+
+  std::string AltName() const { return std::string("full_save_kv_") + DurabilityName(alt_d); }
+  const Scenario& S(const std::string& name) const { return by_name.at(name); }
+
+  // Makes the synthetic state dict.
+  void Generate() {
+    log << "ckptkv bench: " << o.size_mb << " MiB state dict, chunk " << o.chunk_kb
+        << " KiB, blocks " << DurabilityName(main_d) << ", scratch " << root << std::endl;
+    double tg = NowSeconds();
+    state = MakeState(o.size_mb);
+    logical = state.logical_bytes();
+    n_tensors = state.big.size() + state.small.size();
+    sd = ToStateDict(state, 1000);
+    log << "generated " << n_tensors << " tensors, " << HumanBytes(logical) << " in "
+        << Fixed(NowSeconds() - tg) << " s" << std::endl;
+  }
+
+  Scenario& Begin(const std::string& name) {
     log << "  " << name << " ..." << std::flush;
-    Scenario& s = sc[name];
+    Scenario& s = by_name[name];
     s.name = name;
-    s.what = what;
     return s;
-  };
-  auto end = [&](Scenario& s) {
+  }
+
+  // Charges the scenario its background writes, logs it, then closes what
+  // it left open and removes its scratch directories.
+  void End(Scenario& s) {
     Settle(&s);
     if (s.extra.contains("changed_bytes")) {
       uint64_t changed = s.extra["changed_bytes"].get<uint64_t>();
@@ -439,193 +477,31 @@ int RunCoreBench(const BenchOptions& o, const std::string& root, std::ostream& l
     }
     log << std::endl;
     order.push_back(s);
-  };
-
-  const std::string raw_dir = root + "/raw";
-  const std::string torch_dir = root + "/torch";
-  const std::string kv_dir = root + "/kv";
-  const std::string alt_dir = root + std::string("/kv-") + DurabilityName(alt_d);
-  const std::string series_dir = root + "/kv-series";
-  fs::create_directories(raw_dir);
-
-  // --- full_save_raw --------------------------------------------------------
-  {
-    Scenario& s = begin("full_save_raw", "write(2) of every tensor's bytes to one file, fsync");
-    Meter m(&s);
-    ThrowIfError(RawSave(state, raw_dir + "/state.bin"));
-    m.Stop();
-    s.logical_bytes = logical;
-    s.disk_bytes_after = TreeBytes(raw_dir);
-    end(s);
-    if (!o.keep) fs::remove_all(raw_dir, ec);
+    held.reset();
+    std::error_code ec;
+    if (!o.keep) {
+      for (const auto& dir : remove_after) fs::remove_all(dir, ec);
+    }
+    remove_after.clear();
   }
 
-  // --- full_save_torch ------------------------------------------------------
-  const std::string tag1 = "global_step1000";
-  {
-    TorchCheckpointEngine te;
-    te.makedirs(torch_dir, true);
-    Scenario& s =
-        begin("full_save_torch", "TorchCheckpointEngine save + commit (pickle zip, fsync)");
-    Meter m(&s);
-    te.create(torch_dir, tag1);
-    te.makedirs(torch_dir + "/" + tag1, true);
-    te.save(sd, torch_dir + "/" + tag1 + "/" + kFile);
-    te.commit(tag1);
-    m.Stop();
-    s.logical_bytes = logical;
-    s.disk_bytes_after = TreeBytes(torch_dir);
-    end(s);
-  }
-
-  // --- kv: full save, unchanged re-save, 10% re-save --------------------------
   // One timed save + commit into a store, with the store's figures.
-  auto measure_kv_save = [&](Scenario& s, KvCheckpointEngine& kv, const std::string& dir,
+  KvSaveResult MeasureKvSave(Scenario& s, KvCheckpointEngine& engine, const std::string& dir,
                              const std::string& tag, const c10::IValue& state_dict) {
     Meter m(&s);
-    KvSaveResult r = KvSave(kv, dir, tag, state_dict);
+    KvSaveResult r = KvSave(engine, dir, tag, state_dict);
     m.Stop();
     s.logical_bytes = r.info.logical_bytes;
     AddKvFields(&s, r);
-    s.disk_bytes_after = kv.store()->DiskBytes();
+    s.disk_bytes_after = engine.store()->DiskBytes();
     return r;
-  };
-  uint64_t changed_bytes = 0;
-  c10::IValue sd10;
-  {
-    KvCheckpointEngine kv(KvConfig(o, main_d));
-    kv.makedirs(kv_dir, true);
-    {
-      Scenario& s =
-          begin("full_save_kv",
-                std::string("KvCheckpointEngine save + commit into an empty store (blocks ") +
-                    DurabilityName(main_d) + ")");
-      measure_kv_save(s, kv, kv_dir, tag1, sd);
-      s.extra["durability"] = DurabilityName(main_d);
-      end(s);
-    }
-    {
-      Scenario& s = begin("resave_unchanged_kv", "the same state dict again under a new tag");
-      measure_kv_save(s, kv, kv_dir, "global_step1001", ToStateDict(state, 1001));
-      end(s);
-    }
-    {
-      SyntheticState changed = state;  // shares the tensors
-      for (size_t i : PickTensors(state, 0.10, logical, 7)) {
-        changed.big[i].tensor = state.big[i].tensor.add(1.0);
-        changed_bytes += changed.big[i].bytes();
-      }
-      sd10 = ToStateDict(changed, 1002);
-      Scenario& s = begin("resave_10pct_kv", "10% of the bytes (whole tensors) changed, new tag");
-      KvSaveResult r = measure_kv_save(s, kv, kv_dir, "global_step1002", sd10);
-      s.extra["changed_bytes"] = changed_bytes;
-      s.extra["new_vs_changed"] = changed_bytes ? double(r.info.new_bytes) / changed_bytes : 0.0;
-      end(s);
-    }
-  }  // store closed (and unlocked)
-  sd10 = c10::IValue();
-
-  // --- full save with the other block durability ------------------------------
-  if (o.alt_durability) {
-    KvCheckpointEngine kv(KvConfig(o, alt_d));
-    kv.makedirs(alt_dir, true);
-    Scenario& s = begin(std::string("full_save_kv_") + DurabilityName(alt_d),
-                        std::string("as full_save_kv, blocks ") + DurabilityName(alt_d));
-    measure_kv_save(s, kv, alt_dir, tag1, sd);
-    s.extra["durability"] = DurabilityName(alt_d);
-    end(s);
   }
-  if (o.alt_durability && !o.keep) fs::remove_all(alt_dir, ec);
 
-  // --- frozen_series_kv --------------------------------------------------------
-  {
-    const std::vector<size_t> hot = PickTensors(state, 0.02, logical, 13);
-    uint64_t hot_bytes = 0;
-    for (size_t i : hot) hot_bytes += state.big[i].bytes();
-    auto kv = std::make_unique<KvCheckpointEngine>(KvConfig(o, main_d));
-    kv->makedirs(series_dir, true);
-    const uint64_t disk_before = kv->store()->DiskBytes();
-    Scenario& s =
-        begin("frozen_series_kv", std::to_string(o.series_saves) +
-                                      " saves, 98% frozen base, 2% of the bytes new each save");
-    uint64_t logical_sum = 0, unique = 0, new_sum = 0;
-    double first_secs = 0, rest_secs = 0, max_rest = 0;
-    // Per-save data is made outside the timed region; the meter spans the
-    // whole series, and `seconds` is the sum of the timed saves.
-    IoCounters io0 = ReadIoCounters();
-    ::sync();
-    ResetPeakRss();
-    s.rss_before_bytes = CurrentRssBytes();
-    for (int k = 0; k < o.series_saves; k++) {
-      SyntheticState cur = state;
-      for (size_t j = 0; j < hot.size(); j++) {
-        size_t i = hot[j];
-        cur.big[i].tensor = RandomTensor(state.big[i].tensor.sizes().vec(),
-                                         state.big[i].tensor.scalar_type(), 900000 + 1000 * k + j);
-      }
-      c10::IValue sdk = ToStateDict(cur, 2000 + k);
-      double t0 = NowSeconds();
-      KvSaveResult r = KvSave(*kv, series_dir, "global_step" + std::to_string(2000 + k), sdk);
-      double dt = NowSeconds() - t0;
-      logical_sum += r.info.logical_bytes;
-      new_sum += r.info.new_bytes;
-      unique += (k == 0) ? r.info.logical_bytes : hot_bytes;
-      if (k == 0)
-        first_secs = dt;
-      else {
-        rest_secs += dt;
-        max_rest = std::max(max_rest, dt);
-      }
-    }
-    IoCounters io1 = ReadIoCounters();
-    s.seconds = first_secs + rest_secs;
-    s.device_write_bytes = io1.write_bytes - io0.write_bytes;
-    s.write_counter_at_stop = io1.write_bytes;
-    s.device_read_bytes = io1.read_bytes - io0.read_bytes;
-    s.peak_rss_bytes = PeakRssBytes();
-    s.ran = true;
-    s.logical_bytes = logical_sum;
-    // Size while open includes background work in flight (compactions);
-    // the store's size at rest is taken after closing it.
-    Settle(&s);
-    const uint64_t disk_open = kv->store()->DiskBytes();
-    kv.reset();
-    s.disk_bytes_after = TreeBytes(series_dir);
-    const uint64_t growth = s.disk_bytes_after - std::min(disk_before, s.disk_bytes_after);
-    s.extra["saves"] = o.series_saves;
-    s.extra["changed_bytes_per_save"] = hot_bytes;
-    s.extra["unique_bytes"] = unique;
-    s.extra["new_bytes"] = new_sum;
-    s.extra["store_growth_bytes"] = growth;
-    s.extra["store_disk_bytes_open"] = disk_open;
-    s.extra["store_growth_vs_unique"] = unique ? double(growth) / unique : 0.0;
-    s.extra["first_save_seconds"] = first_secs;
-    s.extra["later_save_seconds_mean"] =
-        o.series_saves > 1 ? rest_secs / (o.series_saves - 1) : 0.0;
-    s.extra["later_save_seconds_max"] = max_rest;
-    end(s);
-  }
-  if (!o.keep) fs::remove_all(series_dir, ec);
-
-  // --- loads -----------------------------------------------------------------
-  bool dropped = false;
-  int rc = 0;
-  auto check = [&](Scenario& s, const c10::IValue& loaded) {
-    std::string why;
-    bool same = SameValue(sd, loaded, "", &why);
-    s.extra["equal"] = same;
-    if (!same) {
-      std::cerr << "error: " << s.name
-                << ": the loaded checkpoint differs from the saved one: " << why << std::endl;
-      rc = 2;
-    }
-  };
-  // Loads of the full save, each from a cold page cache where possible.
-  auto load_scenario = [&](const std::string& name, const std::string& what,
-                           CheckpointEngine& engine, const std::string& dir,
-                           const std::function<uint64_t()>& disk_bytes) {
+  // A timed open + load of the full save, from a cold page cache where
+  // possible, checked against the saved state dict.
+  void MeasureLoad(Scenario& s, CheckpointEngine& engine, const std::string& dir,
+                   const std::function<uint64_t()>& disk_bytes) {
     if (o.drop_caches) dropped = DropPageCache() && dropped;
-    Scenario& s = begin(name, what);
     c10::IValue loaded;
     {
       Meter m(&s);
@@ -636,61 +512,228 @@ int RunCoreBench(const BenchOptions& o, const std::string& root, std::ostream& l
     s.logical_bytes = logical;
     s.disk_bytes_after = disk_bytes();
     s.extra["cold_cache"] = dropped;
-    check(s, loaded);
-    end(s);
-  };
-  dropped = true;
-  {
-    KvCheckpointEngine kv(KvConfig(o, main_d));
-    load_scenario("load_kv", "KvCheckpointEngine open + load of the full save", kv, kv_dir,
-                  [&] { return kv.store()->DiskBytes(); });
+    std::string why;
+    bool same = SameValue(sd, loaded, "", &why);
+    s.extra["equal"] = same;
+    if (!same) {
+      std::cerr << "error: " << s.name
+                << ": the loaded checkpoint differs from the saved one: " << why << std::endl;
+      rc = 2;
+    }
   }
-  {
-    TorchCheckpointEngine te;
-    load_scenario("load_torch", "TorchCheckpointEngine open + load of the full save", te, torch_dir,
-                  [&] { return TreeBytes(torch_dir); });
-  }
+};
 
-  // --- ratios and targets ------------------------------------------------------
-  auto S = [&](const std::string& n) -> const Scenario& { return sc.at(n); };
-  auto div = [](double a, double b) { return b > 0 ? a / b : 0.0; };
+void FullSaveRaw(CoreBench& b, Scenario& s) {
+  s.what = "write(2) of every tensor's bytes to one file, fsync";
+  fs::create_directories(b.raw_dir);
+  Meter m(&s);
+  ThrowIfError(RawSave(b.state, b.raw_dir + "/state.bin"));
+  m.Stop();
+  s.logical_bytes = b.logical;
+  s.disk_bytes_after = TreeBytes(b.raw_dir);
+  b.remove_after.push_back(b.raw_dir);
+}
+
+void FullSaveTorch(CoreBench& b, Scenario& s) {
+  s.what = "TorchCheckpointEngine save + commit (pickle zip, fsync)";
+  auto te = std::make_unique<TorchCheckpointEngine>();
+  te->makedirs(b.torch_dir, true);
+  Meter m(&s);
+  te->create(b.torch_dir, b.tag1);
+  te->makedirs(b.torch_dir + "/" + b.tag1, true);
+  te->save(b.sd, b.torch_dir + "/" + b.tag1 + "/" + kFile);
+  te->commit(b.tag1);
+  m.Stop();
+  s.logical_bytes = b.logical;
+  s.disk_bytes_after = TreeBytes(b.torch_dir);
+  b.held = std::move(te);
+}
+
+// full_save_kv, resave_unchanged_kv and resave_10pct_kv save into one store.
+void FullSaveKv(CoreBench& b, Scenario& s) {
+  s.what = std::string("KvCheckpointEngine save + commit into an empty store (blocks ") +
+           DurabilityName(b.main_d) + ")";
+  b.kv = std::make_unique<KvCheckpointEngine>(KvConfig(b.o, b.main_d));
+  b.kv->makedirs(b.kv_dir, true);
+  b.MeasureKvSave(s, *b.kv, b.kv_dir, b.tag1, b.sd);
+  s.extra["durability"] = DurabilityName(b.main_d);
+}
+
+void ResaveUnchangedKv(CoreBench& b, Scenario& s) {
+  s.what = "the same state dict again under a new tag";
+  b.MeasureKvSave(s, *b.kv, b.kv_dir, "global_step1001", ToStateDict(b.state, 1001));
+}
+
+void Resave10pctKv(CoreBench& b, Scenario& s) {
+  s.what = "10% of the bytes (whole tensors) changed, new tag";
+  SyntheticState changed = b.state;  // shares the tensors
+  for (size_t i : PickTensors(b.state, 0.10, b.logical, 7)) {
+    changed.big[i].tensor = b.state.big[i].tensor.add(1.0);
+    b.changed_bytes += changed.big[i].bytes();
+  }
+  const c10::IValue sd10 = ToStateDict(changed, 1002);
+  KvSaveResult r = b.MeasureKvSave(s, *b.kv, b.kv_dir, "global_step1002", sd10);
+  s.extra["changed_bytes"] = b.changed_bytes;
+  s.extra["new_vs_changed"] = b.changed_bytes ? double(r.info.new_bytes) / b.changed_bytes : 0.0;
+  b.held = std::move(b.kv);  // the last save into the main store: closed (and unlocked)
+}
+
+// As full_save_kv, with the other block durability.
+void FullSaveKvAlt(CoreBench& b, Scenario& s) {
+  s.what = std::string("as full_save_kv, blocks ") + DurabilityName(b.alt_d);
+  auto kv = std::make_unique<KvCheckpointEngine>(KvConfig(b.o, b.alt_d));
+  kv->makedirs(b.alt_dir, true);
+  b.MeasureKvSave(s, *kv, b.alt_dir, b.tag1, b.sd);
+  s.extra["durability"] = DurabilityName(b.alt_d);
+  b.held = std::move(kv);
+  b.remove_after.push_back(b.alt_dir);
+}
+
+void FrozenSeriesKv(CoreBench& b, Scenario& s) {
+  const BenchOptions& o = b.o;
+  s.what =
+      std::to_string(o.series_saves) + " saves, 98% frozen base, 2% of the bytes new each save";
+  const std::vector<size_t> hot = PickTensors(b.state, 0.02, b.logical, 13);
+  uint64_t hot_bytes = 0;
+  for (size_t i : hot) hot_bytes += b.state.big[i].bytes();
+  auto kv = std::make_unique<KvCheckpointEngine>(KvConfig(o, b.main_d));
+  kv->makedirs(b.series_dir, true);
+  const uint64_t disk_before = kv->store()->DiskBytes();
+  uint64_t logical_sum = 0, unique = 0, new_sum = 0;
+  double first_secs = 0, rest_secs = 0, max_rest = 0;
+  // Per-save data is made outside the timed region; the meter spans the
+  // whole series, and `seconds` is the sum of the timed saves.
+  IoCounters io0 = ReadIoCounters();
+  ::sync();
+  ResetPeakRss();
+  s.rss_before_bytes = CurrentRssBytes();
+  for (int k = 0; k < o.series_saves; k++) {
+    SyntheticState cur = b.state;
+    for (size_t j = 0; j < hot.size(); j++) {
+      size_t i = hot[j];
+      cur.big[i].tensor = RandomTensor(b.state.big[i].tensor.sizes().vec(),
+                                       b.state.big[i].tensor.scalar_type(), 900000 + 1000 * k + j);
+    }
+    c10::IValue sdk = ToStateDict(cur, 2000 + k);
+    double t0 = NowSeconds();
+    KvSaveResult r = KvSave(*kv, b.series_dir, "global_step" + std::to_string(2000 + k), sdk);
+    double dt = NowSeconds() - t0;
+    logical_sum += r.info.logical_bytes;
+    new_sum += r.info.new_bytes;
+    unique += (k == 0) ? r.info.logical_bytes : hot_bytes;
+    if (k == 0)
+      first_secs = dt;
+    else {
+      rest_secs += dt;
+      max_rest = std::max(max_rest, dt);
+    }
+  }
+  IoCounters io1 = ReadIoCounters();
+  s.seconds = first_secs + rest_secs;
+  s.device_write_bytes = io1.write_bytes - io0.write_bytes;
+  s.write_counter_at_stop = io1.write_bytes;
+  s.device_read_bytes = io1.read_bytes - io0.read_bytes;
+  s.peak_rss_bytes = PeakRssBytes();
+  s.ran = true;
+  s.logical_bytes = logical_sum;
+  // Size while open includes background work in flight (compactions);
+  // the store's size at rest is taken after closing it.
+  Settle(&s);
+  const uint64_t disk_open = kv->store()->DiskBytes();
+  kv.reset();
+  s.disk_bytes_after = TreeBytes(b.series_dir);
+  const uint64_t growth = s.disk_bytes_after - std::min(disk_before, s.disk_bytes_after);
+  s.extra["saves"] = o.series_saves;
+  s.extra["changed_bytes_per_save"] = hot_bytes;
+  s.extra["unique_bytes"] = unique;
+  s.extra["new_bytes"] = new_sum;
+  s.extra["store_growth_bytes"] = growth;
+  s.extra["store_disk_bytes_open"] = disk_open;
+  s.extra["store_growth_vs_unique"] = unique ? double(growth) / unique : 0.0;
+  s.extra["first_save_seconds"] = first_secs;
+  s.extra["later_save_seconds_mean"] = o.series_saves > 1 ? rest_secs / (o.series_saves - 1) : 0.0;
+  s.extra["later_save_seconds_max"] = max_rest;
+  b.remove_after.push_back(b.series_dir);
+}
+
+void LoadKv(CoreBench& b, Scenario& s) {
+  s.what = "KvCheckpointEngine open + load of the full save";
+  auto kv = std::make_unique<KvCheckpointEngine>(KvConfig(b.o, b.main_d));
+  KvCheckpointEngine* engine = kv.get();
+  b.MeasureLoad(s, *kv, b.kv_dir, [engine] { return engine->store()->DiskBytes(); });
+  b.held = std::move(kv);
+}
+
+void LoadTorch(CoreBench& b, Scenario& s) {
+  s.what = "TorchCheckpointEngine open + load of the full save";
+  auto te = std::make_unique<TorchCheckpointEngine>();
+  b.MeasureLoad(s, *te, b.torch_dir, [&b] { return TreeBytes(b.torch_dir); });
+  b.held = std::move(te);
+}
+
+// The core scenarios in the order they run.
+struct CoreScenario {
+  std::string name;
+  void (*run)(CoreBench&, Scenario&);
+};
+
+std::vector<CoreScenario> CoreScenarios(const CoreBench& b) {
+  std::vector<CoreScenario> table = {
+      {"full_save_raw", FullSaveRaw},     {"full_save_torch", FullSaveTorch},
+      {"full_save_kv", FullSaveKv},       {"resave_unchanged_kv", ResaveUnchangedKv},
+      {"resave_10pct_kv", Resave10pctKv},
+  };
+  if (b.o.alt_durability) table.push_back({b.AltName(), FullSaveKvAlt});
+  table.push_back({"frozen_series_kv", FrozenSeriesKv});
+  table.push_back({"load_kv", LoadKv});
+  table.push_back({"load_torch", LoadTorch});
+  return table;
+}
+
+double Div(double a, double b) { return b > 0 ? a / b : 0.0; }
+
+// The ratios between the scenarios' figures that the targets judge.
+json CoreRatios(const CoreBench& b) {
+  auto S = [&](const std::string& n) -> const Scenario& { return b.S(n); };
   json ratios;
   ratios["full_save_kv_vs_raw_throughput"] =
-      div(S("full_save_kv").throughput_mib_s(), S("full_save_raw").throughput_mib_s());
+      Div(S("full_save_kv").throughput_mib_s(), S("full_save_raw").throughput_mib_s());
   ratios["full_save_torch_vs_raw_throughput"] =
-      div(S("full_save_torch").throughput_mib_s(), S("full_save_raw").throughput_mib_s());
+      Div(S("full_save_torch").throughput_mib_s(), S("full_save_raw").throughput_mib_s());
   ratios["full_save_kv_vs_torch_time"] =
-      div(S("full_save_kv").seconds, S("full_save_torch").seconds);
+      Div(S("full_save_kv").seconds, S("full_save_torch").seconds);
   ratios["full_save_kv_written_vs_logical"] =
-      div(S("full_save_kv").total_write_bytes(), S("full_save_kv").logical_bytes);
+      Div(S("full_save_kv").total_write_bytes(), S("full_save_kv").logical_bytes);
   ratios["resave_unchanged_vs_full_time"] =
-      div(S("resave_unchanged_kv").seconds, S("full_save_kv").seconds);
+      Div(S("resave_unchanged_kv").seconds, S("full_save_kv").seconds);
   ratios["resave_unchanged_written_vs_logical"] =
-      div(S("resave_unchanged_kv").total_write_bytes(), S("resave_unchanged_kv").logical_bytes);
+      Div(S("resave_unchanged_kv").total_write_bytes(), S("resave_unchanged_kv").logical_bytes);
   ratios["resave_10pct_vs_full_time"] =
-      div(S("resave_10pct_kv").seconds, S("full_save_kv").seconds);
+      Div(S("resave_10pct_kv").seconds, S("full_save_kv").seconds);
   ratios["resave_10pct_written_vs_changed"] =
-      div(S("resave_10pct_kv").total_write_bytes(), changed_bytes);
+      Div(S("resave_10pct_kv").total_write_bytes(), b.changed_bytes);
   ratios["frozen_series_store_growth_vs_unique"] =
       S("frozen_series_kv").extra.value("store_growth_vs_unique", 0.0);
   ratios["frozen_series_written_vs_unique"] =
-      div(S("frozen_series_kv").total_write_bytes(),
+      Div(S("frozen_series_kv").total_write_bytes(),
           S("frozen_series_kv").extra.value("unique_bytes", uint64_t{0}));
-  ratios["load_kv_vs_torch_time"] = div(S("load_kv").seconds, S("load_torch").seconds);
-  ratios["full_save_kv_peak_rss_delta_chunks_per_worker"] =
-      div(div(S("full_save_kv").peak_rss_delta(), double(o.chunk_kb) * 1024.0), double(workers));
-  const std::string alt_name = std::string("full_save_kv_") + DurabilityName(alt_d);
-  if (o.alt_durability) {
-    const Scenario& alt = S(alt_name);
+  ratios["load_kv_vs_torch_time"] = Div(S("load_kv").seconds, S("load_torch").seconds);
+  ratios["full_save_kv_peak_rss_delta_chunks_per_worker"] = Div(
+      Div(S("full_save_kv").peak_rss_delta(), double(b.o.chunk_kb) * 1024.0), double(b.workers));
+  if (b.o.alt_durability) {
+    const Scenario& alt = S(b.AltName());
     const Scenario& main_s = S("full_save_kv");
-    const Scenario& flush = main_d == BlockDurability::kFlush ? main_s : alt;
-    const Scenario& wal = main_d == BlockDurability::kFlush ? alt : main_s;
-    ratios["full_save_wal_vs_flush_time"] = div(wal.seconds, flush.seconds);
+    const Scenario& flush = b.main_d == BlockDurability::kFlush ? main_s : alt;
+    const Scenario& wal = b.main_d == BlockDurability::kFlush ? alt : main_s;
+    ratios["full_save_wal_vs_flush_time"] = Div(wal.seconds, flush.seconds);
     ratios["full_save_wal_vs_flush_written"] =
-        div(wal.total_write_bytes(), flush.total_write_bytes());
+        Div(wal.total_write_bytes(), flush.total_write_bytes());
   }
+  return ratios;
+}
 
-  const std::vector<Target> targets = {
+const std::vector<Target>& CoreTargets() {
+  static const std::vector<Target> targets = {
       {"full_save_kv_vs_raw_throughput", ">=", 0.85, "full save >= 0.85x raw-write throughput"},
       {"full_save_kv_vs_torch_time", "<", 1.0, "full save faster than torch"},
       {"resave_unchanged_vs_full_time", "<", 0.05, "unchanged re-save < 5% of full-save time"},
@@ -705,59 +748,63 @@ int RunCoreBench(const BenchOptions& o, const std::string& root, std::ostream& l
       {"full_save_kv_peak_rss_delta_chunks_per_worker", "<=", 4.0,
        "peak RSS growth during a save <= 4 chunks per worker"},
   };
+  return targets;
+}
+
+// The --json part of the core scenarios, into *out.
+void PutCoreJson(const CoreBench& b, const json& ratios, json* out) {
   json targets_j;
-  for (const auto& t : targets) {
+  for (const auto& t : CoreTargets()) {
     double v = ratios.value(t.ratio, 0.0);
     targets_j[t.ratio] = {
         {"target", t.op + " " + Fixed(t.bound)}, {"value", v}, {"met", Met(v, t)}};
   }
+  json& o = *out;
+  o["size_mb"] = b.o.size_mb;
+  o["options"] = {{"chunk_kb", b.o.chunk_kb},
+                  {"durability", DurabilityName(b.main_d)},
+                  {"store_workers", b.workers},
+                  {"series_saves", b.o.series_saves},
+                  {"tensors", b.n_tensors},
+                  {"logical_bytes", b.logical},
+                  {"page_cache_dropped_before_loads", b.dropped},
+                  {"dir", b.root}};
+  json scen;
+  for (const auto& s : b.order) scen[s.name] = ScenarioJson(s);
+  o["scenarios"] = std::move(scen);
+  o["ratios"] = ratios;
+  o["targets"] = std::move(targets_j);
+}
 
-  if (o.json) {
-    json& out = *out_json;
-    out["size_mb"] = o.size_mb;
-    out["options"] = {{"chunk_kb", o.chunk_kb},
-                      {"durability", DurabilityName(main_d)},
-                      {"store_workers", workers},
-                      {"series_saves", o.series_saves},
-                      {"tensors", n_tensors},
-                      {"logical_bytes", logical},
-                      {"page_cache_dropped_before_loads", dropped},
-                      {"dir", root}};
-    json scen;
-    for (const auto& s : order) scen[s.name] = ScenarioJson(s);
-    out["scenarios"] = std::move(scen);
-    out["ratios"] = ratios;
-    out["targets"] = targets_j;
-    return rc;
-  }
-
+// The tables of the core scenarios, on stdout.
+void PrintCoreTables(const CoreBench& b, const json& ratios) {
   std::printf("\nstate dict: %zu tensors, %s; chunk %u KiB; %zu store workers; loads %s\n\n",
-              n_tensors, HumanBytes(logical).c_str(), o.chunk_kb, workers,
-              dropped ? "from a cold page cache" : "from a warm page cache");
+              b.n_tensors, HumanBytes(b.logical).c_str(), b.o.chunk_kb, b.workers,
+              b.dropped ? "from a cold page cache" : "from a warm page cache");
   std::printf("%-22s %8s %11s %9s %11s %9s %9s %9s %11s %13s\n", "scenario", "seconds",
               "logical MiB", "MiB/s", "written MiB", "(bg MiB)", "wr/logic", "read MiB",
               "on disk MiB", "peak RSS +MiB");
-  for (const auto& s : order) {
+  for (const auto& s : b.order) {
     std::printf("%-22s %8.3f %11.1f %9.1f %11.1f %9.1f %9.4f %9.1f %11.1f %13.1f\n", s.name.c_str(),
                 s.seconds, s.logical_bytes / kMiB, s.throughput_mib_s(),
                 s.total_write_bytes() / kMiB, s.after_write_bytes / kMiB,
                 s.logical_bytes ? double(s.total_write_bytes()) / s.logical_bytes : 0.0,
                 s.device_read_bytes / kMiB, s.disk_bytes_after / kMiB, s.peak_rss_delta() / kMiB);
   }
-  const Scenario& r10 = S("resave_10pct_kv");
-  const Scenario& fs_ = S("frozen_series_kv");
+  const Scenario& r10 = b.S("resave_10pct_kv");
+  const Scenario& fs_ = b.S("frozen_series_kv");
   std::printf("\nresave_10pct_kv: changed %.1f MiB, new %.1f MiB, written %.1f MiB\n",
-              changed_bytes / kMiB, r10.extra.value("new_bytes", uint64_t{0}) / kMiB,
+              b.changed_bytes / kMiB, r10.extra.value("new_bytes", uint64_t{0}) / kMiB,
               r10.total_write_bytes() / kMiB);
   std::printf(
       "frozen_series_kv: %d saves, unique %.1f MiB, store growth %.1f MiB, first save %.3f s, "
       "later saves %.3f s mean / %.3f s max\n",
-      o.series_saves, fs_.extra.value("unique_bytes", uint64_t{0}) / kMiB,
+      b.o.series_saves, fs_.extra.value("unique_bytes", uint64_t{0}) / kMiB,
       fs_.extra.value("store_growth_bytes", uint64_t{0}) / kMiB,
       fs_.extra.value("first_save_seconds", 0.0), fs_.extra.value("later_save_seconds_mean", 0.0),
       fs_.extra.value("later_save_seconds_max", 0.0));
   std::printf("\n%-48s %10s %10s %s\n", "ratio", "value", "target", "");
-  for (const auto& t : targets) {
+  for (const auto& t : CoreTargets()) {
     double v = ratios.value(t.ratio, 0.0);
     std::printf("%-48s %10.4f %10s %s\n", t.ratio.c_str(), v, (t.op + " " + Fixed(t.bound)).c_str(),
                 Met(v, t) ? "met" : "NOT met");
@@ -767,8 +814,28 @@ int RunCoreBench(const BenchOptions& o, const std::string& root, std::ostream& l
                             "full_save_wal_vs_flush_written"}) {
     if (ratios.contains(extra)) std::printf("%-48s %10.4f\n", extra, ratios.value(extra, 0.0));
   }
-  std::printf("\nloaded checkpoints equal the saved state: %s\n", rc == 0 ? "yes" : "NO");
-  return rc;
+  std::printf("\nloaded checkpoints equal the saved state: %s\n", b.rc == 0 ? "yes" : "NO");
+}
+
+// The core scenarios under `root`, one after the other (CoreScenarios).
+// With --json the results go into *out_json, otherwise tables are printed.
+// Returns 0, or 2 if a loaded checkpoint differs from the saved one.
+int RunCoreBench(const BenchOptions& o, const std::string& root, std::ostream& log,
+                 json* out_json) {
+  CoreBench b(o, root, log);
+  b.Generate();
+  for (const CoreScenario& entry : CoreScenarios(b)) {
+    Scenario& s = b.Begin(entry.name);
+    entry.run(b, s);
+    b.End(s);
+  }
+  const json ratios = CoreRatios(b);
+  if (o.json) {
+    PutCoreJson(b, ratios, out_json);
+  } else {
+    PrintCoreTables(b, ratios);
+  }
+  return b.rc;
 }
 
 }  // namespace
