@@ -214,152 +214,115 @@ json StepJson(const Child& c, const Target& ran) {
   return j;
 }
 
-}  // namespace
-
-Status CheckReshapeBenchOptions(const BenchOptions& o) {
-  if (o.reshape_layers < 1 || o.reshape_layers % kSrcPp != 0) {
-    return Status::InvalidArgument("--reshape-layers " + std::to_string(o.reshape_layers) +
-                                   ": the reshape source has pp " + std::to_string(kSrcPp) +
-                                   ", so the layer count must be a positive multiple of " +
-                                   std::to_string(kSrcPp) + " (e.g. 2, 4, 8)");
-  }
-  if (o.reshape_hidden < 8 || o.reshape_hidden % kSrcTp != 0) {
-    return Status::InvalidArgument("--reshape-hidden " + std::to_string(o.reshape_hidden) +
-                                   ": the reshape source has tp " + std::to_string(kSrcTp) +
-                                   ", so the hidden size must be a multiple of " +
-                                   std::to_string(kSrcTp) + " and at least 8 (e.g. 64, 1024)");
-  }
-  if (o.reshape_vocab < 1) {
-    return Status::InvalidArgument("--reshape-vocab " + std::to_string(o.reshape_vocab) +
-                                   ": the vocabulary must hold at least 1 token");
-  }
-  return Status::OK();
+std::vector<std::string> LayoutArgs(const Target& t) {
+  return {"--tp", std::to_string(t.tp), "--pp", std::to_string(t.pp), "--dp", std::to_string(t.dp)};
 }
 
-int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostream& log,
-                    json* out) {
-  if (Status st = CheckReshapeBenchOptions(o); !st.ok()) return ReportError(st);
-  const std::string root = scratch + "/reshape";
-  const std::string src = root + "/source";
-  const std::string logs = root + "/logs";
-  std::error_code ec;
-  fs::create_directories(logs, ec);
-  if (ec) return ReportError(Status::IOError("cannot make '" + logs + "': " + ec.message()));
+// Runs the steps, each in a child, and logs them.
+class StepRunner {
+ public:
+  StepRunner(const BenchOptions& o, std::string root, std::ostream& log)
+      : o_(o), root_(std::move(root)), src_(root_ + "/source"), logs_(root_ + "/logs"), log_(log) {}
 
-  bool all_cold = true;
-  int n = 0;
-  // Runs one step in a child, with "@DB" in its arguments standing for the
-  // source store or (on_clone) a fresh clone of it, removed afterwards
-  // unless --keep; drop: the page cache is dropped first (if allowed).
-  auto run = [&](Child* c, bool on_clone, bool drop) -> Status {
-    const std::string name = std::to_string(n++);
-    const std::string db = on_clone ? root + "/clone-" + name : src;
-    if (on_clone) RETURN_IF_ERROR(CloneStore(src, db));
+  const std::string& root() const { return root_; }
+  const std::string& logs() const { return logs_; }
+  // Whether the page cache was dropped before every step that asked for it.
+  bool all_cold() const { return all_cold_; }
+
+  // Runs one step, with "@DB" in its arguments standing for the source
+  // store or (on_clone) a fresh clone of it, removed afterwards unless
+  // --keep; drop: the page cache is dropped first (if allowed).
+  Status Run(Child* c, bool on_clone, bool drop) {
+    const std::string name = std::to_string(n_++);
+    const std::string db = on_clone ? root_ + "/clone-" + name : src_;
+    if (on_clone) RETURN_IF_ERROR(CloneStore(src_, db));
     for (auto& a : c->args) {
       if (a == "@DB") a = db;
     }
-    log << "  " << c->step << " ..." << std::flush;
+    log_ << "  " << c->step << " ..." << std::flush;
     if (drop) {
-      c->cold_cache = o.drop_caches && DropPageCache();
-      all_cold = all_cold && c->cold_cache;
+      c->cold_cache = o_.drop_caches && DropPageCache();
+      all_cold_ = all_cold_ && c->cold_cache;
     }
-    Status st = RunChild(logs, name, c);
-    if (on_clone && !o.keep) fs::remove_all(db, ec);
+    Status st = RunChild(logs_, name, c);
+    std::error_code ec;
+    if (on_clone && !o_.keep) fs::remove_all(db, ec);
     if (!st.ok()) {
-      log << " failed" << std::endl;
+      log_ << " failed" << std::endl;
       return st;
     }
     char secs[32];
     std::snprintf(secs, sizeof secs, "%.3f", c->process_seconds);
-    log << " " << secs << " s, peak RSS " << HumanBytes(c->peak_rss_bytes) << std::endl;
+    log_ << " " << secs << " s, peak RSS " << HumanBytes(c->peak_rss_bytes) << std::endl;
     return Status::OK();
-  };
-  auto layout_args = [](const Target& t) {
-    return std::vector<std::string>{"--tp", std::to_string(t.tp), "--pp", std::to_string(t.pp),
-                                    "--dp", std::to_string(t.dp)};
-  };
-
-  log << "ckptkv bench (reshape): source tp" << kSrcTp << " pp" << kSrcPp << " dp" << kSrcDp
-      << " ZeRO-2 bf16, " << o.reshape_layers << " layers, hidden " << o.reshape_hidden
-      << ", vocab " << o.reshape_vocab << ", scratch " << root << std::endl;
-
-  // (a) The source.
-  Child synth;
-  synth.step = "synth of the source";
-  synth.args = {"synth",
-                "--db",
-                "@DB",
-                "--tag",
-                kSourceTag,
-                "--tp",
-                std::to_string(kSrcTp),
-                "--pp",
-                std::to_string(kSrcPp),
-                "--dp",
-                std::to_string(kSrcDp),
-                "--zero-stage",
-                "2",
-                "--dtype",
-                "bf16",
-                "--layers",
-                std::to_string(o.reshape_layers),
-                "--hidden",
-                std::to_string(o.reshape_hidden),
-                "--vocab",
-                std::to_string(o.reshape_vocab),
-                "--json"};
-  if (Status st = run(&synth, /*on_clone=*/false, /*drop=*/false); !st.ok()) return ReportError(st);
-
-  const std::vector<Target> targets = {{2, 1, 1}, {1, 1, 4}};
-
-  // (b) The floor: a process that loads LibTorch, opens the store and
-  // plans a reshape (reads records only, writes nothing).
-  Child floor;
-  floor.step = "floor: reshape --plan to " + targets[0].Name();
-  floor.args = {"reshape", "--db", "@DB", "--tag", kSourceTag};
-  for (auto& a : layout_args(targets[0])) floor.args.push_back(a);
-  floor.args.push_back("--plan");
-  floor.args.push_back("--json");
-  if (Status st = run(&floor, /*on_clone=*/true, /*drop=*/true); !st.ok()) return ReportError(st);
-
-  // (c) Each target, fragment then naive, each on its own clone.
-  struct Row {
-    Target target, naive_target;
-    std::string naive_label;
-    Child fragment, naive;
-  };
-  std::vector<Row> rows;
-  for (const Target& t : targets) {
-    Row row;
-    row.target = t;
-    // DeepSpeed refuses any expansion (model_3d_desc.can_reshape); for a DP
-    // expansion its nearest run is the merge to dp 1, which loads every
-    // file whole and concatenates exactly as it would before any re-split.
-    row.naive_target = t;
-    row.naive_label = t.Name();
-    if (t.dp > kSrcDp) {
-      row.naive_target.dp = 1;
-      row.naive_label = row.naive_target.Name() + " (DeepSpeed cannot expand DP)";
-    }
-    row.fragment.step = "fragment reshape to " + t.Name();
-    row.fragment.args = {"reshape", "--db", "@DB", "--tag", kSourceTag};
-    for (auto& a : layout_args(t)) row.fragment.args.push_back(a);
-    row.fragment.args.insert(row.fragment.args.end(), {"--out-tag", "fragment", "--json"});
-    row.naive.step = "naive reshape to " + row.naive_label;
-    row.naive.args = {"reshape", "--naive", "--db", "@DB", "--tag", kSourceTag};
-    for (auto& a : layout_args(row.naive_target)) row.naive.args.push_back(a);
-    row.naive.args.insert(row.naive.args.end(), {"--out-tag", "naive", "--json"});
-    for (Child* c : {&row.fragment, &row.naive}) {
-      if (Status st = run(c, /*on_clone=*/true, /*drop=*/true); !st.ok()) return ReportError(st);
-    }
-    rows.push_back(std::move(row));
   }
-  if (!o.keep) fs::remove_all(root, ec);
 
+ private:
+  const BenchOptions& o_;
+  const std::string root_, src_, logs_;
+  std::ostream& log_;
+  bool all_cold_ = true;
+  int n_ = 0;
+};
+
+// (a) The source: synth of a tp4 pp2 dp2 ZeRO-2 bf16 checkpoint.
+Child SynthStep(const BenchOptions& o) {
+  Child c;
+  c.step = "synth of the source";
+  c.args = {"synth", "--db", "@DB", "--tag", kSourceTag};
+  for (auto& a : LayoutArgs({kSrcTp, kSrcPp, kSrcDp})) c.args.push_back(a);
+  c.args.insert(c.args.end(),
+                {"--zero-stage", "2", "--dtype", "bf16", "--layers",
+                 std::to_string(o.reshape_layers), "--hidden", std::to_string(o.reshape_hidden),
+                 "--vocab", std::to_string(o.reshape_vocab), "--json"});
+  return c;
+}
+
+// (b) The floor: a process that loads LibTorch, opens the store and plans a
+// reshape to `t` (reads records only, writes nothing).
+Child FloorStep(const Target& t) {
+  Child c;
+  c.step = "floor: reshape --plan to " + t.Name();
+  c.args = {"reshape", "--db", "@DB", "--tag", kSourceTag};
+  for (auto& a : LayoutArgs(t)) c.args.push_back(a);
+  c.args.insert(c.args.end(), {"--plan", "--json"});
+  return c;
+}
+
+// (c) One target, by fragment queries and by the naive way.
+struct Row {
+  Target target, naive_target;
+  std::string naive_label;
+  Child fragment, naive;
+};
+
+Row MakeRow(const Target& t) {
+  Row row;
+  row.target = t;
+  // DeepSpeed refuses any expansion (model_3d_desc.can_reshape); for a DP
+  // expansion its nearest run is the merge to dp 1, which loads every
+  // file whole and concatenates exactly as it would before any re-split.
+  row.naive_target = t;
+  row.naive_label = t.Name();
+  if (t.dp > kSrcDp) {
+    row.naive_target.dp = 1;
+    row.naive_label = row.naive_target.Name() + " (DeepSpeed cannot expand DP)";
+  }
+  row.fragment.step = "fragment reshape to " + t.Name();
+  row.fragment.args = {"reshape", "--db", "@DB", "--tag", kSourceTag};
+  for (auto& a : LayoutArgs(t)) row.fragment.args.push_back(a);
+  row.fragment.args.insert(row.fragment.args.end(), {"--out-tag", "fragment", "--json"});
+  row.naive.step = "naive reshape to " + row.naive_label;
+  row.naive.args = {"reshape", "--naive", "--db", "@DB", "--tag", kSourceTag};
+  for (auto& a : LayoutArgs(row.naive_target)) row.naive.args.push_back(a);
+  row.naive.args.insert(row.naive.args.end(), {"--out-tag", "naive", "--json"});
+  return row;
+}
+
+// The results: (*out)["reshape"] of the bench's --json.
+json ReshapeJson(const BenchOptions& o, const Child& synth, const Child& floor,
+                 const Target& floor_target, const std::vector<Row>& rows, bool all_cold) {
   const json& s = synth.report;
-  const uint64_t source_bytes = U(s, "logical_bytes");
-  const std::string dropped = all_cold ? "dropped" : "not dropped";
-
   json j;
   j["source"] = {{"layout", s.value("layout", json::object())},
                  {"layers", o.reshape_layers},
@@ -367,7 +330,7 @@ int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostr
                  {"vocab", o.reshape_vocab},
                  {"files", U(s, "files")},
                  {"tensors", U(s, "tensors")},
-                 {"logical_bytes", source_bytes},
+                 {"logical_bytes", U(s, "logical_bytes")},
                  {"new_bytes", U(s, "new_bytes")},
                  {"seconds", D(s, "seconds")},
                  {"process_seconds", synth.process_seconds},
@@ -376,7 +339,7 @@ int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostr
   j["page_cache_dropped"] = all_cold;
   j["floor"] = {
       {"what", "a process that loads LibTorch, opens the store and plans the reshape to " +
-                   targets[0].Name() + " (reads records only)"},
+                   floor_target.Name() + " (reads records only)"},
       {"command", Join(floor.args)},
       {"process_seconds", floor.process_seconds},
       {"peak_rss_bytes", floor.peak_rss_bytes},
@@ -403,25 +366,26 @@ int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostr
     rows_j[r.target.Key()] = std::move(row);
   }
   j["rows"] = std::move(rows_j);
+  return j;
+}
 
-  if (o.json) {
-    (*out)["reshape"] = std::move(j);
-    return 0;
-  }
-
+// The table of the results (ReshapeJson's document), on stdout.
+void PrintReshapeTable(const BenchOptions& o, const json& j) {
+  const json& s = j["source"];
+  const json& floor = j["floor"];
   std::printf(
       "\nreshape source: tp%d pp%d dp%d ZeRO-2 bf16, %d layers, hidden %lld, vocab %lld: "
       "%llu files, %llu tensors, %s (synth %.2f s)\n",
       kSrcTp, kSrcPp, kSrcDp, o.reshape_layers, static_cast<long long>(o.reshape_hidden),
       static_cast<long long>(o.reshape_vocab), static_cast<unsigned long long>(U(s, "files")),
-      static_cast<unsigned long long>(U(s, "tensors")), HumanBytes(source_bytes).c_str(),
+      static_cast<unsigned long long>(U(s, "tensors")), HumanBytes(U(s, "logical_bytes")).c_str(),
       D(s, "seconds"));
   std::printf("page cache %s before each step; each step is a child process on its own clone\n",
-              dropped.c_str());
+              j["page_cache_dropped"].get<bool>() ? "dropped" : "not dropped");
   std::printf(
       "floor (a process that loads LibTorch, opens the store, plans): peak RSS %.1f MiB, "
       "%.3f s\n\n",
-      floor.peak_rss_bytes / kMiB, floor.process_seconds);
+      U(floor, "peak_rss_bytes") / kMiB, D(floor, "process_seconds"));
   std::printf("%-12s %-9s %-42s %8s %9s %6s %7s %9s %9s %12s\n", "target", "method", "ran",
               "seconds", "read MiB", "loaded", "linked", "logic MiB", "new MiB", "peak RSS MiB");
   for (const auto& [key, row] : j["rows"].items()) {
@@ -445,6 +409,70 @@ int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostr
     std::printf("%-12s %-9s %-42s %7.3fx %8.3fx %6s %7s %9s %9s %11.3fx\n", "", "ratio",
                 "fragment / naive", D(r, "seconds"), D(r, "bytes_read"), "", "", "", "",
                 D(r, "peak_rss"));
+  }
+}
+
+}  // namespace
+
+Status CheckReshapeBenchOptions(const BenchOptions& o) {
+  if (o.reshape_layers < 1 || o.reshape_layers % kSrcPp != 0) {
+    return Status::InvalidArgument("--reshape-layers " + std::to_string(o.reshape_layers) +
+                                   ": the reshape source has pp " + std::to_string(kSrcPp) +
+                                   ", so the layer count must be a positive multiple of " +
+                                   std::to_string(kSrcPp) + " (e.g. 2, 4, 8)");
+  }
+  if (o.reshape_hidden < 8 || o.reshape_hidden % kSrcTp != 0) {
+    return Status::InvalidArgument("--reshape-hidden " + std::to_string(o.reshape_hidden) +
+                                   ": the reshape source has tp " + std::to_string(kSrcTp) +
+                                   ", so the hidden size must be a multiple of " +
+                                   std::to_string(kSrcTp) + " and at least 8 (e.g. 64, 1024)");
+  }
+  if (o.reshape_vocab < 1) {
+    return Status::InvalidArgument("--reshape-vocab " + std::to_string(o.reshape_vocab) +
+                                   ": the vocabulary must hold at least 1 token");
+  }
+  return Status::OK();
+}
+
+int RunReshapeBench(const BenchOptions& o, const std::string& scratch, std::ostream& log,
+                    json* out) {
+  if (Status st = CheckReshapeBenchOptions(o); !st.ok()) return ReportError(st);
+  StepRunner steps(o, scratch + "/reshape", log);
+  std::error_code ec;
+  fs::create_directories(steps.logs(), ec);
+  if (ec)
+    return ReportError(Status::IOError("cannot make '" + steps.logs() + "': " + ec.message()));
+  log << "ckptkv bench (reshape): source tp" << kSrcTp << " pp" << kSrcPp << " dp" << kSrcDp
+      << " ZeRO-2 bf16, " << o.reshape_layers << " layers, hidden " << o.reshape_hidden
+      << ", vocab " << o.reshape_vocab << ", scratch " << steps.root() << std::endl;
+
+  Child synth = SynthStep(o);
+  if (Status st = steps.Run(&synth, /*on_clone=*/false, /*drop=*/false); !st.ok()) {
+    return ReportError(st);
+  }
+  const std::vector<Target> targets = {{2, 1, 1}, {1, 1, 4}};
+  Child floor = FloorStep(targets[0]);
+  if (Status st = steps.Run(&floor, /*on_clone=*/true, /*drop=*/true); !st.ok()) {
+    return ReportError(st);
+  }
+  // Each target, fragment then naive, each on its own clone.
+  std::vector<Row> rows;
+  for (const Target& t : targets) {
+    Row row = MakeRow(t);
+    for (Child* c : {&row.fragment, &row.naive}) {
+      if (Status st = steps.Run(c, /*on_clone=*/true, /*drop=*/true); !st.ok()) {
+        return ReportError(st);
+      }
+    }
+    rows.push_back(std::move(row));
+  }
+  if (!o.keep) fs::remove_all(steps.root(), ec);
+
+  json j = ReshapeJson(o, synth, floor, targets[0], rows, steps.all_cold());
+  if (o.json) {
+    (*out)["reshape"] = std::move(j);
+  } else {
+    PrintReshapeTable(o, j);
   }
   return 0;
 }

@@ -258,34 +258,26 @@ uint32_t FloatBits(float f) {
   return u;
 }
 
-}  // namespace
+// The last step checkpointed: every `every` steps up to it; the steps after
+// it are replayed by the resumed run. It leaves at least one step (two
+// intervals when possible); 0 when no checkpoint would be left to resume from.
+int LastCheckpointStep(int steps, int every) {
+  int c = ((steps - 2 * every) / every) * every;
+  if (c < every) c = ((steps - 1) / every) * every;
+  return c < every || c >= steps ? 0 : c;
+}
 
-int RunDemo(const DemoOptions& options) {
-  if (!options.verbose) spdlog::set_level(spdlog::level::warn);
-  const std::string db = StripSlash(options.db);
-  const std::string files_dir = db + "-files";
-  const int S = options.steps;
-  const int K = options.every;
-  // Checkpoints every K steps up to C; the steps after C are replayed by the
-  // resumed run. C leaves at least one step (two intervals when possible).
-  int C = ((S - 2 * K) / K) * K;
-  if (C < K) C = ((S - 1) / K) * K;
-  if (C < K || C >= S) {
-    return ReportError(Status::InvalidArgument(
-        "--steps " + std::to_string(S) + " with --every " + std::to_string(K) +
-        " leaves no checkpoint to resume from; use --steps > --every"));
-  }
-  if (Status s = PrepareStoreDir(db); !s.ok()) return ReportError(s);
-  if (Status s = PrepareFilesDir(files_dir); !s.ok()) return ReportError(s);
+// What the uninterrupted run cost and saved.
+struct RunTotals {
+  std::vector<float> losses;  // by step, 1..steps
+  uint64_t kv_logical = 0, kv_new = 0, file_bytes = 0;
+  double kv_secs = 0, file_secs = 0, train_secs = 0;
+  int saves = 0;
+  uint64_t store_disk = 0, files_disk = 0;
+};
 
-  torch::set_num_threads(1);  // bit-exact reductions
-  const double t_start = NowSeconds();
-
-  torch::manual_seed(kTaskSeed);
-  const torch::Tensor task_w =
-      torch::randn({options.dim, options.dim}) / std::sqrt(double(options.dim));
-
-  Trainer run(options, kInitSeed, task_w);
+void PrintHeader(const DemoOptions& o, const Trainer& run, int last_ckpt, const std::string& db,
+                 const std::string& files_dir) {
   int64_t frozen = 0, trainable = 0, buffers = 0;
   for (const auto& p : run.net->parameters())
     (p.requires_grad() ? trainable : frozen) += p.nbytes();
@@ -293,18 +285,21 @@ int RunDemo(const DemoOptions& options) {
   std::printf("ckptkv demo: frozen embedding %" PRId64 "x%" PRId64
               " (%.1f MiB) + MLP (%.1f MiB of "
               "parameters, %.2f KiB of buffers), Adam lr %g\n",
-              options.vocab, options.dim, frozen / kMiB, trainable / kMiB, buffers / 1024.0, kLr);
-  std::printf("training %d steps, checkpoint every %d steps up to step %d\n", S, K, C);
+              o.vocab, o.dim, frozen / kMiB, trainable / kMiB, buffers / 1024.0, kLr);
+  std::printf("training %d steps, checkpoint every %d steps up to step %d\n", o.steps, o.every,
+              last_ckpt);
   std::printf("store: %s    plain files for comparison: %s\n\n", db.c_str(), files_dir.c_str());
+}
 
+// The uninterrupted run: trains every step and checkpoints every `every`
+// steps up to `last_ckpt`, into the store and as plain files, one table row
+// per checkpoint.
+RunTotals TrainAndCheckpoint(const DemoOptions& o, Trainer& run, int last_ckpt,
+                             const std::string& db, const std::string& files_dir) {
   std::printf("%-16s %8s %12s %10s %8s %8s | %10s %8s\n", "tag", "loss", "logical MiB", "new MiB",
               "dedup", "save s", "file MiB", "file s");
-
-  std::vector<float> losses(S + 1, 0.0f);
-  uint64_t kv_logical = 0, kv_new = 0, file_bytes = 0;
-  double kv_secs = 0, file_secs = 0, train_secs = 0;
-  int saves = 0;
-  uint64_t store_disk = 0;
+  RunTotals t;
+  t.losses.assign(o.steps + 1, 0.0f);
   {
     KvCheckpointEngine kv;
     TorchCheckpointEngine files;
@@ -312,11 +307,11 @@ int RunDemo(const DemoOptions& options) {
     std::ofstream(fs::path(db) / kDemoMarker)
         << "made by ckptkv demo; a rerun replaces this store\n";
     files.makedirs(files_dir, /*exist_ok=*/true);
-    for (int step = 1; step <= S; step++) {
+    for (int step = 1; step <= o.steps; step++) {
       double ts = NowSeconds();
-      losses[step] = run.Step(step);
-      train_secs += NowSeconds() - ts;
-      if (step % K != 0 || step > C) continue;
+      t.losses[step] = run.Step(step);
+      t.train_secs += NowSeconds() - ts;
+      if (step % o.every != 0 || step > last_ckpt) continue;
       const std::string tag = "global_step" + std::to_string(step);
       c10::IValue sd = run.StateDict(step);
 
@@ -342,44 +337,49 @@ int RunDemo(const DemoOptions& options) {
         std::snprintf(dedup_s, sizeof dedup_s, "%.2fx", dedup);
       else
         std::snprintf(dedup_s, sizeof dedup_s, "inf");
-      std::printf("%-16s %8.5f %12.2f %10.2f %8s %8.3f | %10.2f %8.3f\n", tag.c_str(), losses[step],
-                  info.logical_bytes / kMiB, info.new_bytes / kMiB, dedup_s, kv_dt, fbytes / kMiB,
-                  file_dt);
+      std::printf("%-16s %8.5f %12.2f %10.2f %8s %8.3f | %10.2f %8.3f\n", tag.c_str(),
+                  t.losses[step], info.logical_bytes / kMiB, info.new_bytes / kMiB, dedup_s, kv_dt,
+                  fbytes / kMiB, file_dt);
       std::fflush(stdout);
-      kv_logical += info.logical_bytes;
-      kv_new += info.new_bytes;
-      kv_secs += kv_dt;
-      file_bytes += fbytes;
-      file_secs += file_dt;
-      saves++;
+      t.kv_logical += info.logical_bytes;
+      t.kv_new += info.new_bytes;
+      t.kv_secs += kv_dt;
+      t.file_bytes += fbytes;
+      t.file_secs += file_dt;
+      t.saves++;
     }
-    store_disk = kv.store() != nullptr ? kv.store()->DiskBytes() : TreeBytes(db);
+    t.store_disk = kv.store() != nullptr ? kv.store()->DiskBytes() : TreeBytes(db);
   }  // the engines close here; the store's write lock is released
-  uint64_t files_disk = TreeBytes(files_dir);
+  t.files_disk = TreeBytes(files_dir);
+  return t;
+}
 
-  std::printf("\n%d checkpoints, %.1f MiB logical in all\n", saves, kv_logical / kMiB);
+void PrintTotals(const RunTotals& t, int steps) {
+  std::printf("\n%d checkpoints, %.1f MiB logical in all\n", t.saves, t.kv_logical / kMiB);
   std::printf("  %-26s %10s %12s %10s\n", "", "written", "on disk", "seconds");
-  std::printf("  %-26s %7.1f MiB %8.1f MiB %10.3f\n", "ckptkv store (new chunks)", kv_new / kMiB,
-              store_disk / kMiB, kv_secs);
-  std::printf("  %-26s %7.1f MiB %8.1f MiB %10.3f\n", "plain torch files", file_bytes / kMiB,
-              files_disk / kMiB, file_secs);
-  if (kv_new > 0 && store_disk > 0 && kv_secs > 0) {
+  std::printf("  %-26s %7.1f MiB %8.1f MiB %10.3f\n", "ckptkv store (new chunks)", t.kv_new / kMiB,
+              t.store_disk / kMiB, t.kv_secs);
+  std::printf("  %-26s %7.1f MiB %8.1f MiB %10.3f\n", "plain torch files", t.file_bytes / kMiB,
+              t.files_disk / kMiB, t.file_secs);
+  if (t.kv_new > 0 && t.store_disk > 0 && t.kv_secs > 0) {
     std::printf(
         "  dedup %.2fx: the store takes %.2fx less disk than the files and saved %.2fx faster\n",
-        double(kv_logical) / double(kv_new), double(files_disk) / double(store_disk),
-        file_secs / kv_secs);
+        double(t.kv_logical) / double(t.kv_new), double(t.files_disk) / double(t.store_disk),
+        t.file_secs / t.kv_secs);
   }
-  std::printf("  (training itself: %.2f s for %d steps)\n", train_secs, S);
-  if (!options.keep_files) {
-    std::error_code ec;
-    fs::remove_all(files_dir, ec);
-  }
+  std::printf("  (training itself: %.2f s for %d steps)\n", t.train_secs, steps);
+}
 
-  // Resume: a fresh model and optimizer (initialised differently on purpose),
-  // the latest checkpoint, and the steps after it.
+// Resume: a fresh model and optimizer (initialised differently on purpose),
+// the latest checkpoint, and the steps after it, whose losses must equal the
+// uninterrupted run's bit for bit. Returns the exit code: 0; 1 when the
+// store has no tag; 3 when the losses differ or the latest checkpoint is
+// not `last_ckpt`.
+int ResumeAndCompare(const DemoOptions& o, const torch::Tensor& task_w, const std::string& db,
+                     int last_ckpt, const std::vector<float>& losses, double t_start) {
   std::printf("\nresume: fresh model + optimizer, loading the latest checkpoint from %s\n",
               db.c_str());
-  Trainer resumed(options, kResumeInitSeed, task_w);
+  Trainer resumed(o, kResumeInitSeed, task_w);
   int from = 0;
   {
     KvCheckpointEngine kv;
@@ -391,27 +391,63 @@ int RunDemo(const DemoOptions& options) {
     kv.close(*tag);
     from = resumed.Restore(sd);
     std::printf("loaded %s (global step %d) in %.3f s; training steps %d..%d again\n", tag->c_str(),
-                from, load_dt, from + 1, S);
+                from, load_dt, from + 1, o.steps);
   }
-  if (from != C) {
-    std::fprintf(stderr, "error: latest checkpoint is global step %d, expected %d\n", from, C);
+  if (from != last_ckpt) {
+    std::fprintf(stderr, "error: latest checkpoint is global step %d, expected %d\n", from,
+                 last_ckpt);
     return 3;
   }
   std::printf("\n%6s %16s %16s\n", "step", "uninterrupted", "resumed");
   int mismatches = 0;
-  for (int step = from + 1; step <= S; step++) {
+  for (int step = from + 1; step <= o.steps; step++) {
     float l = resumed.Step(step);
     bool same = FloatBits(l) == FloatBits(losses[step]);
     if (!same) mismatches++;
     std::printf("%6d %16.9g %16.9g%s\n", step, losses[step], l, same ? "" : "   <-- differs");
   }
-  const int replayed = S - from;
+  const int replayed = o.steps - from;
   std::printf("\ntotal %.2f s\n", NowSeconds() - t_start);
   if (mismatches != 0) {
     std::printf("resume: MISMATCH (%d of %d losses differ)\n", mismatches, replayed);
     return 3;
   }
   std::printf("resume: exact (%d of %d losses bit-identical)\n", replayed, replayed);
+  return 0;
+}
+
+}  // namespace
+
+int RunDemo(const DemoOptions& options) {
+  if (!options.verbose) spdlog::set_level(spdlog::level::warn);
+  const std::string db = StripSlash(options.db);
+  const std::string files_dir = db + "-files";
+  const int last_ckpt = LastCheckpointStep(options.steps, options.every);
+  if (last_ckpt == 0) {
+    return ReportError(
+        Status::InvalidArgument("--steps " + std::to_string(options.steps) + " with --every " +
+                                std::to_string(options.every) +
+                                " leaves no checkpoint to resume from; use --steps > --every"));
+  }
+  if (Status s = PrepareStoreDir(db); !s.ok()) return ReportError(s);
+  if (Status s = PrepareFilesDir(files_dir); !s.ok()) return ReportError(s);
+
+  torch::set_num_threads(1);  // bit-exact reductions
+  const double t_start = NowSeconds();
+  torch::manual_seed(kTaskSeed);
+  const torch::Tensor task_w =
+      torch::randn({options.dim, options.dim}) / std::sqrt(double(options.dim));
+
+  Trainer run(options, kInitSeed, task_w);
+  PrintHeader(options, run, last_ckpt, db, files_dir);
+  const RunTotals totals = TrainAndCheckpoint(options, run, last_ckpt, db, files_dir);
+  PrintTotals(totals, options.steps);
+  if (!options.keep_files) {
+    std::error_code ec;
+    fs::remove_all(files_dir, ec);
+  }
+  const int rc = ResumeAndCompare(options, task_w, db, last_ckpt, totals.losses, t_start);
+  if (rc != 0) return rc;
   std::printf("inspect the store with: ckptkv ls --db %s ; ckptkv verify --db %s\n", db.c_str(),
               db.c_str());
   return 0;
