@@ -39,12 +39,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kCfMeta = "meta";
-constexpr const char* kCfBlocks = "blocks";
-constexpr const char* kCfIndex = "index";
-constexpr const char* kCfTensors = "tensors";
-constexpr const char* kCfFiles = "files";
-constexpr const char* kCfTags = "tags";
 constexpr const char* kHeaderKey = "header";
 constexpr const char* kLatestKey = "latest";
 constexpr const char* kNextSequenceKey = "next_sequence";
@@ -274,6 +268,28 @@ struct PendingTag {
   WriteStats stats;
 };
 
+// The column families of a store (docs/format.md), filled by name at open.
+struct ColumnFamilies {
+  rocksdb::ColumnFamilyHandle* meta = nullptr;
+  rocksdb::ColumnFamilyHandle* blocks = nullptr;
+  rocksdb::ColumnFamilyHandle* index = nullptr;
+  rocksdb::ColumnFamilyHandle* tensors = nullptr;
+  rocksdb::ColumnFamilyHandle* files = nullptr;
+  rocksdb::ColumnFamilyHandle* tags = nullptr;
+};
+
+// The column families of a store by name, in the order of docs/format.md,
+// and the member of ColumnFamilies that holds each one's handle.
+struct NamedColumnFamily {
+  const char* name;
+  rocksdb::ColumnFamilyHandle* ColumnFamilies::*handle;
+};
+constexpr NamedColumnFamily kColumnFamilies[] = {
+    {"meta", &ColumnFamilies::meta},   {"blocks", &ColumnFamilies::blocks},
+    {"index", &ColumnFamilies::index}, {"tensors", &ColumnFamilies::tensors},
+    {"files", &ColumnFamilies::files}, {"tags", &ColumnFamilies::tags},
+};
+
 class Store::Impl {
  public:
   std::string dir_;
@@ -281,20 +297,34 @@ class Store::Impl {
   std::unique_ptr<FileLock> lock_;
   std::unique_ptr<rocksdb::Env> env_;
   std::unique_ptr<rocksdb::DB> db_;
-  std::vector<rocksdb::ColumnFamilyHandle*> handles_;
-  rocksdb::ColumnFamilyHandle* meta_ = nullptr;
-  rocksdb::ColumnFamilyHandle* blocks_ = nullptr;
-  rocksdb::ColumnFamilyHandle* index_ = nullptr;
-  rocksdb::ColumnFamilyHandle* tensors_ = nullptr;
-  rocksdb::ColumnFamilyHandle* files_ = nullptr;
-  rocksdb::ColumnFamilyHandle* tags_ = nullptr;
+  // Every handle RocksDB opened (the default column family too), destroyed
+  // at close; code uses cf_.
+  std::vector<rocksdb::ColumnFamilyHandle*> owned_handles_;
+  ColumnFamilies cf_;
   bool no_header_ = false;  // a read-only open found no header
   uint32_t chunk_size_ = 0;
   uint32_t inline_threshold_ = 0;
   Codec codec_ = Codec::kRaw;
   std::unique_ptr<ThreadPool> pool_;
 
-  mutable std::mutex mu_;  // guards pending_, written_, next_sequence_
+  // --- Locks ---------------------------------------------------------------
+  // Lock order: commit_mu_, then gc_mu_, then mu_. A thread that holds one
+  // of them takes only those after it, never one before it:
+  //   commit_mu_  outermost; held across RocksDB reads, writes, flushes and
+  //               compactions (all of CommitTag, DeleteTag and Gc).
+  //   gc_mu_      shared: a chunk write or link, across its index lookup
+  //               and block write; exclusive: Gc, inside commit_mu_, across
+  //               its scans and its delete batch.
+  //   mu_         innermost, a leaf: held only for in-memory work. Nothing
+  //               is locked while it is held, and it is never held across a
+  //               RocksDB call, file I/O, a kill point or pool_->ParallelFor.
+  // No store mutex is held across pool_->ParallelFor: its WriteChunk tasks
+  // take gc_mu_ and mu_ themselves.
+
+  // Guards pending_ (and every PendingTag in it: PutTensor keeps a pointer
+  // to one and touches it only under mu_), written_ and next_sequence_;
+  // unflushed_blocks_ is set under it together with written_.
+  mutable std::mutex mu_;
   std::map<std::string, PendingTag> pending_;
   // Blocks this process wrote that no commit has indexed yet (digest ->
   // index value), so that saves of other pending tags dedup against them.
@@ -303,15 +333,20 @@ class Store::Impl {
   // Set when blocks were written without the WAL and not yet flushed.
   std::atomic<bool> unflushed_blocks_{false};
   mutable std::atomic<uint64_t> block_bytes_read_{0};
-  std::mutex commit_mu_;  // one commit / delete / gc at a time
-  // Chunk writes hold it shared from their dedup check to their pin; Gc
-  // holds it exclusively from marking to its delete batch, so it never
-  // deletes a block a concurrent save has just decided to reuse.
+  // Guards the catalog (`tags`, `files`, `tensors`, meta/latest,
+  // meta/next_sequence, meta/gc_pending) against concurrent writers: one
+  // commit, delete or gc at a time; also the commit's flush of `blocks`.
+  std::mutex commit_mu_;
+  // Guards the step from a save's dedup decision to its pin against Gc's
+  // mark and sweep: chunk writes and links hold it shared from their dedup
+  // check to their pin; Gc holds it exclusively from marking to its delete
+  // batch, so it never deletes a block a concurrent save has just decided
+  // to reuse.
   std::shared_mutex gc_mu_;
 
   ~Impl() {
     if (db_) {
-      for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
+      for (auto* h : owned_handles_) db_->DestroyColumnFamilyHandle(h);
       db_->Close();
       db_.reset();
     }
@@ -319,6 +354,7 @@ class Store::Impl {
 
   Status Open();
   Status CheckIsStore();
+  Status OpenColumnFamilies();
   Status LoadOrCreateHeader();
   Status WritableCheck(const char* op) const {
     if (options_.read_only) {
@@ -330,7 +366,7 @@ class Store::Impl {
   // Whether a commit has indexed the block (reads only `index`).
   Result<bool> IsIndexed(const Digest& d) const {
     std::string v;
-    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), index_, d.Key(), &v);
+    rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), cf_.index, d.Key(), &v);
     if (s.IsNotFound()) return false;
     if (!s.ok()) return FromRocks(s, "index lookup of block " + d.Hex());
     return true;
@@ -417,11 +453,11 @@ Status Store::Impl::CheckIsStore() {
     return Status::InvalidArgument("'" + dir_ +
                                    "' is not a readable ckptkv store: " + s.ToString());
   }
-  for (const char* want : {kCfMeta, kCfBlocks, kCfIndex, kCfTensors, kCfFiles, kCfTags}) {
-    if (std::find(cfs.begin(), cfs.end(), want) == cfs.end()) {
+  for (const NamedColumnFamily& want : kColumnFamilies) {
+    if (std::find(cfs.begin(), cfs.end(), want.name) == cfs.end()) {
       return Status::InvalidArgument("'" + dir_ +
-                                     "' is a RocksDB database but not a ckptkv store (no '" + want +
-                                     "' column family)");
+                                     "' is a RocksDB database but not a ckptkv store (no '" +
+                                     want.name + "' column family)");
     }
   }
   return Status::OK();
@@ -432,7 +468,13 @@ Status Store::Impl::Open() {
   if (!options_.read_only) {
     ASSIGN_OR_RETURN(lock_, FileLock::Acquire(dir_));
   }
+  RETURN_IF_ERROR(OpenColumnFamilies());
+  RETURN_IF_ERROR(LoadOrCreateHeader());
+  pool_ = std::make_unique<ThreadPool>(options_.threads);
+  return Status::OK();
+}
 
+Status Store::Impl::OpenColumnFamilies() {
   rocksdb::DBOptions dbo;
   dbo.create_if_missing = true;
   dbo.create_missing_column_families = true;
@@ -477,36 +519,36 @@ Status Store::Impl::Open() {
   // written), so it runs only in Gc's own compaction.
   blocks.enable_blob_garbage_collection = false;
 
-  std::vector<rocksdb::ColumnFamilyDescriptor> descs = {{rocksdb::kDefaultColumnFamilyName, small},
-                                                        {kCfMeta, small},
-                                                        {kCfBlocks, blocks},
-                                                        {kCfIndex, small},
-                                                        {kCfTensors, small},
-                                                        {kCfFiles, small},
-                                                        {kCfTags, small}};
+  std::vector<rocksdb::ColumnFamilyDescriptor> descs = {{rocksdb::kDefaultColumnFamilyName, small}};
+  for (const NamedColumnFamily& cf : kColumnFamilies) {
+    descs.emplace_back(cf.name, cf.handle == &ColumnFamilies::blocks ? blocks : small);
+  }
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s;
   if (options_.read_only) {
-    s = rocksdb::DB::OpenForReadOnly(dbo, dir_, descs, &handles_, &raw);
+    s = rocksdb::DB::OpenForReadOnly(dbo, dir_, descs, &owned_handles_, &raw);
   } else {
-    s = rocksdb::DB::Open(dbo, dir_, descs, &handles_, &raw);
+    s = rocksdb::DB::Open(dbo, dir_, descs, &owned_handles_, &raw);
   }
   if (!s.ok()) return FromRocks(s, "opening store '" + dir_ + "'");
   db_.reset(raw);
-  meta_ = handles_[1];
-  blocks_ = handles_[2];
-  index_ = handles_[3];
-  tensors_ = handles_[4];
-  files_ = handles_[5];
-  tags_ = handles_[6];
-  RETURN_IF_ERROR(LoadOrCreateHeader());
-  pool_ = std::make_unique<ThreadPool>(options_.threads);
+  for (rocksdb::ColumnFamilyHandle* h : owned_handles_) {
+    for (const NamedColumnFamily& cf : kColumnFamilies) {
+      if (h->GetName() == cf.name) cf_.*cf.handle = h;
+    }
+  }
+  for (const NamedColumnFamily& cf : kColumnFamilies) {
+    if (cf_.*cf.handle == nullptr) {
+      return Status::IOError("opening store '" + dir_ + "': column family '" + cf.name +
+                             "' has no handle");
+    }
+  }
   return Status::OK();
 }
 
 Status Store::Impl::LoadOrCreateHeader() {
   std::string bytes;
-  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), meta_, kHeaderKey, &bytes);
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), cf_.meta, kHeaderKey, &bytes);
   if (s.IsNotFound()) {
     if (options_.read_only) {
       no_header_ = true;
@@ -526,9 +568,9 @@ Status Store::Impl::LoadOrCreateHeader() {
                                    options_.inline_threshold, static_cast<uint8_t>(options_.codec),
                                    NowMs()));
     rocksdb::WriteBatch batch;
-    batch.Put(meta_, kHeaderKey,
+    batch.Put(cf_.meta, kHeaderKey,
               rocksdb::Slice(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize()));
-    batch.Put(meta_, kNextSequenceKey, EncodeU64(1));
+    batch.Put(cf_.meta, kNextSequenceKey, EncodeU64(1));
     rocksdb::WriteOptions wo;
     wo.sync = true;
     RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "writing store header"));
@@ -567,7 +609,7 @@ Status Store::Impl::LoadOrCreateHeader() {
   inline_threshold_ = h->inline_threshold();
   codec_ = static_cast<Codec>(h->codec());
   std::string seq;
-  s = db_->Get(rocksdb::ReadOptions(), meta_, kNextSequenceKey, &seq);
+  s = db_->Get(rocksdb::ReadOptions(), cf_.meta, kNextSequenceKey, &seq);
   if (!s.ok() || !DecodeU64(seq, &next_sequence_) || next_sequence_ == 0 ||
       next_sequence_ == UINT64_MAX) {
     return Status::Corruption("store meta/next_sequence is missing or malformed");
@@ -607,7 +649,7 @@ uint64_t Store::DiskBytes() const { return DirBytes(impl_->dir_); }
 
 Result<std::optional<TagInfo>> Store::Impl::FindTag(const std::string& tag) const {
   std::string bytes;
-  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), tags_, tag, &bytes);
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), cf_.tags, tag, &bytes);
   if (s.IsNotFound()) return std::optional<TagInfo>();
   RETURN_IF_ERROR(FromRocks(s, "reading tag " + Quote(tag)));
   const fb::CommitRecord* r = VerifiedCommitRecord(bytes);
@@ -620,7 +662,7 @@ Result<std::optional<TagInfo>> Store::Impl::FindTag(const std::string& tag) cons
 
 Result<std::string> Store::Impl::LatestTagUnlocked() const {
   std::string v;
-  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), meta_, kLatestKey, &v);
+  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), cf_.meta, kLatestKey, &v);
   if (s.IsNotFound()) return std::string();
   RETURN_IF_ERROR(FromRocks(s, "reading latest"));
   return v;
@@ -692,9 +734,9 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
   const std::string payload_key = PayloadKey(d);
   const rocksdb::Slice payload_key_slice(payload_key);
   rocksdb::WriteBatch batch;
-  batch.Put(blocks_, rocksdb::SliceParts(&payload_key_slice, 1),
+  batch.Put(cf_.blocks, rocksdb::SliceParts(&payload_key_slice, 1),
             rocksdb::SliceParts(value_parts, 2));
-  batch.Put(blocks_, PresenceKey(d), index_value);
+  batch.Put(cf_.blocks, PresenceKey(d), index_value);
   rocksdb::WriteOptions wo;
   wo.disableWAL = options_.block_durability == BlockDurability::kFlush;
   Status st = FromRocks(db_->Write(wo, &batch), "writing block " + d.Hex());
@@ -911,7 +953,7 @@ Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& op
     rocksdb::FlushOptions fo;
     fo.wait = true;
     fo.allow_write_stall = true;
-    rocksdb::Status s = impl_->db_->Flush(fo, impl_->blocks_);
+    rocksdb::Status s = impl_->db_->Flush(fo, impl_->cf_.blocks);
     if (!s.ok()) {
       impl_->unflushed_blocks_ = true;
       return FromRocks(s, "flushing blocks before committing tag " + Quote(tag));
@@ -929,18 +971,19 @@ Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& op
   info.stored_new_bytes = pending.stats.stored_new_bytes;
   info.logical_bytes = pending.stats.logical_bytes;
 
+  const ColumnFamilies& cf = impl_->cf_;
   rocksdb::WriteBatch batch;
   if (existing) {
     std::string prefix = TagPrefix(tag);
     std::string end = PrefixEnd(prefix);
-    batch.DeleteRange(impl_->tensors_, prefix, end);
-    batch.DeleteRange(impl_->files_, prefix, end);
+    batch.DeleteRange(cf.tensors, prefix, end);
+    batch.DeleteRange(cf.files, prefix, end);
   }
   for (const auto& [file, pf] : pending.files) {
     info.files.push_back(file);
-    batch.Put(impl_->files_, FileKey(tag, file), pf.tree);
+    batch.Put(cf.files, FileKey(tag, file), pf.tree);
     for (const auto& [param, rec] : pf.tensors) {
-      batch.Put(impl_->tensors_, TensorKey(tag, file, param), rec);
+      batch.Put(cf.tensors, TensorKey(tag, file, param), rec);
       info.tensors += 1;
     }
   }
@@ -950,11 +993,11 @@ Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& op
   }
   // Index entries only now: an indexed block is always a durable block.
   for (const auto& [d, index_value] : pending.unindexed) {
-    batch.Put(impl_->index_, d.Key(), index_value);
+    batch.Put(cf.index, d.Key(), index_value);
   }
-  batch.Put(impl_->tags_, tag, BuildCommitRecord(info));
-  batch.Put(impl_->meta_, kNextSequenceKey, EncodeU64(info.sequence + 1));
-  if (options.set_latest) batch.Put(impl_->meta_, kLatestKey, tag);
+  batch.Put(cf.tags, tag, BuildCommitRecord(info));
+  batch.Put(cf.meta, kNextSequenceKey, EncodeU64(info.sequence + 1));
+  if (options.set_latest) batch.Put(cf.meta, kLatestKey, tag);
   rocksdb::WriteOptions wo;
   wo.sync = true;
   RETURN_IF_ERROR(FromRocks(impl_->db_->Write(wo, &batch), "committing tag " + Quote(tag)));
@@ -970,7 +1013,7 @@ Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& op
 
 Status Store::Impl::TagNotFound(const std::string& tag) const {
   std::vector<std::string> names;
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), tags_));
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), cf_.tags));
   for (it->SeekToFirst(); it->Valid(); it->Next()) names.push_back(it->key().ToString());
   RETURN_IF_ERROR(FromRocks(it->status(), "listing the tags of store '" + dir_ + "'"));
   return Status::NotFound("tag " + Quote(tag) + " does not exist in store '" + dir_ +
@@ -980,7 +1023,7 @@ Status Store::Impl::TagNotFound(const std::string& tag) const {
 Result<std::vector<TagInfo>> Store::ListTags() const {
   std::vector<TagInfo> out;
   std::unique_ptr<rocksdb::Iterator> it(
-      impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
+      impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->cf_.tags));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     // A copy: FlatBuffers reads need the alignment of an allocation, which
     // an iterator's value does not have.
@@ -1019,7 +1062,7 @@ Result<std::vector<std::string>> Store::ListFiles(const std::string& tag) const 
 Result<std::string> Store::GetFileTree(const std::string& tag, const std::string& file) const {
   std::string bytes;
   rocksdb::Status s =
-      impl_->db_->Get(rocksdb::ReadOptions(), impl_->files_, FileKey(tag, file), &bytes);
+      impl_->db_->Get(rocksdb::ReadOptions(), impl_->cf_.files, FileKey(tag, file), &bytes);
   if (s.IsNotFound()) {
     ASSIGN_OR_RETURN(TagInfo info, GetTag(tag));
     return Status::NotFound("file " + Quote(file) + " does not exist in tag " + Quote(tag) +
@@ -1045,7 +1088,7 @@ Result<std::vector<std::string>> Store::ListParams(const std::string& tag,
   rocksdb::ReadOptions ro;
   rocksdb::Slice upper(end);
   ro.iterate_upper_bound = &upper;
-  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(ro, impl_->tensors_));
+  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(ro, impl_->cf_.tensors));
   for (it->Seek(prefix); it->Valid(); it->Next()) {
     out.push_back(it->key().ToString().substr(prefix.size()));
   }
@@ -1057,8 +1100,8 @@ Result<TensorRecordRef> Store::GetTensorRecord(const std::string& tag, const std
                                                const std::string& param) const {
   std::string bytes;
   const std::string where = tag + "/" + file + ":" + param;
-  rocksdb::Status s =
-      impl_->db_->Get(rocksdb::ReadOptions(), impl_->tensors_, TensorKey(tag, file, param), &bytes);
+  rocksdb::Status s = impl_->db_->Get(rocksdb::ReadOptions(), impl_->cf_.tensors,
+                                      TensorKey(tag, file, param), &bytes);
   if (s.IsNotFound()) {
     RETURN_IF_ERROR(GetFileTree(tag, file).status());
     ASSIGN_OR_RETURN(auto params, ListParams(tag, file));
@@ -1135,7 +1178,7 @@ Status Store::Impl::ReadChunks(const fb::TensorRecord& r, uint64_t offset, uint6
     }
     std::vector<rocksdb::PinnableSlice> values(m);
     std::vector<rocksdb::Status> statuses(m);
-    db_->MultiGet(rocksdb::ReadOptions(), blocks_, m, slices.data(), values.data(),
+    db_->MultiGet(rocksdb::ReadOptions(), cf_.blocks, m, slices.data(), values.data(),
                   statuses.data());
     std::vector<uint8_t> partial;
     for (size_t k = 0; k < m; ++k) {
@@ -1213,12 +1256,13 @@ Status Store::DeleteTag(const std::string& tag) {
   std::lock_guard<std::mutex> commit_lock(impl_->commit_mu_);
   ASSIGN_OR_RETURN(auto found, impl_->FindTag(tag));
   if (!found) return impl_->TagNotFound(tag);
+  const ColumnFamilies& cf = impl_->cf_;
   rocksdb::WriteBatch batch;
   std::string prefix = TagPrefix(tag);
   std::string end = PrefixEnd(prefix);
-  batch.DeleteRange(impl_->tensors_, prefix, end);
-  batch.DeleteRange(impl_->files_, prefix, end);
-  batch.Delete(impl_->tags_, tag);
+  batch.DeleteRange(cf.tensors, prefix, end);
+  batch.DeleteRange(cf.files, prefix, end);
+  batch.Delete(cf.tags, tag);
   ASSIGN_OR_RETURN(std::string latest, impl_->LatestTagUnlocked());
   if (latest == tag) {
     ASSIGN_OR_RETURN(auto tags, ListTags());
@@ -1227,9 +1271,9 @@ Status Store::DeleteTag(const std::string& tag) {
       if (t.tag != tag) newest = &t;
     }
     if (newest) {
-      batch.Put(impl_->meta_, kLatestKey, newest->tag);
+      batch.Put(cf.meta, kLatestKey, newest->tag);
     } else {
-      batch.Delete(impl_->meta_, kLatestKey);
+      batch.Delete(cf.meta, kLatestKey);
     }
   }
   rocksdb::WriteOptions wo;
@@ -1238,7 +1282,7 @@ Status Store::DeleteTag(const std::string& tag) {
 }
 
 Status Store::Impl::MarkLive(std::unordered_set<Digest, DigestHash>* live) const {
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), tensors_));
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), cf_.tensors));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     const std::string value = it->value().ToString();  // aligned for FlatBuffers
     const fb::TensorRecord* r = VerifiedTensorRecord(value);
@@ -1264,6 +1308,7 @@ Result<GcStats> Store::Gc(bool dry_run) {
   if (!dry_run) RETURN_IF_ERROR(impl_->WritableCheck("gc"));
   std::lock_guard<std::mutex> commit_lock(impl_->commit_mu_);
   std::unique_lock<std::shared_mutex> gc_lock(impl_->gc_mu_);
+  const ColumnFamilies& cf = impl_->cf_;
   GcStats stats;
   stats.disk_bytes_before = DiskBytes();
   std::unordered_set<Digest, DigestHash> live;
@@ -1274,19 +1319,18 @@ Result<GcStats> Store::Gc(bool dry_run) {
     stats.bytes_removed += raw;
     stats.stored_bytes_removed += stored;
     if (dry_run) return;
-    batch.Delete(impl_->blocks_, PayloadKey(d));
-    batch.Delete(impl_->blocks_, PresenceKey(d));
+    batch.Delete(cf.blocks, PayloadKey(d));
+    batch.Delete(cf.blocks, PresenceKey(d));
   };
   // Indexed blocks no committed or pending tag references.
   std::unordered_set<Digest, DigestHash> indexed;
-  std::unique_ptr<rocksdb::Iterator> it(
-      impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->index_));
+  std::unique_ptr<rocksdb::Iterator> it(impl_->db_->NewIterator(rocksdb::ReadOptions(), cf.index));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     stats.blocks_scanned++;
     Digest d;
     uint32_t raw = 0, stored = 0;
     if (!Digest::FromKey(it->key().ToStringView(), &d)) {
-      if (!dry_run) batch.Delete(impl_->index_, it->key());  // not ours
+      if (!dry_run) batch.Delete(cf.index, it->key());  // not ours
       continue;
     }
     indexed.insert(d);
@@ -1295,7 +1339,7 @@ Result<GcStats> Store::Gc(bool dry_run) {
       stats.blocks_live++;
       continue;
     }
-    if (!dry_run) batch.Delete(impl_->index_, it->key());
+    if (!dry_run) batch.Delete(cf.index, it->key());
     remove(d, raw, stored);
   }
   RETURN_IF_ERROR(FromRocks(it->status(), "scanning the block index"));
@@ -1307,7 +1351,7 @@ Result<GcStats> Store::Gc(bool dry_run) {
   rocksdb::Slice upper(presence_end);
   ro.iterate_upper_bound = &upper;
   std::vector<Digest> orphans;
-  it.reset(impl_->db_->NewIterator(ro, impl_->blocks_));
+  it.reset(impl_->db_->NewIterator(ro, cf.blocks));
   for (it->Seek(presence); it->Valid(); it->Next()) {
     Digest d;
     if (!Digest::FromKey(it->key().ToStringView().substr(1), &d) || indexed.count(d)) continue;
@@ -1324,8 +1368,7 @@ Result<GcStats> Store::Gc(bool dry_run) {
   RETURN_IF_ERROR(FromRocks(it->status(), "scanning block presence records"));
   it.reset();
   std::string marker;
-  rocksdb::Status ms =
-      impl_->db_->Get(rocksdb::ReadOptions(), impl_->meta_, kGcPendingKey, &marker);
+  rocksdb::Status ms = impl_->db_->Get(rocksdb::ReadOptions(), cf.meta, kGcPendingKey, &marker);
   if (!ms.ok() && !ms.IsNotFound()) return FromRocks(ms, "reading meta/gc_pending");
   stats.resumed_compaction = ms.ok();
   if (dry_run || (stats.blocks_removed == 0 && !stats.resumed_compaction)) {
@@ -1334,7 +1377,7 @@ Result<GcStats> Store::Gc(bool dry_run) {
   }
   rocksdb::WriteOptions wo;
   wo.sync = true;
-  batch.Put(impl_->meta_, kGcPendingKey, "1");
+  batch.Put(cf.meta, kGcPendingKey, "1");
   RETURN_IF_ERROR(FromRocks(impl_->db_->Write(wo, &batch), "deleting unreferenced blocks"));
   KillPoint("gc.after_batch");
   {
@@ -1347,18 +1390,18 @@ Result<GcStats> Store::Gc(bool dry_run) {
   // relocates the live blocks of the oldest quarter of blob files (not the
   // whole store: each gc run compacts a little more).
   rocksdb::FlushOptions fo;
-  RETURN_IF_ERROR(FromRocks(impl_->db_->Flush(fo, impl_->blocks_), "gc flush of blocks"));
-  RETURN_IF_ERROR(FromRocks(impl_->db_->Flush(fo, impl_->index_), "gc flush of index"));
+  RETURN_IF_ERROR(FromRocks(impl_->db_->Flush(fo, cf.blocks), "gc flush of blocks"));
+  RETURN_IF_ERROR(FromRocks(impl_->db_->Flush(fo, cf.index), "gc flush of index"));
   rocksdb::CompactRangeOptions co;
   co.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
   co.blob_garbage_collection_policy = rocksdb::BlobGarbageCollectionPolicy::kForce;
   co.blob_garbage_collection_age_cutoff = kGcBlobAgeCutoff;
-  RETURN_IF_ERROR(FromRocks(impl_->db_->CompactRange(co, impl_->blocks_, nullptr, nullptr),
+  RETURN_IF_ERROR(FromRocks(impl_->db_->CompactRange(co, cf.blocks, nullptr, nullptr),
                             "gc compaction of blocks"));
-  RETURN_IF_ERROR(FromRocks(impl_->db_->CompactRange(co, impl_->index_, nullptr, nullptr),
+  RETURN_IF_ERROR(FromRocks(impl_->db_->CompactRange(co, cf.index, nullptr, nullptr),
                             "gc compaction of index"));
   RETURN_IF_ERROR(
-      FromRocks(impl_->db_->Delete(wo, impl_->meta_, kGcPendingKey), "clearing meta/gc_pending"));
+      FromRocks(impl_->db_->Delete(wo, cf.meta, kGcPendingKey), "clearing meta/gc_pending"));
   stats.disk_bytes_after = DiskBytes();
   return stats;
 }
@@ -1388,7 +1431,7 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report, BlockV
   uint64_t records = 0;
   std::vector<std::string> good_bytes;
   std::vector<std::pair<std::string, std::string>> good_names;
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, tensors_));
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(ro, cf_.tensors));
   for (it->Seek(prefix); it->Valid(); it->Next()) {
     std::string_view parts[3];
     if (!SplitKey(it->key().ToStringView(), 3, parts)) {
@@ -1418,7 +1461,7 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report, BlockV
   // Files: every file the commit record lists has a tree that decodes
   // within its limits, and every tensor node of it has a record.
   std::set<std::string> files_seen;
-  std::unique_ptr<rocksdb::Iterator> fit(db_->NewIterator(ro, files_));
+  std::unique_ptr<rocksdb::Iterator> fit(db_->NewIterator(ro, cf_.files));
   for (fit->Seek(prefix); fit->Valid(); fit->Next()) {
     std::string file = fit->key().ToString().substr(prefix.size());
     files_seen.insert(file);
@@ -1492,9 +1535,9 @@ Store::Impl::BlockVerdict Store::Impl::CheckBlock(const Digest& d, uint64_t len,
                                                   std::vector<uint8_t>* buf) const {
   BlockVerdict v;
   std::string value;
-  rocksdb::Status rs = db_->Get(rocksdb::ReadOptions(), blocks_, PayloadKey(d), &value);
+  rocksdb::Status rs = db_->Get(rocksdb::ReadOptions(), cf_.blocks, PayloadKey(d), &value);
   std::string idx;
-  rocksdb::Status is = db_->Get(rocksdb::ReadOptions(), index_, d.Key(), &idx);
+  rocksdb::Status is = db_->Get(rocksdb::ReadOptions(), cf_.index, d.Key(), &idx);
   uint32_t raw = 0, stored = 0;
   if (rs.IsNotFound()) {
     v.what = "block is missing";
@@ -1530,7 +1573,7 @@ Store::Impl::BlockVerdict Store::Impl::CheckBlock(const Digest& d, uint64_t len,
 Status Store::Impl::ForgetBlocks(const std::vector<Digest>& bad) const {
   if (bad.empty() || options_.read_only) return Status::OK();
   rocksdb::WriteBatch batch;
-  for (const Digest& d : bad) batch.Delete(index_, d.Key());
+  for (const Digest& d : bad) batch.Delete(cf_.index, d.Key());
   rocksdb::WriteOptions wo;
   wo.sync = true;
   RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "dropping index entries of bad blocks"));
@@ -1555,7 +1598,7 @@ Result<VerifyReport> Store::Verify(const VerifyOptions& options) const {
     names.push_back(*options.tag);
   } else {
     std::unique_ptr<rocksdb::Iterator> it(
-        impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->tags_));
+        impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->cf_.tags));
     for (it->SeekToFirst(); it->Valid(); it->Next()) names.push_back(it->key().ToString());
     RETURN_IF_ERROR(FromRocks(it->status(), "listing the tags of store '" + dir() + "'"));
   }
