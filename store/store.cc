@@ -768,7 +768,7 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
     std::lock_guard<std::mutex> lock(impl_->mu_);
     ASSIGN_OR_RETURN(pending, impl_->PendingForSave(tag));
   }
-  const std::string where = tag + "/" + file + ":" + param;
+  const std::string where = TensorName(tag, file, param);
   const uint64_t esize = DTypeSize(meta.dtype);
   if (esize == 0) return Status::InvalidArgument(where + ": unknown dtype");
   for (int64_t d : meta.shape) {
@@ -853,7 +853,7 @@ Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& 
                                      const std::optional<Placement>& placement) {
   RETURN_IF_ERROR(ValidateFile(file));
   RETURN_IF_ERROR(ValidateParam(param));
-  const std::string where = tag + "/" + file + ":" + param;
+  const std::string where = TensorName(tag, file, param);
   RETURN_IF_ERROR(CheckTensorRecord(source, where + " (link source)"));
   PendingTag* pending;
   {
@@ -897,7 +897,8 @@ Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& 
 Status Store::PutFile(const std::string& tag, const std::string& file, std::string state_tree) {
   RETURN_IF_ERROR(ValidateFile(file));
   if (VerifiedStateTree(state_tree) == nullptr) {
-    return Status::InvalidArgument("state tree of " + tag + "/" + file + " is not a valid record");
+    return Status::InvalidArgument("state tree of " + FileName(tag, file) +
+                                   " is not a valid record");
   }
   std::lock_guard<std::mutex> lock(impl_->mu_);
   ASSIGN_OR_RETURN(PendingTag * pending, impl_->PendingForSave(tag));
@@ -1068,14 +1069,14 @@ Result<std::string> Store::GetFileTree(const std::string& tag, const std::string
     return Status::NotFound("file " + Quote(file) + " does not exist in tag " + Quote(tag) +
                             "; its files: " + JoinNames(info.files));
   }
-  RETURN_IF_ERROR(FromRocks(s, "reading " + tag + "/" + file));
+  const std::string name = FileName(tag, file);
+  RETURN_IF_ERROR(FromRocks(s, "reading " + name));
   // A walk within the node budget, so that every decoder of these bytes is
   // bounded by their size.
   std::vector<std::string> paths;
-  RETURN_IF_ERROR(VerifyStateTreeBytes(bytes, "state tree of " + tag + "/" + file,
-                                       "state tree of " + tag + "/" + file + " (files key " +
-                                           Quote(tag) + "\\0" + Quote(file) +
-                                           ") fails verification",
+  RETURN_IF_ERROR(VerifyStateTreeBytes(bytes, "state tree of " + name,
+                                       "state tree of " + name + " (files key " + Quote(tag) +
+                                           "\\0" + Quote(file) + ") fails verification",
                                        &paths));
   return bytes;
 }
@@ -1092,21 +1093,21 @@ Result<std::vector<std::string>> Store::ListParams(const std::string& tag,
   for (it->Seek(prefix); it->Valid(); it->Next()) {
     out.push_back(it->key().ToString().substr(prefix.size()));
   }
-  RETURN_IF_ERROR(FromRocks(it->status(), "listing tensors of " + tag + "/" + file));
+  RETURN_IF_ERROR(FromRocks(it->status(), "listing tensors of " + FileName(tag, file)));
   return out;
 }
 
 Result<TensorRecordRef> Store::GetTensorRecord(const std::string& tag, const std::string& file,
                                                const std::string& param) const {
   std::string bytes;
-  const std::string where = tag + "/" + file + ":" + param;
+  const std::string where = TensorName(tag, file, param);
   rocksdb::Status s = impl_->db_->Get(rocksdb::ReadOptions(), impl_->cf_.tensors,
                                       TensorKey(tag, file, param), &bytes);
   if (s.IsNotFound()) {
     RETURN_IF_ERROR(GetFileTree(tag, file).status());
     ASSIGN_OR_RETURN(auto params, ListParams(tag, file));
-    return Status::NotFound("parameter " + Quote(param) + " does not exist in " + tag + "/" + file +
-                            "; its parameters: " + JoinNames(params));
+    return Status::NotFound("parameter " + Quote(param) + " does not exist in " +
+                            FileName(tag, file) + "; its parameters: " + JoinNames(params));
   }
   RETURN_IF_ERROR(FromRocks(s, "reading " + where));
   const fb::TensorRecord* r = nullptr;
@@ -1290,8 +1291,7 @@ Status Store::Impl::MarkLive(std::unordered_set<Digest, DigestHash>* live) const
       // Refuse to sweep on a damaged catalog: it could free live blocks.
       std::string_view parts[3];
       SplitKey(it->key().ToStringView(), 3, parts);
-      return Status::Corruption("tensor record " + std::string(parts[0]) + "/" +
-                                std::string(parts[1]) + ":" + std::string(parts[2]) +
+      return Status::Corruption("tensor record " + TensorName(parts[0], parts[1], parts[2]) +
                                 " fails verification; gc refuses to run (see verify)");
     }
     if (r->chunks()) {
