@@ -1,0 +1,193 @@
+// Store::Impl and what the store_*.cc files share; not part of the public
+// contract (store/store.h). The operations live in one file each, as
+// RocksDB splits db_impl/:
+//
+//   store.cc          Store and Impl lifetime, accessors, shared helpers
+//   store_open.cc     Open, header, column families, write lock, retries
+//   store_write.cc    BeginTag, PutTensor, LinkTensor, PutFile, CommitTag,
+//                     AbortTag, DeleteTag; block pins; ForgetBlocks
+//   store_read.cc     tags, files, state trees, tensor records, ReadTensor
+//   store_gc.cc       Gc (mark and sweep of blocks)
+//   store_verify.cc   Verify
+//   record_codec.cc   the bytes of records, index values and keys (pure)
+#ifndef CKPTKV_STORE_STORE_INTERNAL_H_
+#define CKPTKV_STORE_STORE_INTERNAL_H_
+
+#include <rocksdb/db.h>
+#include <rocksdb/env.h>
+#include <rocksdb/status.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "store/block_codec.h"
+#include "store/digest.h"
+#include "store/file_lock.h"
+#include "store/status.h"
+#include "store/store.h"
+#include "store/thread_pool.h"
+
+namespace ckptkv {
+
+// Keys of the `meta` column family.
+inline constexpr const char* kHeaderKey = "header";
+inline constexpr const char* kLatestKey = "latest";
+inline constexpr const char* kNextSequenceKey = "next_sequence";
+
+// RocksDB's status as ours, `what` saying what was being done.
+Status FromRocks(const rocksdb::Status& s, const std::string& what);
+// Milliseconds since the Unix epoch.
+int64_t NowMs();
+// "a, b, c" (the first `max`), or "(none)": names listed in a message.
+std::string JoinNames(const std::vector<std::string>& names, size_t max = 20);
+
+// The column families of a store (docs/format.md), filled by name at open.
+struct ColumnFamilies {
+  rocksdb::ColumnFamilyHandle* meta = nullptr;
+  rocksdb::ColumnFamilyHandle* blocks = nullptr;
+  rocksdb::ColumnFamilyHandle* index = nullptr;
+  rocksdb::ColumnFamilyHandle* tensors = nullptr;
+  rocksdb::ColumnFamilyHandle* files = nullptr;
+  rocksdb::ColumnFamilyHandle* tags = nullptr;
+};
+
+struct PendingFile {
+  std::string tree;                            // empty until PutFile
+  std::map<std::string, std::string> tensors;  // param -> TensorRecord bytes
+};
+
+struct PendingTag {
+  bool overwrite = false;
+  std::string parent;
+  std::map<std::string, PendingFile> files;
+  std::unordered_set<Digest, DigestHash> pinned;  // every digest referenced
+  // Referenced blocks that the index does not list yet (digest -> index
+  // value): the commit batch indexes them.
+  std::unordered_map<Digest, std::string, DigestHash> unindexed;
+  WriteStats stats;
+};
+
+class Store::Impl {
+ public:
+  std::string dir_;
+  StoreOptions options_;
+  std::unique_ptr<FileLock> lock_;
+  std::unique_ptr<rocksdb::Env> env_;
+  std::unique_ptr<rocksdb::DB> db_;
+  // Every handle RocksDB opened (the default column family too), destroyed
+  // at close; code uses cf_.
+  std::vector<rocksdb::ColumnFamilyHandle*> owned_handles_;
+  ColumnFamilies cf_;
+  bool no_header_ = false;  // a read-only open found no header
+  uint32_t chunk_size_ = 0;
+  uint32_t inline_threshold_ = 0;
+  Codec codec_ = Codec::kRaw;
+  std::unique_ptr<ThreadPool> pool_;
+
+  // --- Locks ---------------------------------------------------------------
+  // Lock order: commit_mu_, then gc_mu_, then mu_. A thread that holds one
+  // of them takes only those after it, never one before it:
+  //   commit_mu_  outermost; held across RocksDB reads, writes, flushes and
+  //               compactions (all of CommitTag, DeleteTag and Gc).
+  //   gc_mu_      shared: a chunk write or link, across its index lookup
+  //               and block write; exclusive: Gc, inside commit_mu_, across
+  //               its scans and its delete batch.
+  //   mu_         innermost, a leaf: held only for in-memory work. Nothing
+  //               is locked while it is held, and it is never held across a
+  //               RocksDB call, file I/O, a kill point or pool_->ParallelFor.
+  // No store mutex is held across pool_->ParallelFor: its WriteChunk tasks
+  // take gc_mu_ and mu_ themselves.
+
+  // Guards pending_ (and every PendingTag in it: PutTensor keeps a pointer
+  // to one and touches it only under mu_), written_ and next_sequence_;
+  // unflushed_blocks_ is set under it together with written_.
+  mutable std::mutex mu_;
+  std::map<std::string, PendingTag> pending_;
+  // Blocks this process wrote that no commit has indexed yet (digest ->
+  // index value), so that saves of other pending tags dedup against them.
+  mutable std::unordered_map<Digest, std::string, DigestHash> written_;
+  uint64_t next_sequence_ = 1;
+  // Set when blocks were written without the WAL and not yet flushed.
+  std::atomic<bool> unflushed_blocks_{false};
+  mutable std::atomic<uint64_t> block_bytes_read_{0};
+  // Guards the catalog (`tags`, `files`, `tensors`, meta/latest,
+  // meta/next_sequence, meta/gc_pending) against concurrent writers: one
+  // commit, delete or gc at a time; also the commit's flush of `blocks`.
+  std::mutex commit_mu_;
+  // Guards the step from a save's dedup decision to its pin against Gc's
+  // mark and sweep: chunk writes and links hold it shared from their dedup
+  // check to their pin; Gc holds it exclusively from marking to its delete
+  // batch, so it never deletes a block a concurrent save has just decided
+  // to reuse.
+  std::shared_mutex gc_mu_;
+
+  ~Impl();
+
+  // store_open.cc
+  Status Open();
+  Status CheckIsStore();
+  Status OpenColumnFamilies();
+  Status LoadOrCreateHeader();
+
+  // store.cc
+  Status WritableCheck(const char* op) const;
+  // A new read-only view of this store (for confirming what a read-only
+  // view found wrong).
+  Result<std::unique_ptr<Store>> FreshView() const;
+
+  // store_write.cc
+  // The pending tag a save writes into; mu_ must be held.
+  Result<PendingTag*> PendingForSave(const std::string& tag);
+  // Whether a commit has indexed the block (reads only `index`).
+  Result<bool> IsIndexed(const Digest& d) const;
+  // Pins block `d` for `pending`, so that Gc keeps it (gc_mu_ must be held
+  // shared until the pin is in place or undone). True when the store holds
+  // the block already: pinned by this tag before, written by a save not yet
+  // committed (then listed for this tag's commit to index), or indexed.
+  // False when it does not: `d` is pinned and the caller writes the block
+  // or calls UnpinBlock. On an error nothing is pinned.
+  Result<bool> PinBlock(PendingTag* pending, const Digest& d);
+  void UnpinBlock(PendingTag* pending, const Digest& d);
+  Status WriteChunk(PendingTag* pending, const uint8_t* data, size_t len, Digest* out,
+                    WriteStats* stats);
+  // Drops the index entries of blocks found bad (one synced batch), so that
+  // the next save of their bytes writes them again. No-op when read-only.
+  Status ForgetBlocks(const std::vector<Digest>& bad) const;
+
+  // store_read.cc
+  Result<std::string> LatestTagUnlocked() const;
+  Result<std::optional<TagInfo>> FindTag(const std::string& tag) const;
+  Status TagNotFound(const std::string& tag) const;
+  // The chunks of [offset, offset+len) of a checked record; *missing tells
+  // whether a block was not found.
+  Status ReadChunks(const fb::TensorRecord& r, uint64_t offset, uint64_t len, uint8_t* dst,
+                    const std::string& where, bool* missing) const;
+
+  // store_gc.cc
+  Status MarkLive(std::unordered_set<Digest, DigestHash>* live) const;
+
+  // store_verify.cc
+  // What verify found of one block; empty `what` = sound.
+  struct BlockVerdict {
+    std::string what;
+    bool bad = false;      // missing, unreadable or not matching its digest
+    bool read = false;     // its payload was read
+    bool indexed = false;  // it has an index entry
+  };
+  using BlockVerdicts = std::unordered_map<Digest, BlockVerdict, DigestHash>;
+  void VerifyTag(const std::string& tag, VerifyReport* report, BlockVerdicts* checked,
+                 const VerifyOptions& options) const;
+  BlockVerdict CheckBlock(const Digest& d, uint64_t len, std::vector<uint8_t>* buf) const;
+};
+
+}  // namespace ckptkv
+
+#endif  // CKPTKV_STORE_STORE_INTERNAL_H_
