@@ -37,7 +37,7 @@ struct PpTp {
 
 // checkpoint_parallel_dimensions of one model file: nullopt when absent.
 Result<std::optional<PpTp>> ReadDims(const Store& store, const std::string& tag,
-                                             const std::string& file) {
+                                     const std::string& file) {
   ASSIGN_OR_RETURN(SavedDims saved, ReadSavedDims(store, tag, file));
   auto dims = ParallelDims(saved);
   if (!dims.ok()) return dims.status().WithContext(FileName(tag, file));
@@ -48,7 +48,7 @@ Result<std::optional<PpTp>> ReadDims(const Store& store, const std::string& tag,
 // The agreed dims of `files`, nullopt when none has them; an error when only
 // some have them or they disagree.
 Result<std::optional<PpTp>> AgreedDims(const Store& store, const std::string& tag,
-                                               const std::vector<std::string>& files) {
+                                       const std::vector<std::string>& files) {
   std::optional<PpTp> agreed;
   std::string agreed_file;
   std::vector<std::string> without;
@@ -194,8 +194,14 @@ Result<DeepSpeedFiles> ListDeepSpeedFiles(const Store& store, const std::string&
   return ClassifyFiles(files);
 }
 
-Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& tag) {
-  ASSIGN_OR_RETURN(DeepSpeedFiles files, ListDeepSpeedFiles(store, tag));
+namespace {
+
+// get_model_3d_descriptor over the classified `files` of `tag`. With
+// `check_zero_count` (DeepSpeed's rule) a ZeRO file count that is not a
+// multiple of pp * tp is an error; without it (the queries, which take dp
+// from what the files record and prove exact cover themselves) it is not.
+Result<Model3dDesc> Model3dDescriptorOf(const Store& store, const std::string& tag,
+                                        const DeepSpeedFiles& files, bool check_zero_count) {
   const int num_zero = static_cast<int>(files.zero.size());
   Model3dDesc d;
   if (files.model.empty() && !files.zero_model.empty()) {
@@ -218,7 +224,7 @@ Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& 
       d.tp = num_mp;
     }
     const int count = num_zero > 0 ? num_zero : static_cast<int>(files.zero_model.size());
-    if (count % (d.pp * d.tp) != 0) {
+    if (check_zero_count && count % (d.pp * d.tp) != 0) {
       return Status::InvalidArgument(
           "tag '" + tag + "': " + std::to_string(count) +
           " ZeRO-3 files are not a multiple of pp*tp = " + std::to_string(d.pp * d.tp));
@@ -242,7 +248,7 @@ Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& 
           " x tp " + std::to_string(dims->tp) + " = " + std::to_string(mp) +
           " model files, but the tag has " + std::to_string(num_mp) + ": " + Join(files.model));
     }
-    if (num_zero % mp != 0) {
+    if (check_zero_count && num_zero % mp != 0) {
       return Status::InvalidArgument("tag '" + tag + "': " + std::to_string(num_zero) +
                                      " ZeRO files are not a multiple of pp*tp = " +
                                      std::to_string(mp) + ": " + Join(files.zero));
@@ -270,17 +276,23 @@ Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& 
   return d;
 }
 
+}  // namespace
+
+Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& tag) {
+  ASSIGN_OR_RETURN(DeepSpeedFiles files, ListDeepSpeedFiles(store, tag));
+  return Model3dDescriptorOf(store, tag, files, /*check_zero_count=*/true);
+}
+
 Result<TagLayout> DiscoverTagLayout(const Store& store, const std::string& tag) {
   TagLayout t;
-  ASSIGN_OR_RETURN(t.degrees, GetModel3dDescriptor(store, tag));
   ASSIGN_OR_RETURN(t.files, ListDeepSpeedFiles(store, tag));
+  ASSIGN_OR_RETURN(t.degrees, Model3dDescriptorOf(store, tag, t.files, /*check_zero_count=*/false));
   t.universal = !t.files.universal_optim.empty();
-  t.dp_world_size = t.degrees.dp;
   if (!t.files.model_by_mp.empty()) {
     ASSIGN_OR_RETURN(SavedDims d, ReadSavedDims(store, tag, t.files.model_by_mp.begin()->second));
     if (d.dp_world_size && *d.dp_world_size >= 1 &&
         *d.dp_world_size <= std::numeric_limits<int>::max()) {
-      t.dp_world_size = static_cast<int>(*d.dp_world_size);
+      t.degrees.dp = static_cast<int>(*d.dp_world_size);
     }
   }
   return t;

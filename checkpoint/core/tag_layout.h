@@ -96,13 +96,15 @@ Result<int> SavedTpDegree(const SavedDims& d);
 Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& tag);
 
 // Everything above for one tag, as the fragment queries take it: the
-// files, the (pp, tp, dp) of GetModel3dDescriptor, and the data-parallel
-// degree the model files record (dp_world_size of the first model file; a
-// universal tag has no ZeRO files to count and keeps its source's).
+// files, and the (pp, tp, dp) the tag was saved at. (pp, tp) are found as
+// GetModel3dDescriptor finds them; dp is the dp_world_size the model files
+// record (a universal tag has no ZeRO files to count and keeps its
+// source's; a tag that lost a ZeRO file keeps its degree, and the queries'
+// exact-cover check names the gap), counted from the ZeRO files only when
+// no model file records it.
 struct TagLayout {
   DeepSpeedFiles files;
   Model3dDesc degrees;
-  int dp_world_size = 1;
   bool universal = false;  // has zero/optimizer_state.pt
 };
 Result<TagLayout> DiscoverTagLayout(const Store& store, const std::string& tag);

@@ -165,7 +165,7 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
   TrainLayout& L = info.layout;
   L.tp = tl.degrees.tp;
   L.pp = tl.degrees.pp;
-  L.dp = tl.dp_world_size;
+  L.dp = tl.degrees.dp;
   if (static_cast<int>(files.model_by_mp.size()) != L.tp * L.pp) {
     return Status::Corruption("tag " + tag + " has " + std::to_string(files.model_by_mp.size()) +
                               " model-state files of dp rank 0 but its layout is tp " +
