@@ -20,7 +20,6 @@
 // Exit codes: 0 success; 1 usage errors, missing stores or tags and other
 // failures; 2 corruption (verify problems, a checkpoint that loads wrong);
 // 3 a demo whose resumed run diverges.
-#include <c10/util/Exception.h>
 
 #include <iostream>
 #include <optional>
@@ -28,6 +27,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "engine/torch_call.h"
 #include "store/status.h"
 #include "tools/bench.h"
 #include "tools/cli_args.h"
@@ -143,16 +143,15 @@ int Run(int argc, char** argv) {
 int main(int argc, char** argv) {
   try {
     return Run(argc, argv);
-  } catch (const ckptkv::StatusError& e) {
-    return kvb::ReportError(e.status());
-  } catch (const c10::Error& e) {
-    std::cerr << "error: " << e.what_without_backtrace() << std::endl;
-    return 1;
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << std::endl;
-    return 1;
   } catch (...) {
-    std::cerr << "error: unknown exception" << std::endl;
-    return 1;
+    // StatusError, LibTorch's errors, bad_alloc, std::exception: the one
+    // mapping (engine/torch_call.h); anything else is not ours to name.
+    try {
+      return kvb::ReportError(ckptkv::StatusFromException(
+          std::current_exception(), ckptkv::TorchErrorKind::kUserValue, "ckptkv"));
+    } catch (...) {
+      std::cerr << "error: unknown exception" << std::endl;
+      return 1;
+    }
   }
 }
