@@ -17,7 +17,7 @@ namespace fs = std::filesystem;
 namespace ckptkv::tools {
 namespace {
 
-std::string Trim(std::string s) {
+std::string Trim(const std::string& s) {
   size_t b = s.find_first_not_of(" \t\n");
   size_t e = s.find_last_not_of(" \t\n");
   if (b == std::string::npos) return "";

@@ -254,7 +254,7 @@ TEST_CASE("record fields out of range are Corruption naming the field", "[unit][
 
 TEST_CASE("placements that cannot hold are Corruption when the record is read", "[unit][store]") {
   auto placed = [](int32_t shard_dim, int32_t tp_rank, int32_t tp_degree,
-                   std::vector<int64_t> offsets) {
+                   const std::vector<int64_t>& offsets) {
     RecordSpec spec;
     spec.shape = {4, 8};
     spec.byte_length = 32;

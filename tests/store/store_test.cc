@@ -32,7 +32,7 @@ StoreOptions SmallChunks() {
   return o;
 }
 
-std::unique_ptr<Store> OpenStore(const std::string& dir, StoreOptions o = SmallChunks()) {
+std::unique_ptr<Store> OpenStore(const std::string& dir, const StoreOptions& o = SmallChunks()) {
   auto r = Store::Open(dir, o);
   INFO(r.status().ToString());
   REQUIRE(r.ok());
@@ -256,7 +256,7 @@ TEST_CASE("missing tags, files and params are NotFound and list what exists", "[
   Status p = store->GetTensorRecord("alpha", "mp_rank_00_model_states.pt", "v").status();
   CHECK(p.IsNotFound());
   CHECK(p.message().find("'w'") == std::string::npos);  // lists names unquoted
-  CHECK(p.message().find("w") != std::string::npos);
+  CHECK(p.message().find('w') != std::string::npos);
 }
 
 TEST_CASE("delete and gc reclaim exactly the blocks no tag needs", "[unit][store]") {
@@ -471,6 +471,7 @@ TEST_CASE("randomized operations agree with a model", "[unit][store]") {
   auto store = OpenStore(dir.path());
   // A pool of chunk-sized pieces so that tensors share chunks.
   std::vector<std::vector<uint8_t>> pieces;
+  pieces.reserve(12);
   for (int i = 0; i < 12; ++i) pieces.push_back(RandomBytes(rng, kChunk));
   std::map<std::string, std::map<std::string, std::vector<uint8_t>>> model;
   int next = 0;

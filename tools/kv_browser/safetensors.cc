@@ -470,7 +470,7 @@ Result<json> ExportSafetensors(Browser& b, const std::string& tag, const ExportO
     temps.names.push_back(tmp);
     RETURN_IF_ERROR(WriteTemp(nullptr, dir.fd, tmp, tools::JsonText(index, 2) + "\n", {}, nullptr));
     RETURN_IF_ERROR(CheckIndex(dir.fd, tmp, kSafetensorsIndex, weight_map));
-    finals.push_back(kSafetensorsIndex);
+    finals.emplace_back(kSafetensorsIndex);
   }
 
   // Everything is written and checked: move it into place (the index last),

@@ -2,6 +2,7 @@
 // StateTree (a verified FlatBuffers record: nothing is unpickled or run).
 #include <map>
 
+#include "store/names.h"
 #include "tools/kv_browser/analysis.h"
 
 namespace ckptkv::kvb {
@@ -130,7 +131,7 @@ Result<json> MetaReport(Browser& b, const std::string& tag, const std::string& f
   for (const auto& f : files) {
     ASSIGN_OR_RETURN(std::string bytes, b.store().GetFileTree(tag, f));
     const fb::StateTree* tree = VerifiedStateTree(bytes);
-    if (tree == nullptr) return Status::Corruption("state tree of " + tag + "/" + f);
+    if (tree == nullptr) return Status::Corruption("state tree of " + FileName(tag, f));
     std::map<std::string, const TensorEntry*> tensors;
     for (const auto& e : c->tensors) {
       if (e.file == f) tensors[e.param] = &e;

@@ -67,15 +67,16 @@ std::string Trim(const std::string& s) {
 
 // A decimal int64 with an optional sign, nothing else.
 Result<int64_t> ParseSliceInt(const std::string& s, const std::string& slice) {
+  auto not_integer = [&] {
+    return Status::InvalidArgument("bad slice '" + slice + "': '" + s + "' is not an integer");
+  };
   size_t i = s.empty() || (s[0] != '-' && s[0] != '+') ? 0 : 1;
   const bool neg = i == 1 && s[0] == '-';
-  if (i == s.size()) {
-    return Status::InvalidArgument("bad slice '" + slice + "': '" + s + "' is not an integer");
-  }
+  if (i == s.size()) return not_integer();
   uint64_t v = 0;
   for (; i < s.size(); ++i) {
     if (s[i] < '0' || s[i] > '9') {
-      return Status::InvalidArgument("bad slice '" + slice + "': '" + s + "' is not an integer");
+      return not_integer();
     }
     auto m = CheckedMul(v, 10);
     auto n = m ? CheckedAdd(*m, static_cast<uint64_t>(s[i] - '0')) : std::nullopt;
@@ -140,8 +141,9 @@ Result<std::vector<SliceDim>> ParseSlice(const std::string& slice,
     for (char ch : p) {
       if (ch == ':') {
         if (++k > 2) {
-          return Status::InvalidArgument("bad slice '" + slice + "': '" + p +
-                                         "' has more than two ':'; expected start:stop:step");
+          std::string msg = "bad slice '" + slice + "': '";
+          msg.append(p).append("' has more than two ':'; expected start:stop:step");
+          return Status::InvalidArgument(std::move(msg));
         }
       } else {
         f[k] += ch;

@@ -160,6 +160,7 @@ std::vector<CollapsedRow> CollapseNumberedRuns(const std::vector<NamedRow>& rows
       return sig;
     };
     std::vector<long> ns;
+    ns.reserve(by_n.size());
     for (const auto& kv : by_n) ns.push_back(kv.first);
     size_t a = 0;
     while (a < ns.size()) {
@@ -167,13 +168,15 @@ std::vector<CollapsedRow> CollapseNumberedRuns(const std::vector<NamedRow>& rows
       auto first = members(ns[a]);
       while (b < ns.size() && ns[b] == ns[b - 1] + 1 && members(ns[b]) == first) ++b;
       if (b - a >= 2) {
-        const std::string range =
-            "{" + std::to_string(ns[a]) + ".." + std::to_string(ns[b - 1]) + "}";
+        std::string range = "{" + std::to_string(ns[a]);
+        range.append("..").append(std::to_string(ns[b - 1])).append("}");
         for (size_t m = 0; m < by_n[ns[a]].size(); ++m) {
           std::string p, s;
           long k = 0;
           SplitNumbered(rows[by_n[ns[a]][m]].name, &p, &k, &s);
-          CollapsedRow row{prefix + range + s, rows[by_n[ns[a]][m]].signature, 0, b - a};
+          std::string name = prefix;
+          name.append(range).append(s);
+          CollapsedRow row{std::move(name), rows[by_n[ns[a]][m]].signature, 0, b - a};
           for (size_t x = a; x < b; ++x) row.bytes += rows[by_n[ns[x]][m]].bytes;
           out.push_back(std::move(row));
         }

@@ -177,18 +177,18 @@ std::vector<std::string> TuiModel::Detail(const TuiRow& row, int width) {
   out.push_back(Fmt("%zu chunks%s", e.num_chunks(), e.is_inline() ? " (inline)" : ""));
   out.push_back("shared with: " + (with.empty() ? std::string("(no other tag)") : with));
   if (e.bytes() > kAutoStatsBytes) {
-    out.push_back("(stats: run kv-browser stats for tensors over 64 MiB)");
+    out.emplace_back("(stats: run kv-browser stats for tensors over 64 MiB)");
     return out;
   }
   auto hist = HistReport(b_, e, 10);
   if (!hist.ok()) return error(hist.status());
   const json& h = *hist;
-  out.push_back("");
+  out.emplace_back("");
   out.push_back("min " + Str(h["min"]) + "  max " + Str(h["max"]));
   out.push_back("mean " + Str(h["mean"]) + "  std " + Str(h["std"]));
   out.push_back("l2 " + Str(h["l2_norm"]) + "  nan " + Str(h["nan"]) + "  inf " + Str(h["inf"]) +
                 "  zeros " + Str(h["zeros"]));
-  out.push_back("histogram:");
+  out.emplace_back("histogram:");
   for (auto& l : HistogramLines(h, std::max(8, width - 26))) out.push_back(l);
   return out;
 }
