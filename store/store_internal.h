@@ -152,9 +152,13 @@ class Store::Impl {
   // shared until the pin is in place or undone). True when the store holds
   // the block already: pinned by this tag before, written by a save not yet
   // committed (then listed for this tag's commit to index), or indexed.
-  // False when it does not: `d` is pinned and the caller writes the block
-  // or calls UnpinBlock. On an error nothing is pinned.
-  Result<bool> PinBlock(PendingTag* pending, const Digest& d);
+  // False when it does not. With kClaim (a write) `d` is then pinned and
+  // the caller writes the block or calls UnpinBlock; with kIfPresent (a
+  // link) nothing is pinned, so no concurrent write of the same bytes can
+  // take the pin for a block that is not there. On an error nothing is
+  // pinned.
+  enum class PinMode { kClaim, kIfPresent };
+  Result<bool> PinBlock(PendingTag* pending, const Digest& d, PinMode mode);
   void UnpinBlock(PendingTag* pending, const Digest& d);
   Status WriteChunk(PendingTag* pending, const uint8_t* data, size_t len, Digest* out,
                     WriteStats* stats);

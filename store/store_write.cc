@@ -62,19 +62,27 @@ Result<bool> Store::Impl::IsIndexed(const Digest& d) const {
   return true;
 }
 
-Result<bool> Store::Impl::PinBlock(PendingTag* pending, const Digest& d) {
+Result<bool> Store::Impl::PinBlock(PendingTag* pending, const Digest& d, PinMode mode) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!pending->pinned.insert(d).second) return true;  // already handled in this tag
+    if (pending->pinned.count(d)) return true;  // already handled in this tag
     auto w = written_.find(d);
     if (w != written_.end()) {  // written by a save not yet committed
+      pending->pinned.insert(d);
       pending->unindexed[d] = w->second;
       return true;
     }
+    if (mode == PinMode::kClaim) pending->pinned.insert(d);
   }
   Result<bool> indexed = IsIndexed(d);
-  if (!indexed.ok()) UnpinBlock(pending, d);
-  return indexed;
+  if (mode == PinMode::kClaim) {
+    if (!indexed.ok()) UnpinBlock(pending, d);
+    return indexed;
+  }
+  if (!indexed.ok() || !*indexed) return indexed;
+  std::lock_guard<std::mutex> lock(mu_);
+  pending->pinned.insert(d);
+  return true;
 }
 
 void Store::Impl::UnpinBlock(PendingTag* pending, const Digest& d) {
@@ -90,7 +98,7 @@ Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t 
   Digest d = Digest::Of(data, len);
   *out = d;
   std::shared_lock<std::shared_mutex> gc_guard(gc_mu_);
-  ASSIGN_OR_RETURN(bool present, PinBlock(pending, d));
+  ASSIGN_OR_RETURN(bool present, PinBlock(pending, d, PinMode::kClaim));
   if (present) return Status::OK();
   // The payload goes to RocksDB straight from the tensor's memory (raw) or
   // from the compressed buffer: no encoded copy of the chunk is made.
@@ -250,9 +258,8 @@ Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& 
     for (const auto* c : *source.chunks()) digests.push_back(FromFb(*c));
     std::shared_lock<std::shared_mutex> gc_guard(impl_->gc_mu_);
     for (const Digest& d : digests) {
-      ASSIGN_OR_RETURN(bool present, impl_->PinBlock(pending, d));
+      ASSIGN_OR_RETURN(bool present, impl_->PinBlock(pending, d, Impl::PinMode::kIfPresent));
       if (!present) {
-        impl_->UnpinBlock(pending, d);
         return Status::NotFound(where + ": block " + d.Hex() +
                                 " of the source record is not in the store");
       }
