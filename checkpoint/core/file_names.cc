@@ -91,4 +91,9 @@ std::string LayerFileName(int layer, std::optional<int> tp_rank) {
   return s + "-model_states.pt";
 }
 
+std::string Basename(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
 }  // namespace ckptkv::checkpoint

@@ -45,6 +45,13 @@ std::string ZeroOptimFileName(int dp_rank, int mp_rank, bool bf16 = false);
 std::string ZeroModelFileName(int dp_rank, int mp_rank);
 std::string LayerFileName(int layer, std::optional<int> tp_rank);
 
+// The last component of a '/'-separated path, and a prefix test: how
+// DeepSpeed's get_files_with_prefix looks at names.
+std::string Basename(const std::string& path);
+inline bool StartsWith(std::string_view s, std::string_view prefix) {
+  return s.substr(0, prefix.size()) == prefix;
+}
+
 // pp-major MP index <-> (pp, tp).
 inline int MpRank(int pp_rank, int tp_rank, int tp_degree) { return pp_rank * tp_degree + tp_rank; }
 inline int PpOfMp(int mp_rank, int tp_degree) { return mp_rank / tp_degree; }

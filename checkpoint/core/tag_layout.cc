@@ -14,15 +14,6 @@
 namespace ckptkv::checkpoint {
 namespace {
 
-std::string Basename(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
-
-bool StartsWith(const std::string& s, const std::string& prefix) {
-  return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
-}
-
 std::string Join(const std::vector<std::string>& v, size_t max = 8) {
   std::string s;
   for (size_t i = 0; i < v.size() && i < max; ++i) s += (i ? ", " : "") + v[i];
@@ -127,12 +118,7 @@ DeepSpeedFiles ClassifyFiles(const std::vector<std::string>& files) {
   out.zero = GetZeroFiles(files);
   out.layer = GetFilesWithPrefix(files, "layer_");
   for (const auto& f : files) {
-    if (f == "zero/optimizer_state.pt") {
-      out.universal_optim = f;
-    } else if (f.size() > 8 && StartsWith(f, "zero/") &&
-               f.compare(f.size() - 8, 8, "/step.pt") == 0) {
-      out.universal_steps.push_back(f);
-    }
+    if (f == "zero/optimizer_state.pt") out.universal_optim = f;
     if (f.find('/') != std::string::npos) continue;
     auto c = ParseFileName(f);
     if (!c) continue;
@@ -187,6 +173,14 @@ Result<int> SavedTpDegree(const SavedDims& d) {
     return static_cast<int>(*d.mp_world_size);
   }
   return 1;
+}
+
+std::optional<int> SavedDpDegree(const SavedDims& d) {
+  if (!d.dp_world_size || *d.dp_world_size < 1 ||
+      *d.dp_world_size > std::numeric_limits<int>::max()) {
+    return std::nullopt;
+  }
+  return static_cast<int>(*d.dp_world_size);
 }
 
 Result<DeepSpeedFiles> ListDeepSpeedFiles(const Store& store, const std::string& tag) {
@@ -286,14 +280,22 @@ Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& 
 Result<TagLayout> DiscoverTagLayout(const Store& store, const std::string& tag) {
   TagLayout t;
   ASSIGN_OR_RETURN(t.files, ListDeepSpeedFiles(store, tag));
-  ASSIGN_OR_RETURN(t.degrees, Model3dDescriptorOf(store, tag, t.files, /*check_zero_count=*/false));
+  Result<Model3dDesc> degrees =
+      Model3dDescriptorOf(store, tag, t.files, /*check_zero_count=*/false);
+  if (!degrees.ok()) {
+    // A tag with DeepSpeed model files whose files or recorded dimensions
+    // do not fit together is damaged, not a wrong argument.
+    const bool deepspeed = !t.files.model.empty() || !t.files.zero_model.empty();
+    if (deepspeed && degrees.status().IsInvalidArgument()) {
+      return Status::Corruption(degrees.status().message());
+    }
+    return degrees.status();
+  }
+  t.degrees = *degrees;
   t.universal = !t.files.universal_optim.empty();
   if (!t.files.model_by_mp.empty()) {
     ASSIGN_OR_RETURN(SavedDims d, ReadSavedDims(store, tag, t.files.model_by_mp.begin()->second));
-    if (d.dp_world_size && *d.dp_world_size >= 1 &&
-        *d.dp_world_size <= std::numeric_limits<int>::max()) {
-      t.degrees.dp = static_cast<int>(*d.dp_world_size);
-    }
+    if (std::optional<int> dp = SavedDpDegree(d)) t.degrees.dp = *dp;
   }
   return t;
 }

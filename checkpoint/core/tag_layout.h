@@ -56,7 +56,6 @@ struct DeepSpeedFiles {
   std::vector<std::string> all_model;                        // model + zero_model, top level
   std::map<std::pair<int, int>, std::string> optim_by_rank;  // (dp, mp) -> a file of `zero`
   std::string universal_optim;                               // zero/optimizer_state.pt
-  std::vector<std::string> universal_steps;                  // zero/<name>/step.pt
 };
 DeepSpeedFiles ClassifyFiles(const std::vector<std::string>& files);
 Result<DeepSpeedFiles> ListDeepSpeedFiles(const Store& store, const std::string& tag);
@@ -79,6 +78,8 @@ Result<std::optional<std::pair<int, int>>> ParallelDims(const SavedDims& d);
 // checkpoint_parallel_dimensions' tp_degree, else mp_world_size (no
 // pipeline), else 1.
 Result<int> SavedTpDegree(const SavedDims& d);
+// dp_world_size when it is a degree (1 .. INT_MAX), else nullopt.
+std::optional<int> SavedDpDegree(const SavedDims& d);
 
 // get_model_3d_descriptor of a committed tag.
 // - If the model files carry checkpoint_parallel_dimensions {pp_degree,
@@ -97,11 +98,14 @@ Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& 
 
 // Everything above for one tag, as the fragment queries take it: the
 // files, and the (pp, tp, dp) the tag was saved at. (pp, tp) are found as
-// GetModel3dDescriptor finds them; dp is the dp_world_size the model files
-// record (a universal tag has no ZeRO files to count and keeps its
-// source's; a tag that lost a ZeRO file keeps its degree, and the queries'
-// exact-cover check names the gap), counted from the ZeRO files only when
-// no model file records it.
+// GetModel3dDescriptor finds them; dp is the dp_world_size the first model
+// file (lowest MP rank) records (a universal tag has no ZeRO files to count
+// and keeps its source's; a tag that lost a ZeRO file keeps its degree, and
+// the queries' exact-cover check names the gap), counted from the ZeRO
+// files only when that file does not record it. Corruption when the model
+// files and their recorded dimensions do not fit together (a lost model
+// file, dimensions that disagree); InvalidArgument when the tag has no
+// DeepSpeed model file; NotFound when it does not exist.
 struct TagLayout {
   DeepSpeedFiles files;
   Model3dDesc degrees;

@@ -18,15 +18,6 @@ namespace {
 
 constexpr const char* kEmbedPrefix = "tied_modules.embed.";
 
-std::string Basename(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  return slash == std::string::npos ? path : path.substr(slash + 1);
-}
-
-bool StartsWith(const std::string& s, const std::string& prefix) {
-  return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
-}
-
 // Python's list[i] with negative indices; nullopt when out of range.
 std::optional<size_t> PyIndex(int i, size_t size) {
   const int64_t n = static_cast<int64_t>(size);

@@ -66,7 +66,7 @@ FileLoader StoreFileLoader(const Store& store, const std::string& tag, LoadStats
     const fb::StateTree* tree = flatbuffers::GetRoot<fb::StateTree>(bytes.data());
     TensorLoader tensor_for = [&](const std::string& param,
                                   const std::string& /*device*/) -> Result<at::Tensor> {
-      return TorchCall(TorchErrorKind::kUserValue, where + ":" + param,
+      return TorchCall(TorchErrorKind::kUserValue, TensorName(tag, file, param),
                        [&]() -> Result<at::Tensor> {
                          ASSIGN_OR_RETURN(at::Tensor t, ReadStoredTensor(store, tag, file, param));
                          if (stats) {

@@ -3,7 +3,6 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <limits>
 
 #include "checkpoint/core/file_names.h"
 #include "checkpoint/core/tag_layout.h"
@@ -134,10 +133,7 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& 
   saved.mp_world_size = DictInt(state, "mp_world_size");
   saved.dp_world_size = DictInt(state, "dp_world_size");
   ASSIGN_OR_RETURN(info.tp, SavedTpDegree(saved));
-  if (saved.dp_world_size && *saved.dp_world_size >= 1 &&
-      *saved.dp_world_size <= std::numeric_limits<int>::max()) {
-    info.dp = static_cast<int>(*saved.dp_world_size);
-  }
+  if (std::optional<int> dp = SavedDpDegree(saved)) info.dp = *dp;
   const int tp_rank = TpOfMp(mp, info.tp);
   std::map<std::string, std::vector<int64_t>> shapes;
   if (const IValue* ps = DictField(state, "param_shapes"); ps != nullptr && !ps->isNone()) {

@@ -149,31 +149,21 @@ Result<PlannedFile> LoadPlanned(const Store& store, const std::string& tag,
     }
     at::Tensor t = at::empty(shape, type);
     RETURN_IF_ERROR(store.ReadTensor(*rec.get(), static_cast<uint8_t*>(t.data_ptr()),
-                                     rec->byte_length(), where + ":" + param));
+                                     rec->byte_length(), TensorName(tag, file, param)));
     return t;
   };
   ASSIGN_OR_RETURN(pf.state, DecodeState(*tree, loader, where));
   return pf;
 }
 
-Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
+namespace {
+
+// The model of a tag: parameters in module order (the model files of dp
+// rank 0, stage by stage), groups from param_shapes, shapes and sharding
+// from the fragment placements.
+Result<ModelSpec> ModelOf(const Store& store, const TagIndex& index, const DeepSpeedFiles& files,
+                          const TrainLayout& L) {
   const std::string& tag = index.tag();
-  ASSIGN_OR_RETURN(TagLayout tl, DiscoverTagLayout(store, tag));
-  SourceInfo info;
-  info.universal = tl.universal;
-  const DeepSpeedFiles& files = tl.files;
-  TrainLayout& L = info.layout;
-  L.tp = tl.degrees.tp;
-  L.pp = tl.degrees.pp;
-  L.dp = tl.degrees.dp;
-  if (static_cast<int>(files.model_by_mp.size()) != L.tp * L.pp) {
-    return Status::Corruption("tag " + tag + " has " + std::to_string(files.model_by_mp.size()) +
-                              " model-state files of dp rank 0 but its layout is tp " +
-                              std::to_string(L.tp) + " x pp " + std::to_string(L.pp));
-  }
-  ASSIGN_OR_RETURN(PlannedFile m0, LoadPlanned(store, tag, files.model_by_mp.begin()->second));
-  const IValue& sd = m0.state;
-  // Model: parameters in module order, groups from param_shapes.
   std::vector<ParamSpec> params;
   std::set<std::string> seen;
   for (int s = 0; s < L.pp; ++s) {
@@ -185,7 +175,7 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
     ASSIGN_OR_RETURN(PlannedFile mf, LoadPlanned(store, tag, it->second));
     const IValue* shapes = DictField(mf.state, "param_shapes");
     if (shapes == nullptr || !shapes->isList()) {
-      return Status::InvalidArgument(tag + "/" + it->second +
+      return Status::InvalidArgument(FileName(tag, it->second) +
                                      " has no param_shapes (a ZeRO checkpoint records them); "
                                      "cannot tell its parameter groups");
     }
@@ -198,7 +188,7 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
         if (!seen.insert(name).second) continue;
         auto pi = index.params().find(name);
         if (pi == index.params().end()) {
-          return Status::Corruption("parameter " + name + " of " + tag + "/" + it->second +
+          return Status::Corruption("parameter " + name + " of " + FileName(tag, it->second) +
                                     " has no fragment placement");
         }
         ParamSpec p;
@@ -210,29 +200,37 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
       }
     }
   }
-  info.spec = ModelSpec::FromParams(std::move(params));
-  info.files = files;
-  // Training dtype: the first module tensor's.
-  L.bf16 = true;
+  return ModelSpec::FromParams(std::move(params));
+}
+
+// The training dtype and the model files' metadata besides DeepSpeed's own
+// per-rank keys, from the first model file.
+void ReadModelMeta(const PlannedFile& m0, SourceInfo* info) {
+  info->layout.bf16 = true;  // the first module tensor's dtype
   for (const auto& [impl, pl] : m0.placements) {
     if (pl.state == "param" || pl.state == "placeholder") {
-      L.bf16 = impl->dtype() == caffe2::TypeMeta::Make<c10::BFloat16>();
+      info->layout.bf16 = impl->dtype() == caffe2::TypeMeta::Make<c10::BFloat16>();
       break;
     }
   }
-  // Metadata besides DeepSpeed's own per-rank keys.
   static const std::set<std::string> kRankKeys = {
       "module",        "buffer_names",          "optimizer", "param_shapes", "frozen_param_shapes",
       "shared_params", "frozen_param_fragments"};
+  const IValue& sd = m0.state;
   for (const auto& kv : sd.toGenericDict()) {
     if (!kRankKeys.count(kv.key().toStringRef()))
-      info.meta.model_extra.insert(kv.key(), kv.value());
+      info->meta.model_extra.insert(kv.key(), kv.value());
   }
-  if (const IValue* v = DictField(sd, "ds_config")) info.meta.ds_config = *v;
+  if (const IValue* v = DictField(sd, "ds_config")) info->meta.ds_config = *v;
   if (const IValue* v = DictField(sd, "ds_version"); v && v->isString()) {
-    info.meta.ds_version = v->toStringRef();
+    info->meta.ds_version = v->toStringRef();
   }
-  // Optimizer metadata.
+}
+
+// The ZeRO stage and the optimizer's metadata: from dp 0 / mp 0's
+// optimizer file, or a universal tag's optimizer_state.pt and steps.
+Status ReadOptimMeta(const Store& store, const std::string& tag, const DeepSpeedFiles& files,
+                     SourceInfo* info) {
   static const std::set<std::string> kFlatKeys = {
       "base_optimizer_state", "single_partition_of_fp32_groups",
       "zero_stage",           "group_paddings",
@@ -241,7 +239,7 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
       "fp32_flat_groups",     "param_groups"};
   IValue osd;
   IValue inner;
-  if (info.universal) {
+  if (info->universal) {
     ASSIGN_OR_RETURN(PlannedFile u, LoadPlanned(store, tag, files.universal_optim));
     osd = u.state;
     inner = u.state;
@@ -254,30 +252,30 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
     }
     ASSIGN_OR_RETURN(PlannedFile of, LoadPlanned(store, tag, it->second));
     if (const IValue* v = DictField(of.state, "optimizer_state_dict")) osd = *v;
-    if (const IValue* v = DictField(of.state, "ds_config")) info.meta.ds_config = *v;
+    if (const IValue* v = DictField(of.state, "ds_config")) info->meta.ds_config = *v;
     const IValue* in = DictField(osd, "base_optimizer_state");
     if (in == nullptr) in = DictField(osd, "optimizer_state_dict");
     if (in != nullptr) inner = *in;
   }
-  L.zero_stage = static_cast<int>(DictInt(osd, "zero_stage").value_or(1));
+  info->layout.zero_stage = static_cast<int>(DictInt(osd, "zero_stage").value_or(1));
   if (osd.isGenericDict()) {
     for (const auto& kv : osd.toGenericDict()) {
       if (!kFlatKeys.count(kv.key().toStringRef()))
-        info.meta.zero_extra.insert(kv.key(), kv.value());
+        info->meta.zero_extra.insert(kv.key(), kv.value());
     }
   }
   if (const IValue* pg = DictField(inner, "param_groups"); pg && pg->isList()) {
-    for (const auto& g : pg->toList()) info.meta.param_groups.push_back(g);
+    for (const auto& g : pg->toList()) info->meta.param_groups.push_back(g);
   }
-  const int groups = info.spec.groups();
-  if (info.universal) {
+  const int groups = info->spec.groups();
+  if (info->universal) {
     // DeepSpeed keeps one step per parameter; every parameter of a group has the same.
     for (int g = 0; g < groups; ++g) {
-      for (const auto& p : info.spec.params()) {
+      for (const auto& p : info->spec.params()) {
         if (p.group != g) continue;
         std::string f = "zero/" + p.name + "/step.pt";
         auto pf = LoadPlanned(store, tag, f);
-        if (pf.ok() && pf->state.isTensor()) info.meta.steps.push_back(pf->state.toTensor());
+        if (pf.ok() && pf->state.isTensor()) info->meta.steps.push_back(pf->state.toTensor());
         break;
       }
     }
@@ -287,10 +285,35 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
       auto it = d.find(IValue(int64_t{g}));
       if (it == d.end()) continue;
       if (const IValue* step = DictField(it->value(), "step"); step && step->isTensor()) {
-        info.meta.steps.push_back(step->toTensor());
+        info->meta.steps.push_back(step->toTensor());
       }
     }
   }
+  return Status::OK();
+}
+
+}  // namespace
+
+Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
+  const std::string& tag = index.tag();
+  ASSIGN_OR_RETURN(TagLayout tl, DiscoverTagLayout(store, tag));
+  SourceInfo info;
+  info.universal = tl.universal;
+  info.files = tl.files;
+  TrainLayout& L = info.layout;
+  L.tp = tl.degrees.tp;
+  L.pp = tl.degrees.pp;
+  L.dp = tl.degrees.dp;
+  const DeepSpeedFiles& files = info.files;
+  if (static_cast<int>(files.model_by_mp.size()) != L.tp * L.pp) {
+    return Status::Corruption("tag " + tag + " has " + std::to_string(files.model_by_mp.size()) +
+                              " model-state files of dp rank 0 but its layout is tp " +
+                              std::to_string(L.tp) + " x pp " + std::to_string(L.pp));
+  }
+  ASSIGN_OR_RETURN(PlannedFile m0, LoadPlanned(store, tag, files.model_by_mp.begin()->second));
+  ASSIGN_OR_RETURN(info.spec, ModelOf(store, index, files, L));
+  ReadModelMeta(m0, &info);
+  RETURN_IF_ERROR(ReadOptimMeta(store, tag, files, &info));
   return info;
 }
 

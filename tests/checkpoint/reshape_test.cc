@@ -605,6 +605,18 @@ TEST_CASE("regression: an inconsistent stored placement is Corruption and commit
   }
 }
 
+TEST_CASE("regression: a tag that lost a model file is Corruption, not InvalidArgument",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthTag(*store, "src", 2, 1, 2, 2, true);
+  Recommit(*store, "src", "bad",
+           [](const std::string&, const std::string&, std::optional<Placement>*) {}, {kModel1});
+  RequireCorruption(*store, "bad", {"bad", "model files"});
+  // DeepSpeed's descriptor keeps its own code for the same tag.
+  CHECK(GetModel3dDescriptor(*store, "bad").status().IsInvalidArgument());
+}
+
 TEST_CASE("the exact-cover check finds the first gap or overlap (seeded)", "[unit][checkpoint]") {
   const uint64_t seed = ckptkv::testing::TestSeed("exact cover");
   std::mt19937_64 rng(seed);
