@@ -271,7 +271,7 @@ c10::IValue KvCheckpointEngine::load(const std::string& path, MapLocation map_lo
   std::string tree_bytes = ValueOrThrow(store_->GetFileTree(target.tag, target.file));
   TensorLoader loader = [&](const std::string& param,
                             const std::string& device) -> Result<at::Tensor> {
-    return TorchCall(TorchErrorKind::kUserValue, where + ":" + param, [&] {
+    return TorchCall(TorchErrorKind::kUserValue, TensorName(target.tag, target.file, param), [&] {
       return LoadTensor(*store_, target.tag, target.file, param, device, map_location);
     });
   };

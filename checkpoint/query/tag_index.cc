@@ -11,6 +11,7 @@
 #include "checkpoint/core/file_names.h"
 #include "checkpoint/query/writer.h"
 #include "engine/state_codec.h"
+#include "engine/torch_call.h"
 #include "schema/records.h"
 #include "store/names.h"
 
@@ -446,11 +447,17 @@ Result<at::Tensor> TagIndex::Assemble(const std::string& param, const std::strin
   }
   const c10::ScalarType type =
       ToScalarType(tensors_[pieces->pieces.front().tensor].record->dtype());
-  at::Tensor out = at::zeros(it->second.global_shape,
-                             at::TensorOptions().dtype(type).device(c10::Device(device)));
-  RETURN_IF_ERROR(
-      Fill(param, state, Rect{std::vector<int64_t>(out.dim(), 0), it->second.global_shape}, out));
-  return out;
+  // The output is allocated, and the pieces copied, on `device`: LibTorch
+  // reports an exhausted or failing device by throwing.
+  return TorchCall(
+      TorchErrorKind::kDevice, "assembling " + param + " " + state + " on " + device,
+      [&]() -> Result<at::Tensor> {
+        at::Tensor out = at::zeros(it->second.global_shape,
+                                   at::TensorOptions().dtype(type).device(c10::Device(device)));
+        RETURN_IF_ERROR(Fill(
+            param, state, Rect{std::vector<int64_t>(out.dim(), 0), it->second.global_shape}, out));
+        return out;
+      });
 }
 
 }  // namespace ckptkv::checkpoint

@@ -105,8 +105,8 @@ Result<WriteReport> WriteTag(Store& store, const std::string& tag, const ModelSp
       Result<WriteStats> stats = WriteStats();
       if (it == f.placements.end()) {
         if (st.tensor.is_meta()) {
-          return fail(
-              Status::InvalidArgument(where + ":" + st.param + " is planned without a placement"));
+          return fail(Status::InvalidArgument(TensorName(tag, f.name, st.param) +
+                                              " is planned without a placement"));
         }
         stats = PutHost(store, tag, f.name, st.param, st.tensor, std::nullopt);
       } else {
@@ -135,7 +135,7 @@ Result<WriteReport> WriteTag(Store& store, const std::string& tag, const ModelSp
             if (fill.ok()) stats = PutHost(store, tag, f.name, st.param, out, it->second);
             return fill;
           });
-          if (!s.ok()) return fail(s.WithContext(where + ":" + st.param));
+          if (!s.ok()) return fail(s.WithContext(TensorName(tag, f.name, st.param)));
         }
       }
       if (!stats.ok()) return fail(stats.status());
