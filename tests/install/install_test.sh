@@ -2,10 +2,11 @@
 # Installs the build tree into a scratch prefix, then configures, builds and
 # runs tests/install/consumer against it: find_package(ckptkv) and
 # ckptkv::engine from outside the source tree.
-# usage: install_test.sh <build dir> <source dir>
+# usage: install_test.sh <build dir> <source dir> [Torch_DIR]
 set -euo pipefail
 build=$1
 src=$2
+torch_dir=${3:-}
 work=$(mktemp -d /tmp/ckptkv-install-test.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
@@ -19,7 +20,8 @@ if find "$work/prefix/include" -name '*_internal.h' | grep -q .; then
   echo "FAIL: a private header was installed"; exit 1
 fi
 cmake -S "$src/tests/install/consumer" -B "$work/consumer" -G Ninja \
-  -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$work/prefix" > "$work/configure.log" ||
+  -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$work/prefix" \
+  ${torch_dir:+-DTorch_DIR="$torch_dir"} > "$work/configure.log" ||
   { cat "$work/configure.log"; exit 1; }
 cmake --build "$work/consumer" -j2 > "$work/build.log" || { cat "$work/build.log"; exit 1; }
 mkdir "$work/store"
