@@ -65,7 +65,7 @@ Status Browser::OpenStore() {
   if (!s.ok()) {
     if (s.status().IsBusy()) {
       return Status::Busy(s.status().message() +
-                          "; kv-browser writes only when no other process holds the store");
+                          "; the store is changed only when no other process holds it");
     }
     return s.status();
   }
