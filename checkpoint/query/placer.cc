@@ -110,18 +110,16 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::TryPlace(const std::string& ta
   }
   Result<Placements> r = Placements{};
   if (c->kind == FileKind::kModelStates || c->kind == FileKind::kZeroModelStates) {
-    r = PlaceModel(tag, file, c->mp_rank, state);
+    r = PlaceModel(tag, c->mp_rank, state);
   } else if (c->kind == FileKind::kOptimStates) {
-    r = PlaceOptim(tag, file, c->mp_rank, c->dp_rank, state);
+    r = PlaceOptim(tag, c->mp_rank, c->dp_rank, state);
   }
   if (!r.ok()) return r.status().WithContext(where);
   return r;
 }
 
-Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& tag,
-                                                             const std::string& file, int mp,
+Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& tag, int mp,
                                                              const IValue& state) {
-  (void)file;
   ModelInfo info;
   SavedDims saved;
   if (const IValue* dims = DictField(state, "checkpoint_parallel_dimensions");
@@ -198,10 +196,8 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& 
   return out;
 }
 
-Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceOptim(const std::string& tag,
-                                                             const std::string& file, int mp,
+Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceOptim(const std::string& tag, int mp,
                                                              int dp_rank, const IValue& state) {
-  (void)file;
   ModelInfo info;
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -59,10 +59,9 @@ class DeepSpeedPlacer : public TensorPlacer {
     // param_shapes: per group, (name, local shape) in buffer order.
     std::vector<std::vector<std::pair<std::string, std::vector<int64_t>>>> groups;
   };
-  Result<Placements> PlaceModel(const std::string& tag, const std::string& file, int mp,
+  Result<Placements> PlaceModel(const std::string& tag, int mp, const c10::IValue& state);
+  Result<Placements> PlaceOptim(const std::string& tag, int mp, int dp_rank,
                                 const c10::IValue& state);
-  Result<Placements> PlaceOptim(const std::string& tag, const std::string& file, int mp,
-                                int dp_rank, const c10::IValue& state);
 
   ShardingRules rules_;
   std::mutex mu_;
