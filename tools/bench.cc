@@ -69,7 +69,7 @@ struct SyntheticState {
   }
 };
 
-at::Tensor RandomTensor(std::vector<int64_t> shape, at::ScalarType dtype, uint64_t seed) {
+at::Tensor RandomTensor(const std::vector<int64_t>& shape, at::ScalarType dtype, uint64_t seed) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   at::Tensor t = at::rand(shape, gen, at::TensorOptions().dtype(at::kFloat));
   return dtype == at::kFloat ? t : t.to(dtype);
@@ -165,7 +165,9 @@ bool SameValue(const c10::IValue& a, const c10::IValue& b, const std::string& pa
       auto it = db.find(e.key());
       std::string key = e.key().isString() ? e.key().toStringRef() : e.key().tagKind();
       if (it == db.end()) return fail("key '" + key + "' missing");
-      if (!SameValue(e.value(), it->value(), path + "/" + key, why)) return false;
+      std::string sub = path;
+      sub.append("/").append(key);
+      if (!SameValue(e.value(), it->value(), sub, why)) return false;
     }
     return true;
   }

@@ -392,8 +392,8 @@ void PrintReshapeTable(const BenchOptions& o, const json& j) {
       U(floor, "peak_rss_bytes") / kMiB, D(floor, "process_seconds"));
   std::printf("%-12s %-9s %-42s %8s %9s %6s %7s %9s %9s %12s\n", "target", "method", "ran",
               "seconds", "read MiB", "loaded", "linked", "logic MiB", "new MiB", "peak RSS MiB");
-  for (const auto& [key, row] : j["rows"].items()) {
-    (void)key;
+  for (const auto& item : j["rows"].items()) {
+    const json& row = item.value();
     for (const char* method : {"fragment", "naive"}) {
       const json& m = row[method];
       const std::string ran = std::string(method) == "naive"

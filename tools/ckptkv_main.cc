@@ -78,7 +78,7 @@ int Run(int argc, char** argv) {
   bench_cmd->add_flag("!--no-alt", bench.alt_durability,
                       "skip the full save with the other block durability");
   bench_cmd->add_option("--chunk-kb", bench.chunk_kb, "chunk size of the stores in KiB")
-      ->check(IntArg(4, 64 * 1024));
+      ->check(IntArg(4, int64_t{64} * 1024));
   bench_cmd->add_option("--threads", bench.threads, "store hashing workers (0 = store default)")
       ->check(IntArg(0, 1024));
   bench_cmd->add_option("--series", bench.series_saves, "saves in the frozen-base series")

@@ -235,12 +235,13 @@ Status PrepareFilesDir(const std::string& dir) {
   if (!fs::is_directory(dir, ec)) {
     return Status::InvalidArgument("'" + dir + "' exists and is not a directory; not touching it");
   }
+  auto foreign = [&](const std::string& name) {
+    return Status::InvalidArgument("'" + dir + "' holds '" + name +
+                                   "', which the demo did not write; not deleting it");
+  };
   for (const auto& e : fs::directory_iterator(dir, ec)) {
     std::string name = e.path().filename().string();
-    if (name != "latest" && !IsDemoTag(name)) {
-      return Status::InvalidArgument("'" + dir + "' holds '" + name +
-                                     "', which the demo did not write; not deleting it");
-    }
+    if (name != "latest" && !IsDemoTag(name)) return foreign(name);
   }
   fs::remove_all(dir, ec);
   if (ec) return Status::IOError("cannot remove '" + dir + "': " + ec.message());
@@ -317,19 +318,21 @@ RunTotals TrainAndCheckpoint(const DemoOptions& o, Trainer& run, int last_ckpt,
 
       double t0 = NowSeconds();
       kv.create(tag);
-      kv.makedirs(db + "/" + tag, /*exist_ok=*/true);  // DeepSpeed's _create_checkpoint_file
-      kv.save(sd, db + "/" + tag + "/" + kFile);
+      const fs::path kv_dir = fs::path(db) / tag;
+      kv.makedirs(kv_dir.string(), /*exist_ok=*/true);  // DeepSpeed's _create_checkpoint_file
+      kv.save(sd, (kv_dir / kFile).string());
       kv.commit(tag);
       double kv_dt = NowSeconds() - t0;
       const TagInfo& info = kv.last_commit();
 
       t0 = NowSeconds();
       files.create(files_dir, tag);
-      files.makedirs(files_dir + "/" + tag, /*exist_ok=*/true);
-      files.save(sd, files_dir + "/" + tag + "/" + kFile);
+      const fs::path file_dir = fs::path(files_dir) / tag;
+      files.makedirs(file_dir.string(), /*exist_ok=*/true);
+      files.save(sd, (file_dir / kFile).string());
       files.commit(tag);
       double file_dt = NowSeconds() - t0;
-      uint64_t fbytes = TreeBytes(files_dir + "/" + tag);
+      uint64_t fbytes = TreeBytes(file_dir.string());
 
       double dedup = info.new_bytes > 0 ? double(info.logical_bytes) / double(info.new_bytes) : 0.0;
       char dedup_s[32];

@@ -343,14 +343,14 @@ std::optional<CoverProblem> FirstCoverProblem(const std::vector<Rect>& pieces, c
 }
 
 Status FillFromPlacement(const ModelSpec& spec, const Placement& pl, FragmentSource& source,
-                         at::Tensor out) {
+                         const at::Tensor& out) {
   return FillRangeFromPlacement(spec, pl, source, out.sizes().vec(), 0, out.numel(),
                                 out.view({-1}));
 }
 
 Status FillRangeFromPlacement(const ModelSpec& spec, const Placement& pl, FragmentSource& source,
                               const std::vector<int64_t>& shape, int64_t begin, int64_t end,
-                              at::Tensor out) {
+                              const at::Tensor& out) {
   const auto n = CheckedNumel(shape);
   if (!n || begin < 0 || end > *n || begin > end || out.numel() != end - begin) {
     return Status::InvalidArgument("elements [" + std::to_string(begin) + ", " +

@@ -110,13 +110,13 @@ std::optional<CoverProblem> FirstCoverProblem(const std::vector<Rect>& pieces, c
 
 // Fills `out` (zeroed first) with the elements `placement` says it holds.
 Status FillFromPlacement(const ModelSpec& spec, const Placement& placement, FragmentSource& source,
-                         at::Tensor out);
+                         const at::Tensor& out);
 // The same for elements [begin, end), in row-major order, of a tensor of
 // `shape`: `out` is 1-D with end - begin elements. A writer streams a large
 // tensor into the store this way, one chunk at a time.
 Status FillRangeFromPlacement(const ModelSpec& spec, const Placement& placement,
                               FragmentSource& source, const std::vector<int64_t>& shape,
-                              int64_t begin, int64_t end, at::Tensor out);
+                              int64_t begin, int64_t end, const at::Tensor& out);
 
 }  // namespace ckptkv::checkpoint
 

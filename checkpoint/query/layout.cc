@@ -115,7 +115,7 @@ struct Builder {
         sd.insert(k, IValue(int64_t{L.dp}));
         dp_set = true;
       } else if (k == "mp_world_size") {
-        sd.insert(k, IValue(int64_t{L.tp * L.pp}));
+        sd.insert(k, IValue(int64_t{L.tp} * L.pp));
         mp_set = true;
       } else if (k == "checkpoint_parallel_dimensions") {
         sd.insert(k, dims);
@@ -141,7 +141,7 @@ struct Builder {
       }
     }
     if (!dp_set) sd.insert("dp_world_size", IValue(int64_t{L.dp}));
-    if (!mp_set) sd.insert("mp_world_size", IValue(int64_t{L.tp * L.pp}));
+    if (!mp_set) sd.insert("mp_world_size", IValue(int64_t{L.tp} * L.pp));
     if (!dims_set) sd.insert("checkpoint_parallel_dimensions", dims);
     if (!sd.contains("ds_config")) sd.insert("ds_config", meta.ds_config);
     if (!sd.contains("ds_version")) sd.insert("ds_version", IValue(meta.ds_version));

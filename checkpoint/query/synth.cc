@@ -114,7 +114,7 @@ CheckpointMeta SynthMeta(const SynthOptions& o) {
   x.insert("global_steps", IValue(o.iteration));
   x.insert("global_samples", IValue(o.iteration * 512));
   x.insert("dp_world_size", IValue(int64_t{L.dp}));
-  x.insert("mp_world_size", IValue(int64_t{L.tp * L.pp}));
+  x.insert("mp_world_size", IValue(int64_t{L.tp} * L.pp));
   x.insert("checkpoint_parallel_dimensions", IValue());
   x.insert("ds_config", m.ds_config);
   x.insert("ds_version", IValue(m.ds_version));
@@ -169,7 +169,7 @@ CheckpointMeta SynthMeta(const SynthOptions& o) {
     pg.insert("eps", IValue(1e-8));
     pg.insert("weight_decay", IValue(wd));
     pg.insert("amsgrad", IValue(false));
-    m.param_groups.push_back(pg);
+    m.param_groups.emplace_back(pg);
     m.steps.push_back(at::scalar_tensor(static_cast<double>(o.iteration), at::kFloat));
   }
   return m;

@@ -258,6 +258,19 @@ Result<std::vector<ReadStep>> TagIndex::Plan(const std::string& param, const std
   const bool scalar = rect.shape.empty();
   const int64_t row_lo = scalar ? 0 : rect.offsets[0];
   const int64_t row_hi = scalar ? 1 : rect.offsets[0] + rect.shape[0];
+  // The two problems the sweep can find (messages built off the loop).
+  auto overlap_error = [&](const std::string& at, const std::string& in) {
+    return Status::Corruption("tag " + Quote(tag_) + ": element " + at + " of " + what +
+                              " is in more than one fragment (" + in +
+                              "); their placements overlap");
+  };
+  auto gap_error = [&](const std::string& at) {
+    return Status::Corruption(
+        "tag " + Quote(tag_) + ": element " + at + " of " + what +
+        " is in no fragment of the tag (a file is missing or a placement leaves it out); " +
+        "a reshape needs every element of " + ShapeString(rect.shape) + " at " +
+        ShapeString(rect.offsets) + " exactly once");
+  };
   std::optional<Status> gap;
   for (const PieceCopy* c : order) {
     // The pieces that start before row_hi and reach past row_lo.
@@ -283,19 +296,11 @@ Result<std::vector<ReadStep>> TagIndex::Plan(const std::string& param, const std
             continue;
           }
           const StoredTensor& st = tensors_[set->pieces[hit[k]].tensor];
-          in += (in.empty() ? "" : " and ") + st.file + ":" + st.path;
+          in.append(in.empty() ? "" : " and ").append(st.file).append(":").append(st.path);
         }
-        return Status::Corruption("tag " + Quote(tag_) + ": element " + at + " of " + what +
-                                  " is in more than one fragment (" + in +
-                                  "); their placements overlap");
+        return overlap_error(at, in);
       }
-      if (!gap) {
-        gap = Status::Corruption(
-            "tag " + Quote(tag_) + ": element " + at + " of " + what +
-            " is in no fragment of the tag (a file is missing or a placement leaves it out); " +
-            "a reshape needs every element of " + ShapeString(rect.shape) + " at " +
-            ShapeString(rect.offsets) + " exactly once");
-      }
+      if (!gap) gap = gap_error(at);
       continue;
     }
     std::sort(hit.begin(), hit.end());  // pieces in tensor order, as stored
