@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <map>
 #include <optional>
 #include <set>
 #include <tuple>
@@ -26,50 +27,78 @@ struct PpTp {
   int tp = 0;
 };
 
-// checkpoint_parallel_dimensions of one model file: nullopt when absent.
-Result<std::optional<PpTp>> ReadDims(const Store& store, const std::string& tag,
-                                     const std::string& file) {
-  ASSIGN_OR_RETURN(SavedDims saved, ReadSavedDims(store, tag, file));
-  auto dims = ParallelDims(saved);
-  if (!dims.ok()) return dims.status().WithContext(FileName(tag, file));
-  if (!dims->has_value()) return std::optional<PpTp>();
-  return std::optional<PpTp>(PpTp{(*dims)->first, (*dims)->second});
-}
+// How an inconsistency is reported: DeepSpeed's descriptor calls the tag a
+// wrong argument (InvalidArgument); the queries, reading a tag this store
+// committed, call it damaged (Corruption). A tag without any DeepSpeed model
+// file is InvalidArgument under both.
+enum class Rule { kDeepSpeed, kStored };
 
-// The agreed dims of `files`, nullopt when none has them; an error when only
-// some have them or they disagree.
-Result<std::optional<PpTp>> AgreedDims(const Store& store, const std::string& tag,
-                                       const std::vector<std::string>& files) {
-  std::optional<PpTp> agreed;
-  std::string agreed_file;
-  std::vector<std::string> without;
-  for (const auto& f : files) {
-    ASSIGN_OR_RETURN(auto dims, ReadDims(store, tag, f));
-    if (!dims) {
-      without.push_back(f);
-      continue;
-    }
-    if (!agreed) {
-      agreed = dims;
-      agreed_file = f;
-    } else if (dims->pp != agreed->pp || dims->tp != agreed->tp) {
-      std::string msg = "tag '" + tag + "': ";
-      msg += f;
-      msg += " has checkpoint_parallel_dimensions (pp " + std::to_string(dims->pp) + ", tp " +
-             std::to_string(dims->tp) + ") but ";
-      msg += agreed_file;
-      msg += " has (pp " + std::to_string(agreed->pp) + ", tp " + std::to_string(agreed->tp) +
-             "); every model file must agree";
-      return Status::InvalidArgument(msg);
-    }
+// Reads the model files of one tag, once each, and reports by `rule`.
+class ModelFiles {
+ public:
+  ModelFiles(const Store& store, const std::string& tag, Rule rule)
+      : store_(store), tag_(tag), rule_(rule) {}
+
+  Status Bad(std::string msg) const {
+    return rule_ == Rule::kDeepSpeed ? Status::InvalidArgument(std::move(msg))
+                                     : Status::Corruption(std::move(msg));
   }
-  if (agreed && !without.empty()) {
-    return Status::InvalidArgument("tag '" + tag + "': " + agreed_file +
-                                   " has checkpoint_parallel_dimensions but " + Join(without) +
-                                   " do not; every model file must have it, or none");
+  // What `file` records; read at most once.
+  Result<const SavedDims*> Saved(const std::string& file) {
+    auto it = saved_.find(file);
+    if (it == saved_.end()) {
+      ASSIGN_OR_RETURN(SavedDims d, ReadSavedDims(store_, tag_, file));
+      it = saved_.emplace(file, d).first;
+    }
+    return &it->second;
   }
-  return agreed;
-}
+  // checkpoint_parallel_dimensions of one model file: nullopt when absent.
+  Result<std::optional<PpTp>> Dims(const std::string& file) {
+    ASSIGN_OR_RETURN(const SavedDims* saved, Saved(file));
+    auto dims = ParallelDims(*saved);
+    if (!dims.ok()) return Bad(FileName(tag_, file) + ": " + dims.status().message());
+    if (!dims->has_value()) return std::optional<PpTp>();
+    return std::optional<PpTp>(PpTp{(*dims)->first, (*dims)->second});
+  }
+  // The agreed dims of `files`, nullopt when none has them; an error when
+  // only some have them or they disagree.
+  Result<std::optional<PpTp>> Agreed(const std::vector<std::string>& files) {
+    std::optional<PpTp> agreed;
+    std::string agreed_file;
+    std::vector<std::string> without;
+    for (const auto& f : files) {
+      ASSIGN_OR_RETURN(auto dims, Dims(f));
+      if (!dims) {
+        without.push_back(f);
+        continue;
+      }
+      if (!agreed) {
+        agreed = dims;
+        agreed_file = f;
+      } else if (dims->pp != agreed->pp || dims->tp != agreed->tp) {
+        std::string msg = "tag '" + tag_ + "': ";
+        msg += f;
+        msg += " has checkpoint_parallel_dimensions (pp " + std::to_string(dims->pp) + ", tp " +
+               std::to_string(dims->tp) + ") but ";
+        msg += agreed_file;
+        msg += " has (pp " + std::to_string(agreed->pp) + ", tp " + std::to_string(agreed->tp) +
+               "); every model file must agree";
+        return Bad(msg);
+      }
+    }
+    if (agreed && !without.empty()) {
+      return Bad("tag '" + tag_ + "': " + agreed_file + " has checkpoint_parallel_dimensions but " +
+                 Join(without) + " do not; every model file must have it, or none");
+    }
+    return agreed;
+  }
+
+ private:
+  const Store& store_;
+  const std::string& tag_;
+  const Rule rule_;
+  std::map<std::string, SavedDims> saved_;
+};
 
 }  // namespace
 
@@ -190,26 +219,28 @@ Result<DeepSpeedFiles> ListDeepSpeedFiles(const Store& store, const std::string&
 
 namespace {
 
-// get_model_3d_descriptor over the classified `files` of `tag`. With
-// `check_zero_count` (DeepSpeed's rule) a ZeRO file count that is not a
-// multiple of pp * tp is an error; without it (the queries, which take dp
-// from what the files record and prove exact cover themselves) it is not.
-Result<Model3dDesc> Model3dDescriptorOf(const Store& store, const std::string& tag,
-                                        const DeepSpeedFiles& files, bool check_zero_count) {
+// get_model_3d_descriptor over the classified `files` of a tag, its model
+// files read through `reader`. Under Rule::kDeepSpeed a ZeRO file count that
+// is not a multiple of pp * tp is an error; under kStored (the queries, which
+// take dp from what the files record and prove exact cover themselves) it
+// is not. Degrees are multiplied in 64 bits: a file may record any int.
+Result<Model3dDesc> Model3dDescriptorOf(ModelFiles& reader, const std::string& tag,
+                                        const DeepSpeedFiles& files, Rule rule) {
+  const bool check_zero_count = rule == Rule::kDeepSpeed;
   const int num_zero = static_cast<int>(files.zero.size());
   Model3dDesc d;
   if (files.model.empty() && !files.zero_model.empty()) {
     // ZeRO-3: one model file per (dp, mp) rank instead of mp_rank_* files.
     std::set<int> mp_ranks;
     for (const auto& f : files.zero_model) mp_ranks.insert(ParseFileName(f)->mp_rank);
-    ASSIGN_OR_RETURN(auto dims, AgreedDims(store, tag, files.zero_model));
+    ASSIGN_OR_RETURN(auto dims, reader.Agreed(files.zero_model));
     const int num_mp = static_cast<int>(mp_ranks.size());
     if (dims) {
-      if (dims->pp * dims->tp != num_mp) {
-        return Status::InvalidArgument(
-            "tag '" + tag + "': checkpoint_parallel_dimensions say pp " + std::to_string(dims->pp) +
-            " x tp " + std::to_string(dims->tp) + " but the ZeRO-3 " + "model files name " +
-            std::to_string(num_mp) + " MP ranks: " + Join(files.zero_model));
+      if (int64_t{dims->pp} * dims->tp != num_mp) {
+        return reader.Bad("tag '" + tag + "': checkpoint_parallel_dimensions say pp " +
+                          std::to_string(dims->pp) + " x tp " + std::to_string(dims->tp) +
+                          " but the ZeRO-3 " + "model files name " + std::to_string(num_mp) +
+                          " MP ranks: " + Join(files.zero_model));
       }
       d.pp = dims->pp;
       d.tp = dims->tp;
@@ -219,7 +250,7 @@ Result<Model3dDesc> Model3dDescriptorOf(const Store& store, const std::string& t
     }
     const int count = num_zero > 0 ? num_zero : static_cast<int>(files.zero_model.size());
     if (check_zero_count && count % (d.pp * d.tp) != 0) {
-      return Status::InvalidArgument(
+      return reader.Bad(
           "tag '" + tag + "': " + std::to_string(count) +
           " ZeRO-3 files are not a multiple of pp*tp = " + std::to_string(d.pp * d.tp));
     }
@@ -233,19 +264,19 @@ Result<Model3dDesc> Model3dDescriptorOf(const Store& store, const std::string& t
                                    Join(files.all));
   }
   const int num_mp = static_cast<int>(files.model.size());
-  ASSIGN_OR_RETURN(auto dims, AgreedDims(store, tag, files.model));
+  ASSIGN_OR_RETURN(auto dims, reader.Agreed(files.model));
   if (dims) {
-    const int mp = dims->pp * dims->tp;
+    const int64_t mp = int64_t{dims->pp} * dims->tp;
     if (num_mp != mp) {
-      return Status::InvalidArgument(
-          "tag '" + tag + "': checkpoint_parallel_dimensions say pp " + std::to_string(dims->pp) +
-          " x tp " + std::to_string(dims->tp) + " = " + std::to_string(mp) +
-          " model files, but the tag has " + std::to_string(num_mp) + ": " + Join(files.model));
+      return reader.Bad("tag '" + tag + "': checkpoint_parallel_dimensions say pp " +
+                        std::to_string(dims->pp) + " x tp " + std::to_string(dims->tp) + " = " +
+                        std::to_string(mp) + " model files, but the tag has " +
+                        std::to_string(num_mp) + ": " + Join(files.model));
     }
     if (check_zero_count && num_zero % mp != 0) {
-      return Status::InvalidArgument("tag '" + tag + "': " + std::to_string(num_zero) +
-                                     " ZeRO files are not a multiple of pp*tp = " +
-                                     std::to_string(mp) + ": " + Join(files.zero));
+      return reader.Bad("tag '" + tag + "': " + std::to_string(num_zero) +
+                        " ZeRO files are not a multiple of pp*tp = " + std::to_string(mp) + ": " +
+                        Join(files.zero));
     }
     d.pp = dims->pp;
     d.tp = dims->tp;
@@ -256,10 +287,9 @@ Result<Model3dDesc> Model3dDescriptorOf(const Store& store, const std::string& t
       d.tp = num_layer01;
       d.pp = num_mp / d.tp;
       if (d.pp < 1) {
-        return Status::InvalidArgument("tag '" + tag + "': " + std::to_string(num_layer01) +
-                                       " layer_01 files but only " + std::to_string(num_mp) +
-                                       " model files; expected a multiple of " +
-                                       std::to_string(num_layer01));
+        return reader.Bad("tag '" + tag + "': " + std::to_string(num_layer01) +
+                          " layer_01 files but only " + std::to_string(num_mp) +
+                          " model files; expected a multiple of " + std::to_string(num_layer01));
       }
     } else {
       d.tp = num_mp;
@@ -274,28 +304,20 @@ Result<Model3dDesc> Model3dDescriptorOf(const Store& store, const std::string& t
 
 Result<Model3dDesc> GetModel3dDescriptor(const Store& store, const std::string& tag) {
   ASSIGN_OR_RETURN(DeepSpeedFiles files, ListDeepSpeedFiles(store, tag));
-  return Model3dDescriptorOf(store, tag, files, /*check_zero_count=*/true);
+  ModelFiles reader(store, tag, Rule::kDeepSpeed);
+  return Model3dDescriptorOf(reader, tag, files, Rule::kDeepSpeed);
 }
 
 Result<TagLayout> DiscoverTagLayout(const Store& store, const std::string& tag) {
   TagLayout t;
   ASSIGN_OR_RETURN(t.files, ListDeepSpeedFiles(store, tag));
-  Result<Model3dDesc> degrees =
-      Model3dDescriptorOf(store, tag, t.files, /*check_zero_count=*/false);
-  if (!degrees.ok()) {
-    // A tag with DeepSpeed model files whose files or recorded dimensions
-    // do not fit together is damaged, not a wrong argument.
-    const bool deepspeed = !t.files.model.empty() || !t.files.zero_model.empty();
-    if (deepspeed && degrees.status().IsInvalidArgument()) {
-      return Status::Corruption(degrees.status().message());
-    }
-    return degrees.status();
-  }
-  t.degrees = *degrees;
+  ModelFiles reader(store, tag, Rule::kStored);
+  ASSIGN_OR_RETURN(t.degrees, Model3dDescriptorOf(reader, tag, t.files, Rule::kStored));
   t.universal = !t.files.universal_optim.empty();
   if (!t.files.model_by_mp.empty()) {
-    ASSIGN_OR_RETURN(SavedDims d, ReadSavedDims(store, tag, t.files.model_by_mp.begin()->second));
-    if (std::optional<int> dp = SavedDpDegree(d)) t.degrees.dp = *dp;
+    // Read already: it is one of the model files the descriptor agreed on.
+    ASSIGN_OR_RETURN(const SavedDims* d, reader.Saved(t.files.model_by_mp.begin()->second));
+    if (std::optional<int> dp = SavedDpDegree(*d)) t.degrees.dp = *dp;
   }
   return t;
 }

@@ -395,6 +395,27 @@ TEST_CASE("the 3D descriptor of a stored tag", "[unit][checkpoint]") {
   CHECK(GetModel3dDescriptor(b.store(), "no-such-tag").status().IsNotFound());
 }
 
+TEST_CASE("regression: recorded degrees whose product overflows an int are refused",
+          "[unit][checkpoint]") {
+  TempDir dir;
+  TagBuilder b(dir.path());
+  // 65536 x 65536 wraps a 32-bit product to 0; the check must see 2^32.
+  const auto huge = std::make_pair(65536, 65536);
+  b.Begin("huge");
+  b.Save(ModelFileName(0), ModelState(0, 0, 1, 2, true, huge));
+  b.Save(ModelFileName(1), ModelState(0, 1, 1, 2, true, huge));
+  b.Commit();
+  auto d = GetModel3dDescriptor(b.store(), "huge");
+  REQUIRE(!d.ok());
+  CHECK(d.status().IsInvalidArgument());
+  CHECK_THAT(d.status().message(), Catch::Contains("4294967296 model files"));
+  // The queries read the same tag as damaged.
+  auto t = DiscoverTagLayout(b.store(), "huge");
+  REQUIRE(!t.ok());
+  CHECK(t.status().IsCorruption());
+  CHECK_THAT(t.status().message(), Catch::Contains("4294967296 model files"));
+}
+
 TEST_CASE("ZeROCheckpoint merges a target rank's files as DeepSpeed does", "[unit][checkpoint]") {
   TempDir dir;
   TagBuilder b(dir.path());

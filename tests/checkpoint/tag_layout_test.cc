@@ -51,6 +51,17 @@ TEST_CASE("SavedTpDegree: tp_degree, else mp_world_size, else 1", "[unit][checkp
   CHECK(SavedTpDegree(d).status().IsInvalidArgument());
 }
 
+TEST_CASE("SavedDpDegree: dp_world_size when it is a degree", "[unit][checkpoint]") {
+  SavedDims d;
+  CHECK_FALSE(SavedDpDegree(d).has_value());
+  for (int64_t bad : {int64_t{0}, int64_t{-3}, int64_t{1} << 40}) {
+    d.dp_world_size = bad;
+    CHECK_FALSE(SavedDpDegree(d).has_value());
+  }
+  d.dp_world_size = 4;
+  CHECK(SavedDpDegree(d) == 4);
+}
+
 TEST_CASE("ClassifyFiles: top-level files by rank, the universal optimizer file by name",
           "[unit][checkpoint]") {
   const auto c = ClassifyFiles({
