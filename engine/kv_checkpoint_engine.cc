@@ -91,6 +91,27 @@ Result<at::Tensor> LoadTensor(const Store& store, const std::string& tag, const 
 
 }  // namespace
 
+Result<SaveReport> SaveEncodedFile(Store& store, const std::string& tag, const std::string& file,
+                                   EncodedState encoded,
+                                   const TensorPlacer::Placements& placements) {
+  const std::string where = FileName(tag, file);
+  RETURN_IF_ERROR(store.ClearFile(tag, file));
+  SaveReport report;
+  for (const auto& st : encoded.tensors) {
+    WriteStats stats;
+    auto pl = placements.find(st.tensor.unsafeGetTensorImpl());
+    const Placement* placement = pl == placements.end() ? nullptr : &pl->second;
+    RETURN_IF_ERROR(TorchCall(TorchErrorKind::kUserValue, where, [&] {
+      ASSIGN_OR_RETURN(stats, SaveTensor(store, tag, file, st.param, st.tensor, placement));
+      return Status::OK();
+    }));
+    report.stats.Add(stats);
+    report.tensors++;
+  }
+  RETURN_IF_ERROR(store.PutFile(tag, file, std::move(encoded.tree)));
+  return report;
+}
+
 KvCheckpointEngine::KvCheckpointEngine(KvEngineConfig config)
     : CheckpointEngine("KvCheckpointEngine"), config_(std::move(config)) {}
 
@@ -193,21 +214,8 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
   EncodedState encoded = ValueOrThrow(EncodeState(state_dict, where));
   TensorPlacer::Placements placements;
   if (config_.placer) placements = config_.placer->Place(target.tag, target.file, state_dict);
-  ThrowIfError(store_->ClearFile(target.tag, target.file));
-  SaveReport report;
-  for (const auto& st : encoded.tensors) {
-    WriteStats stats;
-    auto pl = placements.find(st.tensor.unsafeGetTensorImpl());
-    const Placement* placement = pl == placements.end() ? nullptr : &pl->second;
-    ThrowIfError(TorchCall(TorchErrorKind::kUserValue, where, [&] {
-      ASSIGN_OR_RETURN(
-          stats, SaveTensor(*store_, target.tag, target.file, st.param, st.tensor, placement));
-      return Status::OK();
-    }));
-    report.stats.Add(stats);
-    report.tensors++;
-  }
-  ThrowIfError(store_->PutFile(target.tag, target.file, std::move(encoded.tree)));
+  SaveReport report =
+      ValueOrThrow(SaveEncodedFile(*store_, target.tag, target.file, std::move(encoded), placements));
   last_save_ = report;
   spdlog::debug("[ckptkv] saved {}: {} tensors, {} bytes, {} new", where, report.tensors,
                 report.stats.logical_bytes, report.stats.new_bytes);

@@ -53,6 +53,16 @@ struct SaveReport {
   uint64_t tensors = 0;
 };
 
+struct EncodedState;
+
+// The store half of KvCheckpointEngine::save, shared with the Python
+// package: replaces `file` of the pending `tag` by the encoded value, each
+// tensor stored with its placement (when `placements` has one). Errors
+// name tag/file:param.
+Result<SaveReport> SaveEncodedFile(Store& store, const std::string& tag, const std::string& file,
+                                   EncodedState encoded,
+                                   const TensorPlacer::Placements& placements);
+
 class KvCheckpointEngine : public CheckpointEngine {
  public:
   explicit KvCheckpointEngine(KvEngineConfig config = {});

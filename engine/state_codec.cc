@@ -65,23 +65,8 @@ c10::TypePtr TypeOfKind(fb::NodeKind k) {
   }
 }
 
-std::string EscapeComponent(const std::string& s) {
-  std::string out;
-  out.reserve(s.size());
-  for (char c : s) {
-    if (c == '%') {
-      out += "%25";
-    } else if (c == '/') {
-      out += "%2F";
-    } else {
-      out.push_back(c);
-    }
-  }
-  return out;
-}
-
 std::string KeyComponent(const c10::IValue& key) {
-  if (key.isString()) return EscapeComponent(key.toStringRef());
+  if (key.isString()) return StateTreeWriter::EscapeComponent(key.toStringRef());
   if (key.isInt()) return std::to_string(key.toInt());
   if (key.isBool()) return key.toBool() ? "True" : "False";
   if (key.isDouble()) return std::to_string(key.toDouble());
@@ -90,18 +75,12 @@ std::string KeyComponent(const c10::IValue& key) {
 
 class Encoder {
  public:
-  explicit Encoder(std::string where) : where_(std::move(where)) {}
+  explicit Encoder(std::string where) : where_(std::move(where)), w_(where_) {}
 
   Result<EncodedState> Run(const c10::IValue& state) {
     auto root = Encode(state, "", 0);
     if (!status_.ok()) return status_;
-    uint64_t logical = 0;
-    for (const auto& t : tensors_) logical += t.tensor.numel() * t.tensor.element_size();
-    b_.Finish(fb::CreateStateTree(b_, root, static_cast<uint32_t>(tensors_.size()), logical));
-    EncodedState out;
-    out.tree.assign(reinterpret_cast<const char*>(b_.GetBufferPointer()), b_.GetSize());
-    out.tensors = std::move(tensors_);
-    return out;
+    return w_.Finish(root);
   }
 
  private:
@@ -112,61 +91,15 @@ class Encoder {
     }
   }
 
-  std::string Child(const std::string& path, const std::string& comp) {
-    return path.empty() ? comp : path + "/" + comp;
-  }
-
-  // A unique param path for a tensor at `path` (dict keys may collide
-  // after escaping, e.g. int 0 and string "0").
-  std::string UniqueParam(std::string path) {
-    if (path.empty()) path = "tensor";
-    std::string p = path;
-    for (int n = 1; used_params_.count(p); ++n) p = path + "~" + std::to_string(n);
-    used_params_.insert({p, true});
-    return p;
+  static std::string Child(const std::string& path, const std::string& comp) {
+    return StateTreeWriter::ChildPath(path, comp);
   }
 
   NodeOffset EncodeTensor(const at::Tensor& t, const std::string& path) {
-    if (!t.defined()) {
-      fb::NodeBuilder nb(b_);
-      nb.add_kind(fb::NodeKind::None);
-      return nb.Finish();
-    }
-    if (t.layout() != c10::kStrided) {
-      Fail(path, "is a " + std::string(c10::toString(t.layout())) +
-                     " tensor; only dense (strided) tensors can be saved");
-      return 0;
-    }
-    if (t.is_quantized()) {
-      Fail(path, "is a quantized tensor; dequantize it before saving");
-      return 0;
-    }
-    auto dtype = ToDType(t.scalar_type(), where_ + ":" + path);
-    if (!dtype.ok()) {
-      if (status_.ok()) status_ = dtype.status();
-      return 0;
-    }
-    // Two references to the same tensor view are stored once.
-    auto key = std::make_tuple(t.storage().unsafeGetStorageImpl(), t.storage_offset(),
-                               t.sizes().vec(), t.strides().vec(), t.scalar_type());
-    std::string param;
-    auto it = aliases_.find(key);
-    if (it != aliases_.end() && t.storage().unsafeGetStorageImpl() != nullptr && t.numel() > 0) {
-      param = it->second;
-    } else {
-      param = UniqueParam(path);
-      aliases_[key] = param;
-      tensors_.push_back(StateTensor{param, t});
-    }
-    auto s = b_.CreateString(param);
-    // A meta tensor stands for a tensor whose bytes are stored separately
-    // (planned files of a reshape); it loads on the CPU.
-    auto dev = b_.CreateString(t.is_meta() ? std::string("cpu") : t.device().str());
-    fb::NodeBuilder nb(b_);
-    nb.add_kind(fb::NodeKind::Tensor);
-    nb.add_s(s);
-    nb.add_device(dev);
-    return nb.Finish();
+    NodeOffset out = 0;
+    Status s = w_.Tensor(t, path, &out);
+    if (!s.ok() && status_.ok()) status_ = s;
+    return out;
   }
 
   NodeOffset Encode(const c10::IValue& v, const std::string& path, int depth) {
@@ -177,46 +110,46 @@ class Encoder {
     }
     if (v.isTensor()) return EncodeTensor(v.toTensor(), path);
     if (v.isNone()) {
-      fb::NodeBuilder nb(b_);
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::None);
       return nb.Finish();
     }
     if (v.isBool()) {
-      fb::NodeBuilder nb(b_);
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::Bool);
       nb.add_b(v.toBool());
       return nb.Finish();
     }
     if (v.isInt()) {
-      fb::NodeBuilder nb(b_);
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::Int);
       nb.add_i(v.toInt());
       return nb.Finish();
     }
     if (v.isDouble()) {
-      fb::NodeBuilder nb(b_);
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::Double);
       nb.add_d(v.toDouble());
       return nb.Finish();
     }
     if (v.isComplexDouble()) {
       auto c = v.toComplexDouble();
-      fb::NodeBuilder nb(b_);
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::ComplexDouble);
       nb.add_d(c.real());
       nb.add_d_imag(c.imag());
       return nb.Finish();
     }
     if (v.isString()) {
-      auto s = b_.CreateString(v.toStringRef());
-      fb::NodeBuilder nb(b_);
+      auto s = w_.fbb().CreateString(v.toStringRef());
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::String);
       nb.add_s(s);
       return nb.Finish();
     }
     if (v.isDevice()) {
-      auto s = b_.CreateString(v.toDevice().str());
-      fb::NodeBuilder nb(b_);
+      auto s = w_.fbb().CreateString(v.toDevice().str());
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::Device);
       nb.add_s(s);
       return nb.Finish();
@@ -228,8 +161,8 @@ class Encoder {
       for (size_t i = 0; i < list.size(); ++i) {
         items.push_back(Encode(list[i], Child(path, std::to_string(i)), depth + 1));
       }
-      auto vec = b_.CreateVector(items);
-      fb::NodeBuilder nb(b_);
+      auto vec = w_.fbb().CreateVector(items);
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::List);
       nb.add_items(vec);
       nb.add_elem_kind(KindOfType(v.type()->containedType(0)));
@@ -242,8 +175,8 @@ class Encoder {
       for (size_t i = 0; i < elems.size(); ++i) {
         items.push_back(Encode(elems[i], Child(path, std::to_string(i)), depth + 1));
       }
-      auto vec = b_.CreateVector(items);
-      fb::NodeBuilder nb(b_);
+      auto vec = w_.fbb().CreateVector(items);
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::Tuple);
       nb.add_items(vec);
       return nb.Finish();
@@ -263,9 +196,9 @@ class Encoder {
         keys.push_back(Encode(k, path, depth + 1));
         items.push_back(Encode(entry.value(), Child(path, KeyComponent(k)), depth + 1));
       }
-      auto kvec = b_.CreateVector(keys);
-      auto ivec = b_.CreateVector(items);
-      fb::NodeBuilder nb(b_);
+      auto kvec = w_.fbb().CreateVector(keys);
+      auto ivec = w_.fbb().CreateVector(items);
+      fb::NodeBuilder nb(w_.fbb());
       nb.add_kind(fb::NodeKind::Dict);
       nb.add_keys(kvec);
       nb.add_items(ivec);
@@ -281,13 +214,7 @@ class Encoder {
 
   std::string where_;
   Status status_;
-  FlatBufferBuilder b_{4096};
-  std::vector<StateTensor> tensors_;
-  std::map<std::string, bool> used_params_;
-  std::map<
-      std::tuple<const void*, int64_t, std::vector<int64_t>, std::vector<int64_t>, c10::ScalarType>,
-      std::string>
-      aliases_;
+  StateTreeWriter w_;
 };
 
 class Decoder {
@@ -318,6 +245,22 @@ class Decoder {
         if (!n->s()) return Corrupt("device node without a value");
         if (std::optional<c10::Device> d = ParseDevice(n->s()->str())) return c10::IValue(*d);
         return Corrupt("device node holds an invalid device string");
+      case fb::NodeKind::Bytes:
+        // LibTorch has no bytes value: a std::string holds them as they are.
+        return c10::IValue(n->data() ? std::string(reinterpret_cast<const char*>(n->data()->data()),
+                                                   n->data()->size())
+                                     : std::string());
+      case fb::NodeKind::BigInt:
+        if (!n->s() || !IsDecimalInteger(n->s()->string_view())) {
+          return Corrupt("big-int node does not hold decimal digits");
+        }
+        return c10::IValue(n->s()->str());
+      case fb::NodeKind::Object:
+        // A Python object (saved by the Python package) reads as its
+        // payload: a set as its list, an OrderedDict as its dict, an enum as
+        // its value, a dataclass as the dict of its fields.
+        if (!n->items() || n->items()->size() == 0) return Corrupt("object node without a payload");
+        return Decode(n->items()->Get(0), depth + 1);
       case fb::NodeKind::Tensor: {
         if (!n->s()) return Corrupt("tensor node without a param path");
         std::string param = n->s()->str();
@@ -357,17 +300,21 @@ class Decoder {
                          " values");
         for (size_t i = 0; i < nk; ++i) {
           const fb::Node* key = n->keys()->Get(i);
-          switch (key ? key->kind() : fb::NodeKind::None) {
+          const fb::Node* key_value = ValueOf(key);
+          switch (key_value ? key_value->kind() : fb::NodeKind::None) {
             case fb::NodeKind::Int:
             case fb::NodeKind::String:
             case fb::NodeKind::Double:
             case fb::NodeKind::Bool:
             case fb::NodeKind::ComplexDouble:
             case fb::NodeKind::Tensor:
+            case fb::NodeKind::Bytes:
+            case fb::NodeKind::BigInt:
               break;
             default:
               return Corrupt("dict key " + std::to_string(i) +
-                             " is not of a hashable kind (int, str, float, bool, complex, tensor)");
+                             " is not of a kind LibTorch can hash (int, str, float, bool, complex, "
+                             "tensor, bytes)");
           }
           ASSIGN_OR_RETURN(c10::IValue k, Decode(key, depth + 1));
           ASSIGN_OR_RETURN(c10::IValue v, Decode(n->items()->Get(i), depth + 1));
@@ -390,6 +337,87 @@ class Decoder {
 };
 
 }  // namespace
+
+std::string StateTreeWriter::EscapeComponent(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  for (char c : s) {
+    if (c == '%') {
+      out += "%25";
+    } else if (c == '/') {
+      out += "%2F";
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+std::string StateTreeWriter::ChildPath(const std::string& path, const std::string& component) {
+  return path.empty() ? component : path + "/" + component;
+}
+
+std::string StateTreeWriter::UniqueParam(std::string path) {
+  if (path.empty()) path = "tensor";
+  std::string p = path;
+  for (int n = 1; used_params_.count(p); ++n) p = path + "~" + std::to_string(n);
+  used_params_.insert(p);
+  return p;
+}
+
+Status StateTreeWriter::Tensor(const at::Tensor& t, const std::string& path,
+                               flatbuffers::Offset<fb::Node>* out) {
+  auto fail = [&](const std::string& what) {
+    return Status::InvalidArgument(where_ + ": value at '" + (path.empty() ? "/" : path) + "' " +
+                                   what);
+  };
+  if (!t.defined()) {
+    fb::NodeBuilder nb(b_);
+    nb.add_kind(fb::NodeKind::None);
+    *out = nb.Finish();
+    return Status::OK();
+  }
+  if (t.layout() != c10::kStrided) {
+    return fail("is a " + std::string(c10::toString(t.layout())) +
+                " tensor; only dense (strided) tensors can be saved");
+  }
+  if (t.is_quantized()) return fail("is a quantized tensor; dequantize it before saving");
+  ASSIGN_OR_RETURN(fb::DType dtype, ToDType(t.scalar_type(), where_ + ":" + path));
+  (void)dtype;
+  // Two references to the same tensor view are stored once.
+  auto key = std::make_tuple(static_cast<const void*>(t.storage().unsafeGetStorageImpl()),
+                             t.storage_offset(), t.sizes().vec(), t.strides().vec(),
+                             static_cast<int>(t.scalar_type()));
+  std::string param;
+  auto it = aliases_.find(key);
+  if (it != aliases_.end() && t.storage().unsafeGetStorageImpl() != nullptr && t.numel() > 0) {
+    param = it->second;
+  } else {
+    param = UniqueParam(path);
+    aliases_[key] = param;
+    tensors_.push_back(StateTensor{param, t});
+  }
+  auto s = b_.CreateString(param);
+  // A meta tensor stands for a tensor whose bytes are stored separately
+  // (planned files of a reshape); it loads on the CPU.
+  auto dev = b_.CreateString(t.is_meta() ? std::string("cpu") : t.device().str());
+  fb::NodeBuilder nb(b_);
+  nb.add_kind(fb::NodeKind::Tensor);
+  nb.add_s(s);
+  nb.add_device(dev);
+  *out = nb.Finish();
+  return Status::OK();
+}
+
+EncodedState StateTreeWriter::Finish(flatbuffers::Offset<fb::Node> root) {
+  uint64_t logical = 0;
+  for (const auto& t : tensors_) logical += t.tensor.numel() * t.tensor.element_size();
+  b_.Finish(fb::CreateStateTree(b_, root, static_cast<uint32_t>(tensors_.size()), logical));
+  EncodedState out;
+  out.tree.assign(reinterpret_cast<const char*>(b_.GetBufferPointer()), b_.GetSize());
+  out.tensors = std::move(tensors_);
+  return out;
+}
 
 Result<EncodedState> EncodeState(const c10::IValue& state, const std::string& where) {
   return TorchCall(TorchErrorKind::kUserValue, where, [&] { return Encoder(where).Run(state); });

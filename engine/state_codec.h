@@ -19,6 +19,9 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <set>
+#include <tuple>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -38,6 +41,40 @@ struct StateTensor {
 struct EncodedState {
   std::string tree;                  // StateTree record bytes
   std::vector<StateTensor> tensors;  // distinct tensors to store
+};
+
+// Builds one StateTree record: the node builder every encoder of saved
+// values shares (EncodeState here, the Python package's encoder), with the
+// rules for tensors: param paths made unique ("~1", "~2", ...), one record
+// per distinct view (same storage, offset, sizes, strides, dtype), dense
+// tensors of a storable dtype only.
+class StateTreeWriter {
+ public:
+  explicit StateTreeWriter(std::string where) : where_(std::move(where)) {}
+
+  flatbuffers::FlatBufferBuilder& fbb() { return b_; }
+  // A Tensor node for `t` found at `path` (an undefined tensor is None).
+  // InvalidArgument naming `where` and `path` for a tensor that cannot be
+  // stored (sparse, quantized, an unsupported dtype).
+  Status Tensor(const at::Tensor& t, const std::string& path, flatbuffers::Offset<fb::Node>* out);
+  // Finishes the record with `root`; the writer is spent afterwards.
+  EncodedState Finish(flatbuffers::Offset<fb::Node> root);
+
+  // A dict key or index as one component of a param path ('%' and '/'
+  // escaped as %25 and %2F), and a path joined with one.
+  static std::string EscapeComponent(const std::string& s);
+  static std::string ChildPath(const std::string& path, const std::string& component);
+
+ private:
+  std::string UniqueParam(std::string path);
+
+  std::string where_;
+  flatbuffers::FlatBufferBuilder b_{4096};
+  std::vector<StateTensor> tensors_;
+  std::set<std::string> used_params_;
+  std::map<std::tuple<const void*, int64_t, std::vector<int64_t>, std::vector<int64_t>, int>,
+           std::string>
+      aliases_;
 };
 
 // `where` names the file in error messages. Fails with InvalidArgument for

@@ -100,4 +100,12 @@ size_t DTypeSize(fb::DType dtype) {
   return 0;
 }
 
+const fb::Node* ValueOf(const fb::Node* node) {
+  for (int hops = 0; node != nullptr && node->kind() == fb::NodeKind::Object; ++hops) {
+    if (hops == 16 || node->items() == nullptr || node->items()->size() == 0) return nullptr;
+    node = node->items()->Get(0);
+  }
+  return node;
+}
+
 }  // namespace ckptkv

@@ -26,6 +26,14 @@ const char* DTypeName(fb::DType dtype);
 // Bytes per element of a DType.
 size_t DTypeSize(fb::DType dtype);
 
+// What a state-tree node stands for to a reader that does not rebuild
+// Python objects (the C++ engine, the queries, kv-browser's values): an
+// Object node's payload (items[0]: a set's List, an OrderedDict's Dict, an
+// enum's value, a dataclass's Dict of fields), through at most 16 nested
+// Objects; any other node, itself. nullptr for nullptr or an Object without
+// a payload (which verification refuses).
+const fb::Node* ValueOf(const fb::Node* node);
+
 }  // namespace ckptkv
 
 #endif  // CKPTKV_SCHEMA_RECORDS_H_

@@ -170,9 +170,41 @@ Status CheckTensorRecord(const fb::TensorRecord& r, const std::string& where) {
 
 size_t StateTreeNodeBudget(size_t bytes) { return bytes / 4 + 16; }
 
+bool IsDecimalInteger(std::string_view s) {
+  if (!s.empty() && s.front() == '-') s.remove_prefix(1);
+  if (s.empty() || s.size() > kMaxBigIntDigits) return false;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+  }
+  return true;
+}
+
 namespace {
 
 struct TreeWalk {
+  Status CheckBigInt(const fb::Node* n) const {
+    if (!n->s() || !IsDecimalInteger(n->s()->string_view())) {
+      return Bad(where, "big-int node does not hold decimal digits");
+    }
+    return Status::OK();
+  }
+
+  Status CheckObject(const fb::Node* n) const {
+    if (!n->s() || n->s()->size() == 0 || n->s()->string_view().find(':') == std::string_view::npos) {
+      return Bad(where, "object node does not name its class as module:qualname");
+    }
+    if (n->i() < 0 || n->i() > static_cast<int64_t>(fb::ObjectForm::MAX)) {
+      return Bad(where, "object node of " + n->s()->str() + " has unknown form " +
+                            std::to_string(n->i()));
+    }
+    const size_t items = n->items() ? n->items()->size() : 0;
+    if (items < 1 || items > 2) {
+      return Bad(where, "object node of " + n->s()->str() + " has " + std::to_string(items) +
+                            " payload values; 1 or 2 are valid");
+    }
+    return Status::OK();
+  }
+
   const std::string& where;
   size_t budget;
   std::vector<std::string>* paths;
@@ -198,6 +230,13 @@ struct TreeWalk {
         if (!n->s() || n->s()->size() == 0) return Bad(where, "tensor node has no param path");
         paths->push_back(n->s()->str());
         return Status::OK();
+      case fb::NodeKind::Bytes:
+        return Status::OK();
+      case fb::NodeKind::BigInt:
+        return CheckBigInt(n);
+      case fb::NodeKind::Object:
+        RETURN_IF_ERROR(CheckObject(n));
+        break;
       case fb::NodeKind::List:
       case fb::NodeKind::Tuple:
       case fb::NodeKind::Dict:

@@ -40,6 +40,11 @@ Status CheckPlacementRecord(const fb::Placement& p, const std::vector<int64_t>& 
 // Corruption, however it passed verification.
 size_t StateTreeNodeBudget(size_t bytes);
 
+// A BigInt node's text: an optional '-' and 1 to kMaxBigIntDigits decimal
+// digits (Python's own default limit for int <-> str).
+constexpr size_t kMaxBigIntDigits = 4300;
+bool IsDecimalInteger(std::string_view s);
+
 // Walks a verified state tree within its node budget and lists the param
 // paths of its tensor nodes (in tree order, repeats included). Corruption
 // for a node of unknown kind, a tensor node without a path, a dict whose

@@ -87,6 +87,7 @@ std::string PathString(const KeyPath& path) {
 }
 
 const fb::Node* Child(const fb::Node* node, const std::string& component) {
+  node = ValueOf(node);
   if (node == nullptr) return nullptr;
   switch (node->kind()) {
     case fb::NodeKind::Dict: {
@@ -127,11 +128,13 @@ const fb::Node* FindPath(const fb::Node* node, const KeyPath& path) {
 }
 
 std::optional<int64_t> AsInt(const fb::Node* node) {
+  node = ValueOf(node);
   if (node == nullptr || node->kind() != fb::NodeKind::Int) return std::nullopt;
   return node->i();
 }
 
 std::optional<double> AsDouble(const fb::Node* node) {
+  node = ValueOf(node);
   if (node == nullptr) return std::nullopt;
   if (node->kind() == fb::NodeKind::Double) return node->d();
   if (node->kind() == fb::NodeKind::Int) return static_cast<double>(node->i());
@@ -139,18 +142,24 @@ std::optional<double> AsDouble(const fb::Node* node) {
 }
 
 std::optional<std::string> AsString(const fb::Node* node) {
+  node = ValueOf(node);
   if (node == nullptr || node->kind() != fb::NodeKind::String) return std::nullopt;
   return node->s() ? node->s()->str() : std::string();
 }
 
 std::optional<bool> AsBool(const fb::Node* node) {
+  node = ValueOf(node);
   if (node == nullptr || node->kind() != fb::NodeKind::Bool) return std::nullopt;
   return node->b();
 }
 
-bool IsNone(const fb::Node* node) { return node == nullptr || node->kind() == fb::NodeKind::None; }
+bool IsNone(const fb::Node* node) {
+  node = ValueOf(node);
+  return node == nullptr || node->kind() == fb::NodeKind::None;
+}
 
 std::optional<std::string> TensorParam(const fb::Node* node) {
+  node = ValueOf(node);
   if (node == nullptr || node->kind() != fb::NodeKind::Tensor || node->s() == nullptr) {
     return std::nullopt;
   }
@@ -172,6 +181,7 @@ std::string KeyText(const fb::Node* key) {
 }
 
 std::vector<std::pair<const fb::Node*, const fb::Node*>> DictEntries(const fb::Node* node) {
+  node = ValueOf(node);
   std::vector<std::pair<const fb::Node*, const fb::Node*>> out;
   if (node == nullptr || node->kind() != fb::NodeKind::Dict || node->keys() == nullptr ||
       node->items() == nullptr) {
@@ -184,6 +194,7 @@ std::vector<std::pair<const fb::Node*, const fb::Node*>> DictEntries(const fb::N
 }
 
 std::vector<const fb::Node*> Items(const fb::Node* node) {
+  node = ValueOf(node);
   std::vector<const fb::Node*> out;
   if (node == nullptr ||
       (node->kind() != fb::NodeKind::List && node->kind() != fb::NodeKind::Tuple) ||

@@ -66,6 +66,9 @@ std::string KindName(const fb::Node* node);
 // "a/b/0".
 std::string PathString(const KeyPath& path);
 
+// Every function below sees a Python Object node (an OrderedDict, set,
+// torch.Size, enum, dataclass; docs/format.md) as its payload, ValueOf.
+
 // The child of a Dict (by key), List or Tuple (by index); nullptr if none.
 const fb::Node* Child(const fb::Node* node, const std::string& component);
 // The node at `path` below `node`; nullptr if any step is missing.

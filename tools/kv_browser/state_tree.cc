@@ -65,6 +65,27 @@ class TreeRenderer {
         if (dropped && !any) return std::nullopt;
         return arr;
       }
+      case fb::NodeKind::Bytes: {
+        // Shown as hex, like Python's bytes.hex(), at most 64 bytes of it.
+        static const char* kHex = "0123456789abcdef";
+        std::string hex;
+        const size_t n_bytes = n->data() ? n->data()->size() : 0;
+        for (size_t i = 0; i < n_bytes && i < 64; ++i) {
+          hex += kHex[n->data()->Get(i) >> 4];
+          hex += kHex[n->data()->Get(i) & 15];
+        }
+        json j{{"bytes", n_bytes}, {"hex", hex}};
+        return j;
+      }
+      case fb::NodeKind::BigInt:
+        return json{{"int", n->s() ? n->s()->str() : ""}};
+      case fb::NodeKind::Object: {
+        // {"object": "module:qualname", "value": payload}
+        const fb::Node* payload = n->items() && n->items()->size() ? n->items()->Get(0) : nullptr;
+        auto v = Render(payload, depth + 1);
+        if (!v) return std::nullopt;
+        return json{{"object", n->s() ? n->s()->str() : ""}, {"value", std::move(*v)}};
+      }
       case fb::NodeKind::Dict: {
         json obj = json::object();
         bool dropped = false;
@@ -93,11 +114,13 @@ class TreeRenderer {
     return v;
   }
   static std::string KeyString(const fb::Node* k) {
+    k = ValueOf(k);
     if (k == nullptr) return "";
     switch (k->kind()) {
       case fb::NodeKind::String:
       case fb::NodeKind::Device:
       case fb::NodeKind::Tensor:
+      case fb::NodeKind::BigInt:
         return k->s() ? k->s()->str() : "";
       case fb::NodeKind::Int:
         return std::to_string(k->i());
