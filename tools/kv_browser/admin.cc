@@ -34,17 +34,6 @@ Result<bool> Confirm(const WriteFlags& f, const std::string& what) {
                                  " needs --yes when not run on a terminal");
 }
 
-json GcJson(const GcStats& g, bool dry_run) {
-  return json{{"dry_run", dry_run},
-              {"blocks_scanned", g.blocks_scanned},
-              {"blocks_live", g.blocks_live},
-              {"blocks_removed", g.blocks_removed},
-              {"bytes_removed", g.bytes_removed},
-              {"stored_bytes_removed", g.stored_bytes_removed},
-              {"disk_bytes_before", g.disk_bytes_before},
-              {"disk_bytes_after", g.disk_bytes_after}};
-}
-
 Result<json> DoGc(Browser& b, const WriteFlags& f, bool quiet) {
   ASSIGN_OR_RETURN(GcStats plan, b.store().Gc(/*dry_run=*/true));
   if (!quiet && !f.as_json) {
@@ -130,6 +119,17 @@ Result<std::unique_ptr<Browser>> OpenForWrite(const std::string& db) {
 }
 
 }  // namespace
+
+json GcJson(const GcStats& g, bool dry_run) {
+  return json{{"dry_run", dry_run},
+              {"blocks_scanned", g.blocks_scanned},
+              {"blocks_live", g.blocks_live},
+              {"blocks_removed", g.blocks_removed},
+              {"bytes_removed", g.bytes_removed},
+              {"stored_bytes_removed", g.stored_bytes_removed},
+              {"disk_bytes_before", g.disk_bytes_before},
+              {"disk_bytes_after", g.disk_bytes_after}};
+}
 
 int RunTags(const std::string& db, bool as_json) {
   auto b = Browser::Open(db, Browser::Mode::kReadOnly);

@@ -60,6 +60,8 @@ Result<json> DuReport(Browser& b, const std::string& by, int depth);
 // JSON (docs/kv-browser.md lists its fields), with a progress bar on a
 // terminal. `repair` needs a writable store.
 json VerifyReportJson(const VerifyReport& r);
+// What gc removed (or, with dry_run, would remove), as `gc --json` prints it.
+json GcJson(const GcStats& g, bool dry_run);
 Result<json> VerifyStore(const Store& store, const std::optional<std::string>& tag, bool repair);
 Result<json> VerifyTags(Browser& b, const std::vector<std::string>& tags);
 

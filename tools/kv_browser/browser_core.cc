@@ -55,6 +55,12 @@ Result<std::unique_ptr<Browser>> Browser::Open(const std::string& dir, Mode mode
   return b;
 }
 
+std::unique_ptr<Browser> Browser::Adopt(std::unique_ptr<Store> store, Mode mode) {
+  std::unique_ptr<Browser> b(new Browser(store->dir(), mode));
+  b->store_ = std::move(store);
+  return b;
+}
+
 Status Browser::OpenStore() {
   store_.reset();
   StoreOptions o;

@@ -73,8 +73,16 @@ class Browser {
   // not a store, Busy (kWrite) when another process holds the write lock.
   static Result<std::unique_ptr<Browser>> Open(const std::string& dir, Mode mode);
 
+  // A browser over a store the caller opened (the Python package's Store):
+  // its reports read that store; Refresh reopens it, so callers with
+  // pending tags use Invalidate instead.
+  static std::unique_ptr<Browser> Adopt(std::unique_ptr<Store> store, Mode mode);
+
   // Reopens the store, seeing commits made since it was opened.
   Status Refresh();
+  // Drops the cached tags, contents and block map (after this process
+  // committed or deleted through store()).
+  void Invalidate() { ClearCaches(); }
 
   Store& store() { return *store_; }
   const std::string& dir() const { return dir_; }

@@ -1,0 +1,68 @@
+"""ckptkv: deep-learning checkpoints as deduplicated, content-addressed
+blocks in one RocksDB store.
+
+    import ckptkv
+    ckptkv.save(model.state_dict(), "/ckpt/store", "step100")
+    state = ckptkv.load("/ckpt/store", "step100")
+
+``save``/``load`` are torch.save/torch.load for a store: save commits
+atomically and writes only the chunks the store does not already hold;
+load returns the same Python structure. Nothing is pickled and loading
+never imports a module or runs a class's code (see ckptkv.allow).
+DeepSpeed: ckptkv.deepspeed.KvCheckpointEngine / ckptkv.deepspeed.install.
+"""
+import os
+
+import torch  # first: the extension uses the LibTorch that torch loaded
+
+from . import errors
+from ._ckptkv import _set_error_classes
+from ._objects import Record, allow, allowed, disallow, KNOWN_CLASSES
+from .errors import *  # noqa: F401,F403 - the exception classes
+from .store import SafeOpen, Store, TensorSlice, Writer
+
+_set_error_classes(errors.BY_CODE)
+
+__version__ = "0.1.0"
+
+
+def _open(store, read_only):
+    if isinstance(store, Store):
+        return store, False
+    if isinstance(store, (str, bytes, os.PathLike)):
+        return Store(store, create=not read_only, read_only=read_only), True
+    raise InvalidArgumentError("store must be a path or a ckptkv.Store, not %s"
+                               % type(store).__name__)
+
+
+def save(obj, store, tag, file="state.pt", *, overwrite=False):
+    """Saves ``obj`` as ``file`` of a new tag and commits it atomically.
+
+    ``store`` is a path (created if missing) or an open Store. A tag that
+    exists is AlreadyExistsError unless ``overwrite``. Returns what the
+    commit recorded (files, bytes, new bytes)."""
+    s, owned = _open(store, read_only=False)
+    try:
+        with s.begin(tag, overwrite=overwrite) as w:
+            w.save(obj, file)
+        return w.info
+    finally:
+        if owned:
+            s.close()
+
+
+def load(store, tag="latest", file="state.pt", map_location=None, *, strict=False):
+    """Loads ``file`` of ``tag`` (default: the latest tag), as torch.load.
+
+    ``store`` is a path (opened read-only, so it works beside a writer) or
+    an open Store; ``map_location`` is torch.load's."""
+    s, owned = _open(store, read_only=True)
+    try:
+        return s.load(tag, file, map_location, strict=strict)
+    finally:
+        if owned:
+            s.close()
+
+
+__all__ = ["save", "load", "Store", "Writer", "SafeOpen", "TensorSlice", "Record", "allow",
+           "disallow", "allowed", "KNOWN_CLASSES"] + errors.__all__
