@@ -11,6 +11,7 @@ packages=(
   libxxhash-dev libzstd-dev
   libcli11-dev nlohmann-json3-dev libncurses-dev
   tmux clang-format clang-tidy
+  python3-dev python3-torch pybind11-dev python3-numpy python3-pytest
 )
 
 missing=()

@@ -229,6 +229,7 @@ class PyStore {
     d["requires_grad"] = rec->requires_grad();
     d["chunk_size"] = rec->chunk_size();
     d["inline"] = rec->inline_data() != nullptr;
+    d["placed"] = rec->placement() != nullptr;
     return d;
   }
 
