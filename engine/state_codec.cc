@@ -313,8 +313,8 @@ class Decoder {
               break;
             default:
               return Corrupt("dict key " + std::to_string(i) +
-                             " is not of a kind LibTorch can hash (int, str, float, bool, complex, "
-                             "tensor, bytes)");
+                             " is not of a hashable kind (int, str, float, bool, complex, tensor, "
+                             "bytes)");
           }
           ASSIGN_OR_RETURN(c10::IValue k, Decode(key, depth + 1));
           ASSIGN_OR_RETURN(c10::IValue v, Decode(n->items()->Get(i), depth + 1));

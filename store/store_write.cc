@@ -276,10 +276,16 @@ Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& 
 
 Status Store::PutFile(const std::string& tag, const std::string& file, std::string state_tree) {
   RETURN_IF_ERROR(ValidateFile(file));
-  if (VerifiedStateTree(state_tree) == nullptr) {
+  const fb::StateTree* tree = VerifiedStateTree(state_tree);
+  if (tree == nullptr) {
     return Status::InvalidArgument("state tree of " + FileName(tag, file) +
                                    " is not a valid record");
   }
+  // The checks a reader makes, before the tree is accepted: what would be
+  // Corruption when read back is a bad argument now.
+  std::vector<std::string> params;
+  Status walk = CollectTreeTensors(*tree, state_tree.size(), FileName(tag, file), &params);
+  if (!walk.ok()) return Status::InvalidArgument(walk.message());
   std::lock_guard<std::mutex> lock(impl_->mu_);
   ASSIGN_OR_RETURN(PendingTag * pending, impl_->PendingForSave(tag));
   pending->files[file].tree = std::move(state_tree);

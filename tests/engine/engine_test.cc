@@ -13,6 +13,7 @@
 #include "engine/state_codec.h"
 #include "engine/torch_checkpoint_engine.h"
 #include "store/names.h"
+#include "tests/python_tree.h"
 #include "tests/raw_db.h"
 #include "tests/test_util.h"
 
@@ -470,4 +471,25 @@ TEST_CASE("regression: a stored dict whose key cannot be hashed is Corruption, n
     CHECK(r.status().message().find("hashable") != std::string::npos);
   }
   CHECK(DecodeState(std::string_view(tree_with_key(fb::NodeKind::Bool)), none, "t/f").ok());
+}
+
+TEST_CASE("a file saved from Python decodes in C++ with objects as their payloads",
+          "[unit][engine]") {
+  TensorLoader loader = [](const std::string& param, const std::string&) -> Result<at::Tensor> {
+    CHECK(param == "module/w");
+    return at::ones({4, 8});
+  };
+  auto r = DecodeState(std::string_view(testing::PythonModelTree()), loader, "t/f");
+  REQUIRE(r.ok());
+  const c10::IValue& v = *r;
+  CHECK(DictField(v, "module")->isGenericDict());
+  CHECK(at::equal(DictField(*DictField(v, "module"), "w")->toTensor(), at::ones({4, 8})));
+  CHECK(DictInt(v, "zero_stage") == 2);  // the enum's value
+  CHECK(DictInt(*DictField(v, "frag"), "numel") == 32);
+  const c10::IValue* shapes = DictField(v, "param_shapes");
+  REQUIRE(shapes->isList());
+  CHECK(DictField(shapes->toListRef()[0], "w")->isTuple());     // torch.Size
+  CHECK(DictField(v, "sparse_tensor_module_names")->isList());  // set
+  CHECK(DictField(v, "raw")->toStringRef() == std::string("\0\1x", 3));
+  CHECK(DictField(v, "big")->toStringRef() == "-123456789012345678901234567890");
 }
