@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "schema/records.h"
+#include "tests/python_tree.h"
 #include "store/digest.h"
 #include "tests/fuzz/fuzz_store.h"
 
@@ -142,6 +143,8 @@ int main(int argc, char** argv) {
     }
   }
   Write(out / "state_tree_fuzz", "seed0", Tree());
+  // The Python kinds: OrderedDict, torch.Size, set, enum, dataclass, bytes, big int.
+  Write(out / "state_tree_fuzz", "seed1", ckptkv::testing::PythonModelTree());
   // slice_fuzz: rank (1 byte), dims (int64 each), then the slice text.
   auto slice = [&](const std::vector<int64_t>& shape, const std::string& text) {
     std::string s(1, static_cast<char>(shape.size()));
