@@ -9,9 +9,9 @@
 #include <vector>
 
 #include "schema/records.h"
-#include "tests/python_tree.h"
 #include "store/digest.h"
 #include "tests/fuzz/fuzz_store.h"
+#include "tests/python_tree.h"
 
 using namespace ckptkv;
 namespace fs = std::filesystem;
