@@ -26,4 +26,17 @@ cmake -S "$src/tests/install/consumer" -B "$work/consumer" -G Ninja \
 cmake --build "$work/consumer" -j2 > "$work/build.log" || { cat "$work/build.log"; exit 1; }
 mkdir "$work/store"
 "$work/consumer/consumer" "$work/store"
+# The Python package, when it was built: importable from the prefix alone,
+# and it reads the store the C++ consumer wrote.
+site=$(find "$work/prefix/lib" -maxdepth 3 -type d -path '*dist-packages' | head -n 1)
+if [ -n "$site" ] && [ -d "$site/ckptkv" ]; then
+  python=${CKPTKV_PYTHON:-/usr/bin/python3}
+  (cd "$work" && PYTHONPATH="$site" "$python" -c "
+import sys, ckptkv
+assert ckptkv.__file__.startswith(sys.argv[1]), ckptkv.__file__
+with ckptkv.Store(sys.argv[2], read_only=True) as s:
+    assert s.tags() and s.verify()['ok'], s.tags()
+print('python package: ok')
+" "$site" "$work/store") || { echo "FAIL: the installed Python package"; exit 1; }
+fi
 echo "install test: ok"
