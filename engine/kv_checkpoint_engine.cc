@@ -214,8 +214,8 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
   EncodedState encoded = ValueOrThrow(EncodeState(state_dict, where));
   TensorPlacer::Placements placements;
   if (config_.placer) placements = config_.placer->Place(target.tag, target.file, state_dict);
-  SaveReport report =
-      ValueOrThrow(SaveEncodedFile(*store_, target.tag, target.file, std::move(encoded), placements));
+  SaveReport report = ValueOrThrow(
+      SaveEncodedFile(*store_, target.tag, target.file, std::move(encoded), placements));
   last_save_ = report;
   spdlog::debug("[ckptkv] saved {}: {} tensors, {} bytes, {} new", where, report.tensors,
                 report.stats.logical_bytes, report.stats.new_bytes);

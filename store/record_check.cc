@@ -190,12 +190,13 @@ struct TreeWalk {
   }
 
   Status CheckObject(const fb::Node* n) const {
-    if (!n->s() || n->s()->size() == 0 || n->s()->string_view().find(':') == std::string_view::npos) {
+    if (!n->s() || n->s()->size() == 0 ||
+        n->s()->string_view().find(':') == std::string_view::npos) {
       return Bad(where, "object node does not name its class as module:qualname");
     }
     if (n->i() < 0 || n->i() > static_cast<int64_t>(fb::ObjectForm::MAX)) {
-      return Bad(where, "object node of " + n->s()->str() + " has unknown form " +
-                            std::to_string(n->i()));
+      return Bad(where,
+                 "object node of " + n->s()->str() + " has unknown form " + std::to_string(n->i()));
     }
     const size_t items = n->items() ? n->items()->size() : 0;
     if (items < 1 || items > 2) {
