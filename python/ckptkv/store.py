@@ -6,7 +6,7 @@ import torch
 
 from . import _ckptkv
 from . import _objects
-from .errors import InvalidArgumentError, NotFoundError
+from .errors import CorruptionError, InvalidArgumentError, NotFoundError
 
 _DTYPES = {
     "bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16,
@@ -93,8 +93,9 @@ class Store:
         if not create and not os.path.exists(self.path):
             raise NotFoundError("store '%s' does not exist (pass create=True to make one)"
                                 % self.path)
+        self._threads = int(threads)
         self._s = _ckptkv.Store(self.path, bool(create), bool(read_only), int(chunk_size or 0),
-                                bool(compress), int(threads))
+                                bool(compress), self._threads)
 
     # ------------------------------------------------------------ lifetime
     def close(self):
@@ -162,10 +163,27 @@ class Store:
         allowed come back as ckptkv.Record, or raise UnknownClassError with
         ``strict=True``.
         """
-        tag = self.resolve(tag)
-        where = "%s/%s" % (tag, file)
-        return self._s.load(tag, file, _objects.make_rebuild(where, strict),
-                            tensor_hook(map_location, where))
+        for attempt in range(3):
+            try:
+                resolved = self.resolve(tag)
+                where = "%s/%s" % (resolved, file)
+                return self._s.load(resolved, file, _objects.make_rebuild(where, strict),
+                                    tensor_hook(map_location, where))
+            except (NotFoundError, CorruptionError):
+                # A read-only view opened while a writer flushed can see
+                # `latest` before the tag, or miss a block; the answer is
+                # given only when a fresh view agrees (docs/architecture.md).
+                if not self.read_only or attempt == 2:
+                    raise
+                self.refresh()
+
+    def refresh(self):
+        """A read-only store sees the commits made since it was opened (a
+        writable one always sees its own)."""
+        if self.read_only:
+            fresh = _ckptkv.Store(self.path, False, True, 0, False, self._threads)
+            old, self._s = self._s, fresh
+            old.close()
 
     def safe_open(self, tag="latest", file="state.pt"):
         """Lazy access to the tensors of one file (as safetensors' safe_open)."""

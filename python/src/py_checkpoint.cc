@@ -89,22 +89,17 @@ void CheckNotPending(Store& s, const std::string& out_tag) {
   }
 }
 
-// After a query committed `out_tag` through store(): PyStore's browser
-// caches (Store.tags()) must forget what they listed. PyStore has no
-// public Invalidate; Abort of a tag that is no longer pending does nothing
-// to the store and invalidates the caches. With the GIL held.
-void ForgetCaches(PyStore& ps, const std::string& out_tag) { ps.Abort(out_tag); }
-
 template <typename F>
 pyb::dict RunQuery(PyStore& ps, const std::string& out_tag, F&& query) {
-  Store& s = ps.store();
+  auto held = ps.Hold();
+  Store& s = held->store();
   CheckNotPending(s, out_tag);
   checkpoint::ReshapeReport r;
   {
     pyb::gil_scoped_release nogil;
     r = ValueOrThrow(query(s));
   }
-  ForgetCaches(ps, r.out_tag);
+  ps.Invalidate();  // Store.tags() lists the new tag
   return ReportDict(r);
 }
 
@@ -175,7 +170,8 @@ void BindLayout(pyb::module_& m) {
   m.def(
       "get_model_3d_descriptor",
       [](PyStore& ps, const std::string& tag) {
-        Store& s = ps.store();
+        auto held = ps.Hold();
+        Store& s = held->store();
         pyb::gil_scoped_release nogil;
         return ValueOrThrow(checkpoint::GetModel3dDescriptor(s, tag));
       },
@@ -183,7 +179,8 @@ void BindLayout(pyb::module_& m) {
   m.def(
       "discover_tag_layout",
       [](PyStore& ps, const std::string& tag) {
-        Store& s = ps.store();
+        auto held = ps.Hold();
+        Store& s = held->store();
         checkpoint::TagLayout tl;
         {
           pyb::gil_scoped_release nogil;
@@ -220,7 +217,8 @@ void BindQueries(pyb::module_& m) {
   m.def(
       "plan_reshape",
       [](PyStore& ps, const std::string& tag, int tp, int pp, int dp) {
-        Store& s = ps.store();
+        auto held = ps.Hold();
+        Store& s = held->store();
         checkpoint::ReshapePlan plan;
         {
           pyb::gil_scoped_release nogil;
@@ -269,7 +267,8 @@ void BindQueries(pyb::module_& m) {
       [](PyStore& ps, const std::string& tag, int tp, int pp, int dp, int zero_stage, bool bf16,
          int layers, int64_t hidden, int64_t vocab, int64_t vocab_multiple, int64_t max_positions,
          uint64_t seed, int64_t iteration, bool overwrite, bool set_latest) {
-        Store& s = ps.store();
+        auto held = ps.Hold();
+        Store& s = held->store();
         CheckNotPending(s, tag);
         checkpoint::SynthOptions o;
         o.model.layers = layers;
@@ -285,7 +284,7 @@ void BindQueries(pyb::module_& m) {
           pyb::gil_scoped_release nogil;
           r = ValueOrThrow(checkpoint::Synth(s, tag, o, Write("cpu", overwrite, set_latest)));
         }
-        ForgetCaches(ps, tag);
+        ps.Invalidate();  // Store.tags() lists the new tag
         pyb::dict d;
         d["tag"] = tag;
         d["layout"] = LayoutDict(o.layout);

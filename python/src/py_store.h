@@ -77,34 +77,51 @@ class PyStore {
         std::move(store), read_only ? kvb::Browser::Mode::kReadOnly : kvb::Browser::Mode::kWrite);
   }
 
-  Store& store() {
-    if (!browser_) {
-      ThrowIfError(Status::FailedPrecondition("the store is closed"));
-    }
-    return browser_->store();
+  // The open store, kept alive for the length of the caller's call even if
+  // another thread closes the handle meanwhile. FailedPrecondition once
+  // closed.
+  std::shared_ptr<kvb::Browser> Hold() {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!browser_) ThrowIfError(Status::FailedPrecondition("the store is closed"));
+    return browser_;
+  }
+
+  // Forgets the cached tags and reports (after a query committed a tag
+  // through the store).
+  void Invalidate() {
+    std::lock_guard<std::mutex> l(mu_);
+    if (browser_) browser_->Invalidate();
   }
 
   void Close() {
-    if (!browser_) return;
+    std::shared_ptr<kvb::Browser> last;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!browser_) return;
+      for (const auto& tag : pending_) browser_->store().AbortTag(tag);
+      pending_.clear();
+      last = std::move(browser_);
+    }
+    // The store closes here, or when the last call holding it ends.
     pyb::gil_scoped_release nogil;
-    std::lock_guard<std::mutex> l(mu_);
-    for (const auto& tag : pending_) browser_->store().AbortTag(tag);
-    pending_.clear();
-    browser_.reset();
+    last.reset();
   }
-  bool closed() const { return browser_ == nullptr; }
+  bool closed() {
+    std::lock_guard<std::mutex> l(mu_);
+    return browser_ == nullptr;
+  }
 
   std::string Json(const std::function<Result<kvb::json>(kvb::Browser&)>& f) {
-    Store& s = store();
-    (void)s;
+    auto held = Hold();
     pyb::gil_scoped_release nogil;
     std::lock_guard<std::mutex> l(mu_);
-    kvb::json j = ValueOrThrow(f(*browser_));
+    kvb::json j = ValueOrThrow(f(*held));
     return tools::JsonText(j, -1);
   }
 
   void Begin(const std::string& tag, bool overwrite) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     ThrowIfError(s.BeginTag(tag, overwrite));
     std::lock_guard<std::mutex> l(mu_);
@@ -113,7 +130,8 @@ class PyStore {
 
   pyb::dict Save(const std::string& tag, const std::string& file, pyb::handle value,
                  pyb::handle lower, bool place) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     ThrowIfError(ValidateFile(file));
     if (!s.IsPending(tag)) {
       ThrowIfError(Status::FailedPrecondition("save of " + FileName(tag, file) + ": tag " +
@@ -133,7 +151,8 @@ class PyStore {
   }
 
   pyb::dict Commit(const std::string& tag, bool set_latest, bool overwrite) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     TagInfo info;
     {
       pyb::gil_scoped_release nogil;
@@ -148,7 +167,8 @@ class PyStore {
   }
 
   void Abort(const std::string& tag) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     s.AbortTag(tag);
     std::lock_guard<std::mutex> l(mu_);
@@ -156,36 +176,41 @@ class PyStore {
   }
 
   void Delete(const std::string& tag) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     ThrowIfError(s.DeleteTag(tag));
     std::lock_guard<std::mutex> l(mu_);
-    browser_->Invalidate();
+    held->Invalidate();
   }
 
   std::string Gc(bool dry_run) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     GcStats g = ValueOrThrow(s.Gc(dry_run));
     std::lock_guard<std::mutex> l(mu_);
-    browser_->Invalidate();
+    held->Invalidate();
     return tools::JsonText(kvb::GcJson(g, dry_run), -1);
   }
 
   std::string Verify(const std::optional<std::string>& tag) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     return tools::JsonText(ValueOrThrow(kvb::VerifyStore(s, tag, /*repair=*/false)), -1);
   }
 
   std::optional<std::string> Latest() {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     return ValueOrThrow(s.Latest());
   }
 
   pyb::dict Tag(const std::string& tag) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     TagInfo info;
     {
       pyb::gil_scoped_release nogil;
@@ -195,25 +220,29 @@ class PyStore {
   }
 
   std::vector<std::string> Files(const std::string& tag) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     return ValueOrThrow(s.ListFiles(tag));
   }
 
   std::vector<std::string> Params(const std::string& tag, const std::string& file) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     return ValueOrThrow(s.ListParams(tag, file));
   }
 
   pyb::object Load(const std::string& tag, const std::string& file, pyb::handle rebuild,
                    pyb::handle tensor_hook) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     return DecodePy(s, tag, file, DecodeHooks{rebuild, tensor_hook});
   }
 
   pyb::dict TensorInfo(const std::string& tag, const std::string& file, const std::string& param) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     TensorRecordRef rec;
     {
       pyb::gil_scoped_release nogil;
@@ -234,7 +263,8 @@ class PyStore {
   }
 
   at::Tensor ReadTensor(const std::string& tag, const std::string& file, const std::string& param) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     return ValueOrThrow(ReadStoredTensor(s, tag, file, param));
   }
@@ -243,7 +273,8 @@ class PyStore {
   // a 1-D tensor; only the chunks holding them are read.
   at::Tensor ReadElements(const std::string& tag, const std::string& file, const std::string& param,
                           uint64_t first, uint64_t count) {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     const std::string where = TensorName(tag, file, param);
     TensorRecordRef rec = ValueOrThrow(s.GetTensorRecord(tag, file, param));
@@ -265,11 +296,12 @@ class PyStore {
     return t;
   }
 
-  uint64_t BlockBytesRead() { return store().BlockBytesRead(); }
-  std::string Dir() { return store().dir(); }
-  bool ReadOnly() { return store().read_only(); }
+  uint64_t BlockBytesRead() { return Hold()->store().BlockBytesRead(); }
+  std::string Dir() { return Hold()->store().dir(); }
+  bool ReadOnly() { return Hold()->store().read_only(); }
   uint64_t DiskBytes() {
-    Store& s = store();
+    auto held = Hold();
+    Store& s = held->store();
     pyb::gil_scoped_release nogil;
     return s.DiskBytes();
   }
@@ -303,7 +335,7 @@ class PyStore {
   }
 
   std::mutex mu_;
-  std::unique_ptr<kvb::Browser> browser_;
+  std::shared_ptr<kvb::Browser> browser_;
   std::set<std::string> pending_;
   std::set<std::string> placed_;
   std::shared_ptr<checkpoint::DeepSpeedPlacer> placer_;
