@@ -123,6 +123,12 @@ class PyStore {
     auto held = Hold();
     Store& s = held->store();
     pyb::gil_scoped_release nogil;
+    if (s.IsPending(tag)) {
+      // The store would start it afresh, dropping the other writer's saves.
+      ThrowIfError(Status::FailedPrecondition("tag " + Quote(tag) +
+                                              " is already begun and not committed; commit or "
+                                              "abort its writer first"));
+    }
     ThrowIfError(s.BeginTag(tag, overwrite));
     std::lock_guard<std::mutex> l(mu_);
     pending_.insert(tag);

@@ -64,6 +64,10 @@ def test_writer_commits_many_files_atomically_or_nothing(tmp_path):
                 w2.save(state(3), "a.pt")
                 raise RuntimeError("training crashed")
         assert "u" not in s
+        w2 = s.begin("w")
+        with pytest.raises(ckptkv.FailedPreconditionError, match="already begun"):
+            s.begin("w")  # would drop w2's saves
+        w2.abort()
         w3 = s.begin("v")
         w3.save(state(4), "a.pt")
         w3.abort()
