@@ -903,7 +903,10 @@ def _universal_files(folder):
         for name in os.listdir(folder):
             if name.endswith(".pt") and os.path.isfile(os.path.join(folder, name)):
                 path = os.path.join(folder, name)
-                out[name[:-3]] = lambda p=path: torch.load(p, map_location="cpu")
+                # torch's weights_only unpickler: tensors and plain values,
+                # no class is imported or called (ckptkv never runs pickle).
+                out[name[:-3]] = lambda p=path: torch.load(p, map_location="cpu",
+                                                           weights_only=True)
         return out, None
     found = _find_store(folder)
     if found is None:

@@ -977,10 +977,24 @@ def test_universal_slicing_rules_on_plain_files(tmp_path):
     # two sub-parameters (SwiGLU): each chunked by tp, then joined
     got = load({ck.PARAM: full, ck.CAT_DIM: 0, ck.PARAM_N_SUB_PARAMS: 2}, (2, 4), 2, 3)
     assert torch.equal(got, torch.cat([full[2:3], full[5:6]]))
-    # sub_param_shape: sub-parameters of sizes 4 and 2 on dim 0
+    # sub_param_shape: sub-parameters of sizes 4 and 2 on dim 0. Plain files
+    # are read with torch's weights_only unpickler, so a file holding a class
+    # is refused, never unpickled by running its code.
     sub = ck.SubparamShape(patterns=["x"], shape=((4, 2), 4), partition_dim=0)
-    got = load({ck.PARAM: full, ck.SUB_PARAM_SHAPE: sub}, (3, 4), 1, 2)
-    assert torch.equal(got, torch.cat([full[2:4], full[5:6]]))
+    with pytest.raises(Exception, match="SubparamShape"):
+        load({ck.PARAM: full, ck.SUB_PARAM_SHAPE: sub}, (3, 4), 1, 2)
+    # The same files in a store tag: the object comes back (as a Record, its
+    # class not being allowed) and the rule applies.
+    save_dir = tmp_path / "sd"
+    with ckptkv.Store(save_dir / "ckptkv-store") as store:
+        with store.begin("u") as w:
+            w.save({ck.PARAM: full, ck.SUB_PARAM_SHAPE: sub}, "zero/x/fp32.pt")
+            w.save({ck.PARAM: full * 2, ck.SUB_PARAM_SHAPE: sub}, "zero/x/exp_avg.pt")
+            w.save(torch.tensor(7), "zero/x/step.pt")
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    ck.enable_universal_checkpoint([p])
+    assert int(p.load_hp_checkpoint_state(str(save_dir / "u" / "zero" / "x"), 1, 2)) == 7
+    assert torch.equal(p.detach(), torch.cat([full[2:4], full[5:6]]))
     # vocabulary: rows padded with zeros to shape[0] * tp
     got = load({ck.PARAM: full[:5], ck.CAT_DIM: 0, ck.VOCAB_TENSOR: True}, (3, 4), 1, 2)
     assert torch.equal(got, torch.cat([full[3:5], torch.zeros(1, 4)]))
