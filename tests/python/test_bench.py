@@ -1,0 +1,84 @@
+"""Smoke test of ``python3 -m ckptkv.bench``: one tiny run (4 MiB, two
+repeats) whose JSON has every row with positive figures, and its table. It
+checks that the bench works, never how fast anything is."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckptkv.bench as bench
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    parent = tmp_path_factory.mktemp("bench")
+    # fadvise: a test must not drop the whole machine's page cache.
+    cmd = [sys.executable, "-m", "ckptkv.bench", "--size-mib", "4", "--repeat", "2",
+           "--cache-drop", "fadvise", "--dir", str(parent), "--json"]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout), parent, p.stderr
+
+
+def test_json_has_every_row_with_sane_figures(run):
+    doc, _, _ = run
+    assert doc["equal"] is True and doc["differences"] == []
+    assert doc["cache_drop"] == "fadvise"
+    assert doc["options"]["repeat"] == 2 and len(doc["runs"]) == 2
+    sd = doc["state_dict"]
+    assert sd["logical_bytes"] > 3 << 20 and sd["tensors"] > 0
+    assert 0 < sd["changed_bytes"] < sd["logical_bytes"]
+    assert set(doc["rows"]) == set(bench.ROWS)
+    for r in doc["runs"]:
+        assert set(r) == set(bench.ROWS)
+    for name, row in doc["rows"].items():
+        for key in ("seconds", "mib_s", "time_vs_torch", "throughput_vs_raw", "disk_bytes",
+                    "disk_vs_pt", "logical_bytes", "seconds_min", "seconds_max"):
+            assert row[key] is not None and row[key] > 0, (name, key, row[key])
+        assert row["seconds_min"] <= row["seconds"] <= row["seconds_max"], name
+        for key in ("written_bytes", "read_bytes", "peak_rss_bytes", "peak_rss_delta_bytes"):
+            assert row[key] is None or row[key] >= 0, (name, key, row[key])
+    rows = doc["rows"]
+    assert rows["torch_save"]["time_vs_torch"] == 1.0
+    assert rows["torch_load"]["time_vs_torch"] == 1.0
+    assert rows["raw_write"]["throughput_vs_raw"] == 1.0
+    assert rows["raw_read"]["throughput_vs_raw"] == 1.0
+    # the store's own counts: a first save writes every chunk, an unchanged one none
+    assert rows["ckptkv_save"]["new_bytes"] > 0
+    assert rows["deepspeed_engine_save"]["new_bytes"] > 0
+    assert rows["ckptkv_resave_unchanged"]["new_bytes"] == 0
+    assert 0 < rows["ckptkv_resave_10pct"]["new_bytes"] < rows["ckptkv_save"]["new_bytes"]
+
+
+def test_work_directory_is_removed(run):
+    _, parent, _ = run
+    assert os.listdir(str(parent)) == []
+
+
+def test_table_names_every_row(run):
+    doc, _, _ = run
+    out = io.StringIO()
+    bench.print_table(doc, out)
+    text = out.getvalue()
+    for name in bench.ROWS:
+        assert name in text
+    assert "page cache before loads: fadvise" in text
+    assert "equal the saved state dict: yes" in text
+
+
+def test_state_dict_is_deterministic_and_sized():
+    h, layers, vocab, positions = bench.gpt_shape(4 << 20)
+    shapes = bench.param_shapes(h, layers, vocab, positions)
+    a = bench.Params.generate(shapes, seed=1).state_dict(7)
+    b = bench.Params.generate(shapes, seed=1).state_dict(7)
+    assert bench.difference(a, b) is None
+    assert bench.difference(a, bench.Params.generate(shapes, seed=2).state_dict(7)) is not None
+    logical = sum(bench.nbytes(t) for t in bench.tensors_of(a))
+    assert abs(logical - (4 << 20)) < (1 << 20)
+    assert {t.dtype for t in a["module"].values()} == {torch.bfloat16}
+    assert {t.dtype for t in a["optimizer"]["fp32_master_weights"].values()} == {torch.float32}
