@@ -636,6 +636,10 @@ class Bench:
         self.loaded = out
 
     def torch_load(self, row):
+        # The reference users run: torch.load of the file this run has just
+        # written with torch.save (Debian's torch 1.13 weights_only unpickler
+        # cannot read its floats). The only unpickling in ckptkv's code, of
+        # bytes it made itself; the package never unpickles.
         self.loaded = torch.load(self.pt_path, map_location="cpu")
 
     def kv_load(self, row):
