@@ -324,7 +324,7 @@ def _rebuild_builtin(where, name, payload):
         if name == "torch:Size" and isinstance(v, tuple) and all(type(x) is int for x in v):
             return torch.Size(v)
         if name == "torch:dtype" and isinstance(v, str):
-            d = getattr(torch, v, None) if v.isidentifier() else None
+            d = vars(torch).get(v)  # no getattr: a module __getattr__ could import
             if isinstance(d, torch.dtype):
                 return d
             _bad(where, name, "names no dtype: %r" % v)

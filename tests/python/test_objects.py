@@ -302,3 +302,21 @@ def test_a_container_holding_itself_is_refused(store):
     with pytest.raises(ckptkv.InvalidArgumentError, match="nested more than"):
         w.save(loop, "f.pt")
     w.abort()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("torch:Size", ("a", "b")), ("torch:dtype", "system"), ("torch:dtype", "os.system"),
+    ("builtins:range", (1, 5, 0)), ("builtins:set", "not a list"),
+    ("argparse:Namespace", {1: "int key"}), ("numpy:dtype", "O"),
+    ("numpy:ndarray", ("<f4", (2, 2), b"\x00" * 3)), ("numpy:scalar", ("<f8", b"\x00")),
+    ("os:system", ("echo pwned",)), ("builtins:eval", "1+1"),
+])
+def test_hostile_builtin_records_are_corruption_and_run_nothing(store, name, value):
+    # A Record saved back writes exactly the class name, form and payload it
+    # holds: the way to store records no ckptkv save would make.
+    before = set(sys.modules)
+    with store.begin("t") as w:
+        w.save({"x": ckptkv.Record(name, "builtin", value)}, "f.pt")
+    with pytest.raises(ckptkv.CorruptionError, match=name):
+        store.load("t", "f.pt")
+    assert set(sys.modules) == before
