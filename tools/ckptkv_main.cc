@@ -13,6 +13,7 @@
 //                  [--naive]
 //   ckptkv export-universal --db DIR --tag T [--out-tag T2]
 //   ckptkv import-universal --db DIR --tag T --tp N --pp M --dp K --out-tag T2
+//   ckptkv import --db DIR PATH [--tag T] [--overwrite] [--json]
 //
 // ls, verify, gc and rm are kv-browser's tags, verify, gc and rm
 // (tools/kv_browser/admin.h): the same code, output and JSON.
@@ -26,12 +27,15 @@
 #include <string>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
+#include "checkpoint/query/torch_import.h"
 #include "engine/torch_call.h"
 #include "store/status.h"
 #include "tools/bench.h"
 #include "tools/cli_args.h"
 #include "tools/demo.h"
+#include "tools/json_text.h"
 #include "tools/kv_browser/admin_cli.h"
 #include "tools/kv_browser/text.h"
 #include "tools/reshape_cmd.h"
@@ -39,6 +43,28 @@
 namespace {
 
 namespace kvb = ckptkv::kvb;
+
+int RunImport(const std::string& db, const std::string& path, const std::string& tag,
+              bool overwrite, bool json) {
+  auto store = ckptkv::Store::Open(db, ckptkv::StoreOptions());
+  if (!store.ok()) return kvb::ReportError(store.status());
+  ckptkv::checkpoint::ImportReport r;
+  auto info = ckptkv::checkpoint::ImportPath(**store, path, tag, overwrite, &r);
+  if (!info.ok()) return kvb::ReportError(info.status());
+  if (json) {
+    nlohmann::ordered_json j{{"tag", info->tag},
+                             {"files", r.files},
+                             {"tensors", r.tensors},
+                             {"logical_bytes", r.logical_bytes},
+                             {"new_bytes", r.new_bytes}};
+    std::cout << ckptkv::tools::JsonText(j, 2) << std::endl;
+  } else {
+    std::cout << "imported " << path << " as tag " << info->tag << ": " << r.files << " files, "
+              << r.tensors << " tensors, " << kvb::HumanBytes(r.logical_bytes) << " ("
+              << kvb::HumanBytes(r.new_bytes) << " new)" << std::endl;
+  }
+  return 0;
+}
 
 int Run(int argc, char** argv) {
   using namespace ckptkv::tools;
@@ -103,6 +129,20 @@ int Run(int argc, char** argv) {
   CheckpointCommands checkpoint_cmds;
   checkpoint_cmds.Add(app);
 
+  std::string import_db, import_path, import_tag;
+  bool import_overwrite = false, import_json = false;
+  auto* import_cmd = app.add_subcommand(
+      "import",
+      "import a torch.save file, a DeepSpeed save_dir (its latest tag) or a tag directory into a "
+      "store as one tag, without running pickle (docs/torch-files.md)");
+  import_cmd->add_option("--db", import_db, "store directory (created if missing)")->required();
+  import_cmd->add_option("path", import_path, "the .pt file or the directory")->required();
+  import_cmd->add_option("--tag", import_tag,
+                         "the tag to make (default: what latest names, or the file's or "
+                         "directory's name)");
+  import_cmd->add_flag("--overwrite", import_overwrite, "replace a committed tag of that name");
+  import_cmd->add_flag("--json", import_json, "print one JSON object");
+
   // The admin commands: kv-browser's, each taking --db and --json here.
   std::string db;
   bool json = false;
@@ -130,6 +170,8 @@ int Run(int argc, char** argv) {
   }
   if (*bench_cmd) return RunBench(bench);
   if (auto rc = checkpoint_cmds.Run()) return *rc;
+  if (*import_cmd)
+    return RunImport(import_db, import_path, import_tag, import_overwrite, import_json);
   admin.write.as_json = json;
   if (*ls_cmd) return kvb::RunTags(db, json);
   if (*verify_cmd) return kvb::RunVerify(db, admin.verify_tag(), admin.repair, json);

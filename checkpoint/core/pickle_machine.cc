@@ -70,8 +70,25 @@ namespace {
 // Python 2 module names, as pickle's _compat_pickle maps them for torch's
 // files (torch 0.4-era checkpoints, Python 2 writers).
 std::string MapModule(const std::string& m) {
-  if (m == "__builtin__") return "builtins";
-  if (m == "copy_reg") return "copyreg";
+  // A subset of pickle's _compat_pickle.IMPORT_MAPPING (Python 3's pickler
+  // writes these names at protocols below 3, e.g. subprocess as commands).
+  static const std::pair<const char*, const char*> kMap[] = {{"__builtin__", "builtins"},
+                                                             {"copy_reg", "copyreg"},
+                                                             {"commands", "subprocess"},
+                                                             {"exceptions", "builtins"},
+                                                             {"cPickle", "pickle"},
+                                                             {"UserDict", "collections"},
+                                                             {"UserList", "collections"},
+                                                             {"Queue", "queue"},
+                                                             {"ConfigParser", "configparser"},
+                                                             {"urllib2", "urllib.request"},
+                                                             {"cStringIO", "io"},
+                                                             {"StringIO", "io"},
+                                                             {"thread", "_thread"},
+                                                             {"dummy_thread", "_dummy_thread"}};
+  for (const auto& [py2, py3] : kMap) {
+    if (m == py2) return py3;
+  }
   return m;
 }
 

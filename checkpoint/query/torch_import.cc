@@ -1,0 +1,793 @@
+#include "checkpoint/query/torch_import.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <unordered_map>
+
+#include "checkpoint/core/pickle_machine.h"
+#include "checkpoint/core/zip_archive.h"
+#include "checkpoint/query/placer.h"
+#include "engine/state_codec.h"
+#include "engine/torch_call.h"
+#include "store/names.h"
+
+namespace ckptkv::checkpoint {
+namespace {
+
+namespace fs = std::filesystem;
+using NodeOffset = flatbuffers::Offset<fb::Node>;
+using pickle::Kind;
+using pickle::Value;
+
+constexpr int kMaxDepth = 200;
+constexpr uint64_t kMaxPickleBytes = uint64_t{1} << 30;
+
+struct StorageType {
+  const char* name;
+  fb::DType dtype;
+};
+constexpr StorageType kStorages[] = {
+    {"FloatStorage", fb::DType::Float32},
+    {"DoubleStorage", fb::DType::Float64},
+    {"HalfStorage", fb::DType::Float16},
+    {"BFloat16Storage", fb::DType::BFloat16},
+    {"LongStorage", fb::DType::Int64},
+    {"IntStorage", fb::DType::Int32},
+    {"ShortStorage", fb::DType::Int16},
+    {"CharStorage", fb::DType::Int8},
+    {"ByteStorage", fb::DType::UInt8},
+    {"BoolStorage", fb::DType::Bool},
+    {"ComplexFloatStorage", fb::DType::ComplexFloat},
+    {"ComplexDoubleStorage", fb::DType::ComplexDouble},
+};
+
+// torch's dtype names a GLOBAL may carry (torch.float16 pickles as
+// "torch float16").
+const std::set<std::string>& DtypeNames() {
+  static const std::set<std::string> names{
+      "float32",   "float",  "float64",    "double",  "float16",   "half",  "bfloat16", "int64",
+      "long",      "int32",  "int",        "int16",   "short",     "int8",  "uint8",    "bool",
+      "complex64", "cfloat", "complex128", "cdouble", "complex32", "qint8", "quint8",   "qint32"};
+  return names;
+}
+
+// DeepSpeed's ZeroStageEnum members.
+const std::map<int64_t, std::string>& ZeroStages() {
+  static const std::map<int64_t, std::string> m{
+      {0, "disabled"}, {1, "optimizer_states"}, {2, "gradients"}, {3, "weights"}, {4, "max_stage"}};
+  return m;
+}
+constexpr const char* kZeroStageEnum = "deepspeed.runtime.zero.config.ZeroStageEnum";
+
+// Classes rebuilt from NEWOBJ + BUILD of their __dict__.
+const std::set<std::string>& StateClasses() {
+  static const std::set<std::string> s{"deepspeed.utils.tensor_fragment.fragment_address",
+                                       "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                                       "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                                       "deepspeed.checkpoint.universal_checkpoint.SubparamShape"};
+  return s;
+}
+
+std::string ClassName(const Value* g) { return g->text + ":" + g->name; }
+
+bool ValidUtf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t k = 1; k < n; ++k) {
+      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
+    }
+    i += n;
+  }
+  return true;
+}
+
+// What a tensor's bytes are: a view of one storage entry.
+struct Source {
+  const ZipEntry* entry = nullptr;
+  fb::DType dtype = fb::DType::Float32;
+  std::vector<int64_t> shape, strides;
+  int64_t offset = 0;  // elements
+  bool requires_grad = false;
+};
+
+class Interpreter {
+ public:
+  Interpreter(const ZipArchive& zip, std::string where)
+      : zip_(zip), prefix_(zip.Prefix()), where_(std::move(where)), w_(where_) {}
+
+  Result<EncodedState> Run(const Value* root) {
+    NodeOffset n = 0;
+    RETURN_IF_ERROR(Node(root, "", 0, &n));
+    return w_.Finish(n);
+  }
+  const Source* SourceOf(const at::Tensor& t) const {
+    auto it = sources_.find(t.unsafeGetTensorImpl());
+    return it == sources_.end() ? nullptr : &it->second;
+  }
+
+ private:
+  Status Refuse(const Value* v, const std::string& what) const {
+    return Status::NotSupported(where_ + ": pickle at byte " + std::to_string(v->offset) + ": " +
+                                what);
+  }
+  Status Bad(const Value* v, const std::string& what) const {
+    return Status::Corruption(where_ + ": pickle at byte " + std::to_string(v->offset) + ": " +
+                              what);
+  }
+  flatbuffers::FlatBufferBuilder& b() { return w_.fbb(); }
+
+  NodeOffset Leaf(fb::NodeKind k) {
+    fb::NodeBuilder nb(b());
+    nb.add_kind(k);
+    return nb.Finish();
+  }
+  NodeOffset Text(fb::NodeKind k, const std::string& s) {
+    auto off = b().CreateString(s);
+    fb::NodeBuilder nb(b());
+    nb.add_kind(k);
+    nb.add_s(off);
+    return nb.Finish();
+  }
+  NodeOffset Bytes(const std::string& s) {
+    auto data = b().CreateVector(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+    fb::NodeBuilder nb(b());
+    nb.add_kind(fb::NodeKind::Bytes);
+    nb.add_data(data);
+    return nb.Finish();
+  }
+  NodeOffset Seq(fb::NodeKind k, const std::vector<NodeOffset>& items) {
+    auto vec = b().CreateVector(items);
+    fb::NodeBuilder nb(b());
+    nb.add_kind(k);
+    nb.add_items(vec);
+    return nb.Finish();
+  }
+  NodeOffset Dict(const std::vector<NodeOffset>& keys, const std::vector<NodeOffset>& items) {
+    auto kv = b().CreateVector(keys);
+    auto iv = b().CreateVector(items);
+    fb::NodeBuilder nb(b());
+    nb.add_kind(fb::NodeKind::Dict);
+    nb.add_keys(kv);
+    nb.add_items(iv);
+    return nb.Finish();
+  }
+  NodeOffset Object(const std::string& cls, fb::ObjectForm form,
+                    const std::vector<NodeOffset>& payload) {
+    auto s = b().CreateString(cls);
+    auto vec = b().CreateVector(payload);
+    fb::NodeBuilder nb(b());
+    nb.add_kind(fb::NodeKind::Object);
+    nb.add_s(s);
+    nb.add_i(static_cast<int64_t>(form));
+    nb.add_items(vec);
+    return nb.Finish();
+  }
+
+  static std::string KeyComponent(const Value* k) {
+    if (k->kind == Kind::kString) return StateTreeWriter::EscapeComponent(k->text);
+    if (k->kind == Kind::kInt) return std::to_string(k->i);
+    if (k->kind == Kind::kBool) return k->b ? "True" : "False";
+    return "key";
+  }
+
+  // A dict's entries (k, v, k, v, ...) as a Dict node.
+  Status Entries(const std::vector<const Value*>& kv, const std::string& path, int depth,
+                 NodeOffset* out) {
+    std::vector<NodeOffset> keys, items;
+    for (size_t i = 0; i + 1 < kv.size(); i += 2) {
+      NodeOffset k = 0, v = 0;
+      RETURN_IF_ERROR(Node(kv[i], path, depth + 1, &k));
+      RETURN_IF_ERROR(
+          Node(kv[i + 1], StateTreeWriter::ChildPath(path, KeyComponent(kv[i])), depth + 1, &v));
+      keys.push_back(k);
+      items.push_back(v);
+    }
+    *out = Dict(keys, items);
+    return Status::OK();
+  }
+  Status Items(fb::NodeKind kind, const std::vector<const Value*>& xs, const std::string& path,
+               int depth, NodeOffset* out) {
+    std::vector<NodeOffset> items;
+    for (size_t i = 0; i < xs.size(); ++i) {
+      NodeOffset n = 0;
+      RETURN_IF_ERROR(
+          Node(xs[i], StateTreeWriter::ChildPath(path, std::to_string(i)), depth + 1, &n));
+      items.push_back(n);
+    }
+    *out = Seq(kind, items);
+    return Status::OK();
+  }
+
+  static bool Plain(const Value* v) {
+    return v->state == nullptr && v->appended.empty() && v->set_items.empty();
+  }
+  const Value* Arg(const Value* call, size_t i) const {
+    const Value* args = call->items[1];
+    return i < args->items.size() ? args->items[i] : nullptr;
+  }
+  size_t ArgCount(const Value* call) const { return call->items[1]->items.size(); }
+
+  Status IntList(const Value* v, std::vector<int64_t>* out) {
+    if (v == nullptr || v->kind != Kind::kTuple)
+      return Bad(v, "a shape or stride that is not a tuple");
+    if (v->items.size() > 64) return Bad(v, "a tensor of more than 64 dimensions");
+    out->clear();
+    for (const Value* x : v->items) {
+      if (x->kind != Kind::kInt || x->i < 0)
+        return Bad(v, "a shape or stride that is not of ints >= 0");
+      out->push_back(x->i);
+    }
+    return Status::OK();
+  }
+
+  // torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
+  Status TensorNode(const Value* call, bool requires_grad_arg, const std::string& path,
+                    NodeOffset* out) {
+    if (ArgCount(call) < 4) return Bad(call, "a tensor rebuild with fewer than 4 arguments");
+    const Value* pid = Arg(call, 0);
+    if (pid->kind != Kind::kPersistentId || pid->items[0]->kind != Kind::kTuple ||
+        pid->items[0]->items.size() != 5) {
+      return Bad(call, "a tensor whose storage is not ('storage', type, key, location, numel)");
+    }
+    const auto& p = pid->items[0]->items;
+    if (p[0]->kind != Kind::kString || p[0]->text != "storage" || p[1]->kind != Kind::kGlobal ||
+        p[2]->kind != Kind::kString || p[3]->kind != Kind::kString || p[4]->kind != Kind::kInt ||
+        p[4]->i < 0) {
+      return Bad(pid, "a storage id that is not ('storage', type, key, location, numel)");
+    }
+    const StorageType* st = nullptr;
+    for (const auto& s : kStorages) {
+      if (p[1]->text == "torch" && p[1]->name == s.name) st = &s;
+    }
+    if (st == nullptr)
+      return Refuse(pid, "storage type " + pickle::QualifiedName(p[1]) + " is not read");
+    const std::string& key = p[2]->text;
+    const ZipEntry* entry = zip_.Find(prefix_ + "/data/" + key);
+    if (entry == nullptr)
+      return Bad(pid, "storage " + key + " has no entry " + prefix_ + "/data/" + key);
+    auto [it, fresh] = storage_dtypes_.emplace(key, st->dtype);
+    if (!fresh && it->second != st->dtype) {
+      return Bad(pid, "storage " + key + " is read as two dtypes (" + DTypeName(it->second) +
+                          " and " + DTypeName(st->dtype) + ")");
+    }
+    const uint64_t es = DTypeSize(st->dtype);
+    const auto numel = static_cast<uint64_t>(p[4]->i);
+    uint64_t bytes = 0;
+    if (__builtin_mul_overflow(numel, es, &bytes) || bytes != entry->size) {
+      return Bad(pid, "storage " + key + " of " + std::to_string(numel) + " " +
+                          DTypeName(st->dtype) + " elements but an entry of " +
+                          std::to_string(entry->size) + " bytes");
+    }
+    Source src;
+    src.entry = entry;
+    src.dtype = st->dtype;
+    const Value* off = Arg(call, 1);
+    if (off->kind != Kind::kInt || off->i < 0)
+      return Bad(call, "a storage offset that is not an int >= 0");
+    src.offset = off->i;
+    RETURN_IF_ERROR(IntList(Arg(call, 2), &src.shape));
+    RETURN_IF_ERROR(IntList(Arg(call, 3), &src.strides));
+    if (src.shape.size() != src.strides.size())
+      return Bad(call, "sizes and strides of different ranks");
+    // Every element inside the storage: offset + sum((size - 1) * stride) < numel.
+    uint64_t last = static_cast<uint64_t>(src.offset);
+    bool empty = false;
+    uint64_t count = 1;
+    for (size_t d = 0; d < src.shape.size(); ++d) {
+      if (src.shape[d] == 0) empty = true;
+      uint64_t span = 0;
+      if (src.shape[d] > 0 &&
+          (__builtin_mul_overflow(static_cast<uint64_t>(src.shape[d] - 1),
+                                  static_cast<uint64_t>(src.strides[d]), &span) ||
+           __builtin_add_overflow(last, span, &last))) {
+        return Bad(call, "a view whose extent overflows");
+      }
+      if (__builtin_mul_overflow(count, static_cast<uint64_t>(src.shape[d]), &count)) {
+        return Bad(call, "a view whose element count overflows");
+      }
+    }
+    if (!empty && last >= numel) {
+      return Bad(call, "a view reaching element " + std::to_string(last) + " of storage " + key +
+                           " (" + std::to_string(numel) + " elements)");
+    }
+    if (requires_grad_arg && ArgCount(call) > 4 && Arg(call, 4)->kind == Kind::kBool) {
+      src.requires_grad = Arg(call, 4)->b;
+    }
+    // Two references to one view are one tensor.
+    auto vkey = std::make_tuple(key, src.offset, src.shape, src.strides);
+    auto found = views_.find(vkey);
+    at::Tensor meta;
+    if (found != views_.end()) {
+      meta = found->second;
+    } else {
+      meta = ValueOrThrow(TorchCall(TorchErrorKind::kStoredValue, where_, [&] {
+        return Result<at::Tensor>(at::empty(
+            src.shape, at::TensorOptions().dtype(ToScalarType(st->dtype)).device(at::kMeta)));
+      }));
+      views_.emplace(vkey, meta);
+      sources_.emplace(meta.unsafeGetTensorImpl(), src);
+    }
+    return w_.Tensor(meta, path, out);
+  }
+
+  Status CallNode(const Value* v, const std::string& path, int depth, NodeOffset* out) {
+    const Value* fn = v->items[0];
+    if (fn->kind != Kind::kGlobal) return Refuse(v, "a call of a value that is not a global");
+    const std::string name = pickle::QualifiedName(fn);
+    const bool plain = Plain(v);
+    if ((name == "torch._utils._rebuild_tensor_v2" || name == "torch._utils._rebuild_tensor") &&
+        plain) {
+      return TensorNode(v, name == "torch._utils._rebuild_tensor_v2", path, out);
+    }
+    if ((name == "torch._utils._rebuild_parameter" ||
+         name == "torch._utils._rebuild_parameter_with_state") &&
+        plain && ArgCount(v) >= 2) {
+      const Value* t = Arg(v, 0);
+      const Value* grad = Arg(v, 1);
+      if (t->kind != Kind::kCall || grad->kind != Kind::kBool) {
+        return Bad(v, "a parameter rebuild without (tensor, requires_grad)");
+      }
+      NodeOffset tn = 0;
+      RETURN_IF_ERROR(CallNode(t, path, depth + 1, &tn));
+      fb::NodeBuilder nb(b());
+      nb.add_kind(fb::NodeKind::Bool);
+      nb.add_b(grad->b);
+      NodeOffset g = nb.Finish();
+      *out = Object("torch.nn:Parameter", fb::ObjectForm::Builtin, {tn, g});
+      return Status::OK();
+    }
+    if (name == "collections.OrderedDict" && v->appended.empty()) {
+      std::vector<const Value*> kv;
+      if (ArgCount(v) == 1 && Arg(v, 0)->kind == Kind::kList) {
+        for (const Value* pair : Arg(v, 0)->items) {
+          if ((pair->kind != Kind::kTuple && pair->kind != Kind::kList) ||
+              pair->items.size() != 2) {
+            return Bad(v, "an OrderedDict item that is not a (key, value) pair");
+          }
+          kv.push_back(pair->items[0]);
+          kv.push_back(pair->items[1]);
+        }
+      } else if (ArgCount(v) != 0) {
+        return Bad(v, "an OrderedDict built from " + std::to_string(ArgCount(v)) + " arguments");
+      }
+      kv.insert(kv.end(), v->set_items.begin(), v->set_items.end());
+      NodeOffset entries = 0;
+      RETURN_IF_ERROR(Entries(kv, path, depth, &entries));
+      std::vector<NodeOffset> payload{entries};
+      if (v->state != nullptr) {
+        if (v->state->kind != Kind::kDict)
+          return Bad(v, "an OrderedDict whose state is not a dict");
+        NodeOffset attrs = 0;
+        RETURN_IF_ERROR(
+            Entries(v->state->items, StateTreeWriter::ChildPath(path, "@attrs"), depth, &attrs));
+        payload.push_back(attrs);
+      }
+      *out = Object("collections:OrderedDict", fb::ObjectForm::Builtin, payload);
+      return Status::OK();
+    }
+    if ((name == "builtins.set" || name == "builtins.frozenset") && plain && ArgCount(v) <= 1) {
+      const Value* arg = ArgCount(v) ? Arg(v, 0) : nullptr;
+      if (arg != nullptr && arg->kind != Kind::kList) return Bad(v, "a set built from a non-list");
+      NodeOffset list = 0;
+      RETURN_IF_ERROR(Items(fb::NodeKind::List, arg ? arg->items : std::vector<const Value*>{},
+                            path, depth, &list));
+      *out = Object(name == "builtins.set" ? "builtins:set" : "builtins:frozenset",
+                    fb::ObjectForm::Builtin, {list});
+      return Status::OK();
+    }
+    if (name == "torch.Size" && plain && ArgCount(v) == 1 && Arg(v, 0)->kind == Kind::kTuple) {
+      std::vector<int64_t> dims;
+      RETURN_IF_ERROR(IntList(Arg(v, 0), &dims));
+      NodeOffset t = 0;
+      RETURN_IF_ERROR(Items(fb::NodeKind::Tuple, Arg(v, 0)->items, path, depth, &t));
+      *out = Object("torch:Size", fb::ObjectForm::Builtin, {t});
+      return Status::OK();
+    }
+    if (name == "torch.device" && plain && ArgCount(v) >= 1 && Arg(v, 0)->kind == Kind::kString) {
+      std::string dev = Arg(v, 0)->text;
+      if (ArgCount(v) == 2 && Arg(v, 1)->kind == Kind::kInt)
+        dev += ":" + std::to_string(Arg(v, 1)->i);
+      if (!ParseDevice(dev)) return Bad(v, "device '" + dev + "' is not a device");
+      *out = Text(fb::NodeKind::Device, dev);
+      return Status::OK();
+    }
+    if (name == "_codecs.encode" && plain && ArgCount(v) == 2 && Arg(v, 0)->kind == Kind::kString &&
+        Arg(v, 1)->kind == Kind::kString && Arg(v, 1)->text == "latin1") {
+      std::string bytes;
+      RETURN_IF_ERROR(Latin1(v, Arg(v, 0)->text, &bytes));
+      *out = Bytes(bytes);
+      return Status::OK();
+    }
+    if (name == "builtins.bytearray" && plain) {
+      // bytearray(b"..."), or as protocol 2 writes it: bytearray("...", "latin-1").
+      std::string bytes;
+      if (ArgCount(v) == 1 && BytesOf(Arg(v, 0), &bytes).ok()) {
+        // bytes, or _codecs.encode(str, "latin1") as protocol 2 writes bytes
+      } else if (ArgCount(v) == 2 && Arg(v, 0)->kind == Kind::kString &&
+                 Arg(v, 1)->kind == Kind::kString &&
+                 (Arg(v, 1)->text == "latin-1" || Arg(v, 1)->text == "latin1")) {
+        RETURN_IF_ERROR(Latin1(v, Arg(v, 0)->text, &bytes));
+      } else if (ArgCount(v) != 0) {
+        return Bad(v, "a bytearray built from other arguments than bytes or a latin-1 str");
+      }
+      *out = Object("builtins:bytearray", fb::ObjectForm::Builtin, {Bytes(bytes)});
+      return Status::OK();
+    }
+    if (name == kZeroStageEnum && plain && ArgCount(v) == 1 && Arg(v, 0)->kind == Kind::kInt) {
+      auto it = ZeroStages().find(Arg(v, 0)->i);
+      if (it == ZeroStages().end())
+        return Bad(v, "ZeroStageEnum has no member of value " + std::to_string(Arg(v, 0)->i));
+      return Enum(fn, it->first, it->second, out);
+    }
+    if (name == "builtins.getattr" && plain && ArgCount(v) == 2 &&
+        Arg(v, 0)->kind == Kind::kGlobal && pickle::QualifiedName(Arg(v, 0)) == kZeroStageEnum &&
+        Arg(v, 1)->kind == Kind::kString) {
+      for (const auto& [value, member] : ZeroStages()) {
+        if (member == Arg(v, 1)->text) return Enum(Arg(v, 0), value, member, out);
+      }
+      return Bad(v, "ZeroStageEnum has no member " + Arg(v, 1)->text);
+    }
+    return Refuse(v, name +
+                         " is not allowed (allowed: tensor and parameter rebuilds, "
+                         "OrderedDict, set, frozenset, torch.Size, torch.device, dtypes, "
+                         "bytes, bytearray, argparse.Namespace and DeepSpeed's classes)");
+  }
+
+  // A bytes value: BINBYTES, or _codecs.encode(str, "latin1").
+  Status BytesOf(const Value* v, std::string* out) {
+    if (v->kind == Kind::kBytes) {
+      *out = v->text;
+      return Status::OK();
+    }
+    if (v->kind == Kind::kCall && v->items[0]->kind == Kind::kGlobal &&
+        pickle::QualifiedName(v->items[0]) == "_codecs.encode" && Plain(v) && ArgCount(v) == 2 &&
+        Arg(v, 0)->kind == Kind::kString && Arg(v, 1)->kind == Kind::kString &&
+        Arg(v, 1)->text == "latin1") {
+      return Latin1(v, Arg(v, 0)->text, out);
+    }
+    return Bad(v, "a value that is not bytes");
+  }
+
+  Status Latin1(const Value* v, const std::string& utf8, std::string* out) {
+    out->clear();
+    for (size_t i = 0; i < utf8.size(); ++i) {
+      const auto c = static_cast<unsigned char>(utf8[i]);
+      if (c < 0x80) {
+        out->push_back(static_cast<char>(c));
+      } else if ((c == 0xC2 || c == 0xC3) && i + 1 < utf8.size()) {
+        out->push_back(
+            static_cast<char>(((c & 0x03) << 6) | (static_cast<unsigned char>(utf8[++i]) & 0x3F)));
+      } else {
+        return Bad(v, "bytes encoded as latin1 hold a character beyond U+00FF");
+      }
+    }
+    return Status::OK();
+  }
+
+  Status Enum(const Value* cls, int64_t value, const std::string& member, NodeOffset* out) {
+    fb::NodeBuilder nb(b());
+    nb.add_kind(fb::NodeKind::Int);
+    nb.add_i(value);
+    NodeOffset v = nb.Finish();
+    *out = Object(ClassName(cls), fb::ObjectForm::Enum, {v, Text(fb::NodeKind::String, member)});
+    return Status::OK();
+  }
+
+  Status NewObjNode(const Value* v, const std::string& path, int depth, NodeOffset* out) {
+    const Value* cls = v->items[0];
+    if (cls->kind != Kind::kGlobal) return Refuse(v, "NEWOBJ of a value that is not a class");
+    const std::string name = pickle::QualifiedName(cls);
+    const bool known = name == "argparse.Namespace" || StateClasses().count(name) > 0;
+    if (!known)
+      return Refuse(v,
+                    name + " is not allowed (objects: argparse.Namespace and DeepSpeed's classes)");
+    if (ArgCount(v) != 0 || v->items.size() != 2 || !v->appended.empty() || !v->set_items.empty()) {
+      return Refuse(v, name + " made with arguments; only NEWOBJ(cls, ()) + BUILD(dict) is read");
+    }
+    if (v->state != nullptr && v->state->kind != Kind::kDict) {
+      return Refuse(v, name + " built from a state that is not a dict");
+    }
+    NodeOffset state = 0;
+    RETURN_IF_ERROR(
+        Entries(v->state ? v->state->items : std::vector<const Value*>{}, path, depth, &state));
+    if (name == "argparse.Namespace") {
+      *out = Object("argparse:Namespace", fb::ObjectForm::Builtin, {state});
+    } else {
+      *out = Object(ClassName(cls), fb::ObjectForm::State, {state});
+    }
+    return Status::OK();
+  }
+
+  Status Node(const Value* v, const std::string& path, int depth, NodeOffset* out) {
+    if (depth > kMaxDepth)
+      return Bad(v, "values nested more than " + std::to_string(kMaxDepth) + " deep");
+    switch (v->kind) {
+      case Kind::kNone:
+        *out = Leaf(fb::NodeKind::None);
+        return Status::OK();
+      case Kind::kBool: {
+        fb::NodeBuilder nb(b());
+        nb.add_kind(fb::NodeKind::Bool);
+        nb.add_b(v->b);
+        *out = nb.Finish();
+        return Status::OK();
+      }
+      case Kind::kInt: {
+        fb::NodeBuilder nb(b());
+        nb.add_kind(fb::NodeKind::Int);
+        nb.add_i(v->i);
+        *out = nb.Finish();
+        return Status::OK();
+      }
+      case Kind::kFloat: {
+        fb::NodeBuilder nb(b());
+        nb.add_kind(fb::NodeKind::Double);
+        nb.add_d(v->d);
+        *out = nb.Finish();
+        return Status::OK();
+      }
+      case Kind::kBigInt:
+        *out = Text(fb::NodeKind::BigInt, v->text);
+        return Status::OK();
+      case Kind::kString:
+        if (!ValidUtf8(v->text)) return Bad(v, "a str that is not UTF-8");
+        *out = Text(fb::NodeKind::String, v->text);
+        return Status::OK();
+      case Kind::kBytes:
+        *out = Bytes(v->text);
+        return Status::OK();
+      case Kind::kByteArray:
+        *out = Object("builtins:bytearray", fb::ObjectForm::Builtin, {Bytes(v->text)});
+        return Status::OK();
+      case Kind::kList:
+      case Kind::kTuple:
+        if (!Plain(v)) return Refuse(v, "a built list or tuple");
+        return Items(v->kind == Kind::kList ? fb::NodeKind::List : fb::NodeKind::Tuple, v->items,
+                     path, depth, out);
+      case Kind::kDict:
+        if (!Plain(v)) return Refuse(v, "a built dict");
+        return Entries(v->items, path, depth, out);
+      case Kind::kSet:
+      case Kind::kFrozenSet: {
+        NodeOffset list = 0;
+        RETURN_IF_ERROR(Items(fb::NodeKind::List, v->items, path, depth, &list));
+        *out = Object(v->kind == Kind::kSet ? "builtins:set" : "builtins:frozenset",
+                      fb::ObjectForm::Builtin, {list});
+        return Status::OK();
+      }
+      case Kind::kGlobal:
+        if (v->text == "torch" && DtypeNames().count(v->name)) {
+          *out =
+              Object("torch:dtype", fb::ObjectForm::Builtin, {Text(fb::NodeKind::String, v->name)});
+          return Status::OK();
+        }
+        return Refuse(v, pickle::QualifiedName(v) + " is not allowed as a value");
+      case Kind::kCall:
+        return CallNode(v, path, depth, out);
+      case Kind::kNewObj:
+        return NewObjNode(v, path, depth, out);
+      case Kind::kPersistentId:
+        return Refuse(v, "a persistent id outside a tensor rebuild");
+    }
+    return Bad(v, "an unknown value");
+  }
+
+  const ZipArchive& zip_;
+  std::string prefix_;
+  std::string where_;
+  StateTreeWriter w_;
+  std::map<std::string, fb::DType> storage_dtypes_;
+  std::map<std::tuple<std::string, int64_t, std::vector<int64_t>, std::vector<int64_t>>, at::Tensor>
+      views_;
+  std::unordered_map<const c10::TensorImpl*, Source> sources_;
+};
+
+bool Contiguous(const Source& s) {
+  int64_t expect = 1;
+  for (size_t d = s.shape.size(); d-- > 0;) {
+    if (s.shape[d] == 0) return true;
+    if (s.shape[d] != 1 && s.strides[d] != expect) return false;
+    expect *= s.shape[d];
+  }
+  return true;
+}
+
+// The view's elements, in row-major order, read from its storage.
+Status Gather(const ZipArchive& zip, const Source& s, uint64_t numel, std::vector<uint8_t>* out) {
+  const uint64_t es = DTypeSize(s.dtype);
+  uint64_t last = static_cast<uint64_t>(s.offset);
+  for (size_t d = 0; d < s.shape.size(); ++d)
+    last += static_cast<uint64_t>(s.shape[d] - 1) * s.strides[d];
+  const uint64_t first = static_cast<uint64_t>(s.offset);
+  std::vector<uint8_t> span((last - first + 1) * es);
+  RETURN_IF_ERROR(zip.ReadRange(*s.entry, first * es, span.size(), span.data()));
+  out->resize(numel * es);
+  std::vector<int64_t> idx(s.shape.size(), 0);
+  for (uint64_t n = 0; n < numel; ++n) {
+    uint64_t at = 0;
+    for (size_t d = 0; d < idx.size(); ++d) at += static_cast<uint64_t>(idx[d] * s.strides[d]);
+    std::memcpy(out->data() + n * es, span.data() + at * es, es);
+    for (size_t d = idx.size(); d-- > 0;) {
+      if (++idx[d] < s.shape[d]) break;
+      idx[d] = 0;
+    }
+  }
+  return Status::OK();
+}
+
+// What a file that is not a torch.save zip is, for the message.
+std::string WhatIsIt(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::string head(512, '\0');
+  in.read(head.data(), static_cast<std::streamsize>(head.size()));
+  head.resize(static_cast<size_t>(in.gcount()));
+  if (head.size() >= 2 && static_cast<unsigned char>(head[0]) == 0x80 &&
+      head.find("\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") != std::string::npos) {
+    return "a torch.save file of the legacy format (torch < 1.6 or "
+           "_use_new_zipfile_serialization=False), which is not read yet";
+  }
+  if (head.size() >= 262 && head.compare(257, 5, "ustar") == 0) {
+    return "a tar archive (the pre-0.4 torch.save format), which is not read";
+  }
+  return "not a torch.save zip file";
+}
+
+}  // namespace
+
+Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const std::string& file,
+                                   const std::string& path, TensorPlacer* placer) {
+  auto opened = ZipArchive::Open(path);
+  if (!opened.ok()) {
+    if (opened.status().IsCorruption()) {
+      return Status::InvalidArgument("'" + path + "' is " + WhatIsIt(path));
+    }
+    return opened.status();
+  }
+  const ZipArchive& zip = **opened;
+  const std::string prefix = zip.Prefix();
+  const bool torchscript =
+      std::any_of(zip.entries().begin(), zip.entries().end(), [&](const ZipEntry& e) {
+        return e.name == prefix + "/constants.pkl" || e.name.rfind(prefix + "/code/", 0) == 0;
+      });
+  if (torchscript) {
+    return Status::InvalidArgument("'" + path +
+                                   "' is a TorchScript archive (torch.jit.save); it holds code, "
+                                   "and only torch.save files are imported");
+  }
+  const ZipEntry* pkl = zip.Find(prefix + "/data.pkl");
+  if (pkl == nullptr) {
+    return Status::InvalidArgument("'" + path + "' is a zip file without " + prefix +
+                                   "/data.pkl: not a torch.save file");
+  }
+  ASSIGN_OR_RETURN(std::string bytes, zip.Read(*pkl, kMaxPickleBytes));
+  const std::string where = path;
+  ASSIGN_OR_RETURN(auto tree, pickle::Parse(bytes, where + " (" + pkl->name + ")",
+                                            pickle::Limits::ForSize(bytes.size())));
+  Interpreter in(zip, where);
+  ASSIGN_OR_RETURN(EncodedState enc, TorchCall(TorchErrorKind::kStoredValue, where,
+                                               [&] { return in.Run(tree->root()); }));
+  TensorPlacer::Placements placements;
+  if (placer != nullptr) {
+    std::unordered_map<std::string, at::Tensor> by_param;
+    for (const auto& t : enc.tensors) by_param.emplace(t.param, t.tensor);
+    TensorLoader loader = [&](const std::string& param, const std::string&) -> Result<at::Tensor> {
+      return by_param.at(param);
+    };
+    auto view = DecodeState(std::string_view(enc.tree), loader, FileName(tag, file));
+    if (view.ok()) placements = placer->Place(tag, file, *view);
+  }
+  RETURN_IF_ERROR(store.ClearFile(tag, file));
+  SaveReport report;
+  for (const auto& st : enc.tensors) {
+    const Source* src = in.SourceOf(st.tensor);
+    if (src == nullptr)
+      return Status::Corruption(where + ": tensor " + st.param + " has no storage");
+    TensorMeta meta;
+    meta.dtype = src->dtype;
+    meta.shape = src->shape;
+    meta.requires_grad = src->requires_grad;
+    auto pl = placements.find(st.tensor.unsafeGetTensorImpl());
+    if (pl != placements.end()) meta.placement = pl->second;
+    const uint64_t es = DTypeSize(src->dtype);
+    const auto numel = static_cast<uint64_t>(st.tensor.numel());
+    ByteSource bytes_src;
+    bytes_src.length = numel * es;
+    std::vector<uint8_t> gathered;
+    if (Contiguous(*src)) {
+      const uint64_t base = static_cast<uint64_t>(src->offset) * es;
+      const ZipEntry* entry = src->entry;
+      bytes_src.fill = [&zip, entry, base](uint64_t off, uint64_t len, uint8_t* dst) {
+        return zip.ReadRange(*entry, base + off, len, dst);
+      };
+    } else {
+      RETURN_IF_ERROR(Gather(zip, *src, numel, &gathered));
+      bytes_src.data = gathered.data();
+    }
+    ASSIGN_OR_RETURN(WriteStats stats, store.PutTensor(tag, file, st.param, meta, bytes_src));
+    report.stats.Add(stats);
+    report.tensors++;
+  }
+  RETURN_IF_ERROR(store.PutFile(tag, file, std::move(enc.tree)));
+  return report;
+}
+
+Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::string& tag_arg,
+                           bool overwrite, ImportReport* report) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return Status::NotFound("'" + path + "' does not exist");
+  std::vector<std::pair<std::string, std::string>> files;  // (file name in the tag, path)
+  std::string tag = tag_arg;
+  if (fs::is_regular_file(path, ec)) {
+    const fs::path p(path);
+    if (tag.empty()) tag = p.stem().string();
+    files.emplace_back(p.filename().string(), path);
+  } else if (fs::is_directory(path, ec)) {
+    fs::path dir(path);
+    std::ifstream latest(dir / "latest");
+    std::string named;
+    if (latest && std::getline(latest, named)) {
+      while (!named.empty() &&
+             (named.back() == '\n' || named.back() == '\r' || named.back() == ' ')) {
+        named.pop_back();
+      }
+      if (named.empty() || !fs::is_directory(dir / named, ec)) {
+        return Status::InvalidArgument("'" + (dir / "latest").string() + "' names '" + named +
+                                       "', which is not a directory beside it");
+      }
+      if (tag.empty()) tag = named;
+      dir /= named;
+    } else if (tag.empty()) {
+      tag = fs::path(path).lexically_normal().filename().string();
+      if (tag.empty()) tag = fs::path(path).lexically_normal().parent_path().filename().string();
+    }
+    for (auto it = fs::recursive_directory_iterator(dir, ec);
+         !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+      if (it->is_regular_file()) {
+        files.emplace_back(fs::relative(it->path(), dir).generic_string(), it->path().string());
+      }
+    }
+    if (ec) return Status::IOError("cannot list '" + dir.string() + "': " + ec.message());
+    std::sort(files.begin(), files.end());
+    if (files.empty()) return Status::InvalidArgument("'" + dir.string() + "' holds no files");
+  } else {
+    return Status::InvalidArgument("'" + path + "' is neither a file nor a directory");
+  }
+  RETURN_IF_ERROR(ValidateTag(tag));
+  for (const auto& f : files) RETURN_IF_ERROR(ValidateFile(f.first));
+  RETURN_IF_ERROR(store.BeginTag(tag, overwrite));
+  DeepSpeedPlacer placer;
+  ImportReport r;
+  for (const auto& [file, p] : files) {
+    auto saved = ImportTorchFile(store, tag, file, p, &placer);
+    if (!saved.ok()) {
+      store.AbortTag(tag);
+      placer.EndTag(tag);
+      return saved.status();
+    }
+    r.files++;
+    r.tensors += saved->tensors;
+    r.logical_bytes += saved->stats.logical_bytes;
+    r.new_bytes += saved->stats.new_bytes;
+  }
+  CommitOptions options;
+  options.overwrite = overwrite;
+  auto info = store.CommitTag(tag, options);
+  placer.EndTag(tag);
+  if (!info.ok()) {
+    store.AbortTag(tag);
+    return info.status();
+  }
+  if (report != nullptr) *report = r;
+  return info;
+}
+
+}  // namespace ckptkv::checkpoint

@@ -1,0 +1,55 @@
+// Import of torch.save files into a store, without running pickle.
+//
+// The file's pickle is read by the symbolic machine (checkpoint/core/
+// pickle_machine.h) and its inert tree is interpreted against an allowlist
+// of (module, name), after Python 2 name mapping, into the records the
+// Python package writes (docs/format.md "Python objects"):
+//
+//   torch._utils._rebuild_tensor_v2 / _rebuild_tensor   a tensor (a view of a storage)
+//   torch._utils._rebuild_parameter                     torch.nn.Parameter
+//   collections.OrderedDict (+ items, + _metadata)      OrderedDict
+//   builtins.set / frozenset, torch.Size, torch.device, torch dtypes,
+//   _codecs.encode (bytes), builtins.bytearray, argparse.Namespace,
+//   DeepSpeed's ZeroStageEnum (both pickled forms), fragment_address,
+//   LossScaler, DynamicLossScaler (NEWOBJ + BUILD)
+//
+// Anything else — os.system, builtins.eval, numpy objects (not yet), any
+// class not listed — is refused with the file, the byte offset of the
+// opcode and module.name. Tensor bytes stream from the zip entry of their
+// storage (checked: one dtype per storage, numel * itemsize inside it, the
+// view's offset, sizes and strides in range); a view saves only its own
+// elements, two references to one view are one tensor. The legacy
+// (pre-1.6) format, TorchScript archives and tar files are refused saying
+// what they are.
+#ifndef CKPTKV_CHECKPOINT_QUERY_TORCH_IMPORT_H_
+#define CKPTKV_CHECKPOINT_QUERY_TORCH_IMPORT_H_
+
+#include <string>
+
+#include "engine/kv_checkpoint_engine.h"
+#include "store/store.h"
+
+namespace ckptkv::checkpoint {
+
+struct ImportReport {
+  uint64_t files = 0;
+  uint64_t tensors = 0;
+  uint64_t logical_bytes = 0;
+  uint64_t new_bytes = 0;
+};
+
+// Saves the torch.save file at `path` as `file` of the pending `tag`, with
+// the placements `placer` gives (none when null). Errors name the path.
+Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const std::string& file,
+                                   const std::string& path, TensorPlacer* placer);
+
+// `ckptkv import`: a .pt file (tag = `tag`, or the file's stem), or a
+// directory: a DeepSpeed save_dir (its `latest` names the tag directory) or
+// a tag directory itself; every file below it is imported under its
+// relative path, with DeepSpeed placements. One atomic commit.
+Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::string& tag,
+                           bool overwrite, ImportReport* report);
+
+}  // namespace ckptkv::checkpoint
+
+#endif  // CKPTKV_CHECKPOINT_QUERY_TORCH_IMPORT_H_
