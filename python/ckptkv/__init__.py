@@ -64,5 +64,19 @@ def load(store, tag="latest", file="state.pt", map_location=None, *, strict=Fals
             s.close()
 
 
-__all__ = ["save", "load", "Store", "Writer", "SafeOpen", "TensorSlice", "Record", "allow",
+def import_path(store, path, tag=None, *, overwrite=False):
+    """``ckptkv import``: a torch.save file, a DeepSpeed save_dir (the tag its
+    ``latest`` names) or a tag directory into ``store`` as one tag, without
+    running pickle (docs/torch-files.md). Returns {tag, files, tensors,
+    logical_bytes, new_bytes}."""
+    from ._ckptkv import checkpoint as _cc
+    s, owned = _open(store, read_only=False)
+    try:
+        return _cc.import_path(s._s, os.fspath(path), tag or "", bool(overwrite))
+    finally:
+        if owned:
+            s.close()
+
+
+__all__ = ["save", "load", "import_path", "Store", "Writer", "SafeOpen", "TensorSlice", "Record", "allow",
            "disallow", "allowed", "KNOWN_CLASSES"] + errors.__all__

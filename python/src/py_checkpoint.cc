@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "checkpoint/core/reshape_maps.h"
+#include "checkpoint/query/torch_import.h"
 #include "checkpoint/core/tag_layout.h"
 #include "checkpoint/query/reshape.h"
 #include "checkpoint/query/synth.h"
@@ -234,6 +235,27 @@ void BindQueries(pyb::module_& m) {
         return d;
       },
       pyb::arg("store"), pyb::arg("tag"), pyb::arg("tp"), pyb::arg("pp"), pyb::arg("dp"));
+  m.def(
+      "import_path",
+      [](PyStore& ps, const std::string& path, const std::string& tag, bool overwrite) {
+        auto held = ps.Hold();
+        Store& s = held->store();
+        checkpoint::ImportReport r;
+        TagInfo info;
+        {
+          pyb::gil_scoped_release nogil;
+          info = ValueOrThrow(checkpoint::ImportPath(s, path, tag, overwrite, &r));
+        }
+        ps.Invalidate();  // Store.tags() lists the new tag
+        pyb::dict d;
+        d["tag"] = info.tag;
+        d["files"] = r.files;
+        d["tensors"] = r.tensors;
+        d["logical_bytes"] = r.logical_bytes;
+        d["new_bytes"] = r.new_bytes;
+        return d;
+      },
+      pyb::arg("store"), pyb::arg("path"), pyb::arg("tag") = "", pyb::arg("overwrite") = false);
   m.def(
       "export_universal",
       [](PyStore& ps, const std::string& tag, const std::string& out_tag, const std::string& device,

@@ -137,8 +137,12 @@ def test_every_object_kind_imports_as_itself(tmp_path, fake_deepspeed):
     again = tmp_path / "again.pt"
     torch.save(got, again)
     assert_same(torch.load(again), got)
-    # An unchanged file imported again writes nothing new.
+    # An unchanged file imported again writes nothing new; from Python too.
     assert import_json("--db", store, pt, "--tag", "sd2")["new_bytes"] == 0
+    r = ckptkv.import_path(store, pt, "sd3")
+    assert r == {"tag": "sd3", "files": 1, "tensors": r["tensors"], "logical_bytes": r["logical_bytes"],
+                 "new_bytes": 0}
+    assert_same(got, ckptkv.load(store, "sd3", "sd.pt"))
 
 
 def test_pickle_protocol_4_and_the_getattr_enum_form(tmp_path, fake_deepspeed):
