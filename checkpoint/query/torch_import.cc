@@ -333,11 +333,15 @@ class Interpreter {
         plain && ArgCount(v) >= 2) {
       const Value* t = Arg(v, 0);
       const Value* grad = Arg(v, 1);
-      if (t->kind != Kind::kCall || grad->kind != Kind::kBool) {
+      // The tensor must be a tensor rebuild itself (so a chain of parameter
+      // rebuilds cannot recurse).
+      const std::string inner = t->kind == Kind::kCall ? pickle::QualifiedName(t->items[0]) : "";
+      if ((inner != "torch._utils._rebuild_tensor_v2" && inner != "torch._utils._rebuild_tensor") ||
+          !Plain(t) || grad->kind != Kind::kBool) {
         return Bad(v, "a parameter rebuild without (tensor, requires_grad)");
       }
       NodeOffset tn = 0;
-      RETURN_IF_ERROR(CallNode(t, path, depth + 1, &tn));
+      RETURN_IF_ERROR(TensorNode(t, inner == "torch._utils._rebuild_tensor_v2", path, &tn));
       fb::NodeBuilder nb(b());
       nb.add_kind(fb::NodeKind::Bool);
       nb.add_b(grad->b);

@@ -262,3 +262,17 @@ def test_other_formats_say_what_they_are(tmp_path):
     text.write_text("hello")
     r = run_import("--db", store, text)
     assert r.returncode == 1 and "not a torch.save zip file" in r.stderr, r.stderr
+
+
+def test_a_chain_of_parameter_rebuilds_is_refused_not_recursed(tmp_path):
+    # _rebuild_parameter(_rebuild_parameter(...)) 100000 deep: an error, not
+    # the stack overflow it was (the interpreter recursed into each).
+    import zipfile
+    inner = b"ctorch._utils\n_rebuild_parameter\n"
+    body = b"\x80\x02" + inner * 100000 + b"N" + (b"\x88}\x87R") * 100000 + b"."
+    path = tmp_path / "chain.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("chain/data.pkl", body)
+        z.writestr("chain/version", "3\n")
+    r = run_import("--db", tmp_path / "store", path)
+    assert r.returncode != 0 and "parameter rebuild without" in r.stderr, r.stderr
