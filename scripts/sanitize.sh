@@ -29,6 +29,6 @@ export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$ROOT/scripts/lsan.supp:print_s
 cd "$BUILD_DIR"
 if [ $# -eq 0 ]; then
   # What the default targets cover; tests of targets not built are left out.
-  set -- -L 'unit|kv-browser|fuzz|tui' -E 'NOT_BUILT|placement_fuzz|kv_browser_engine_store'
+  set -- -L 'unit|kv-browser|fuzz|tui' -E 'NOT_BUILT|placement_fuzz|import_fuzz|kv_browser_engine_store'
 fi
 ctest --output-on-failure "$@"
