@@ -295,6 +295,13 @@ class Interpreter {
         return Bad(call, "a view whose element count overflows");
       }
     }
+    // A stride-0 (expanded) view can name more elements than its storage
+    // holds, which would be stored as that many bytes: refused.
+    if (count > numel) {
+      return Refuse(call, "a view of " + std::to_string(count) + " elements over storage " + key +
+                              " of " + std::to_string(numel) +
+                              " (an expanded view); save t.contiguous() instead");
+    }
     if (!empty && last >= numel) {
       return Bad(call, "a view reaching element " + std::to_string(last) + " of storage " + key +
                            " (" + std::to_string(numel) + " elements)");

@@ -230,6 +230,18 @@ with zipfile.ZipFile(sys.argv[1] + "/zip64.zip", "w") as z:
   auto flipped = ZipArchive::Open(dir.path + "/flipped.pt");
   REQUIRE(flipped.ok());
   CHECK((*flipped)->Read(*(*flipped)->Find(prefix + "/data/0"), 1 << 20).status().IsCorruption());
+  // A directory entry whose sizes point past the end of the file.
+  {
+    std::string bad = ReadFile(dir.path + "/sd.pt");
+    const std::string sig("PK\x01\x02", 4);
+    const size_t at = bad.find(sig);
+    REQUIRE(at != std::string::npos);
+    for (int i = 0; i < 8; ++i) bad[at + 20 + i] = static_cast<char>(0xF0);  // both sizes
+    std::ofstream(dir.path + "/sizes.pt", std::ios::binary) << bad;
+    auto z = ZipArchive::Open(dir.path + "/sizes.pt");
+    CHECK(z.status().IsCorruption());
+    CHECK(z.status().message().find("past the end") != std::string::npos);
+  }
   for (size_t cut : {sd.size() / 2, sd.size() - 10, size_t{10}}) {
     std::ofstream(dir.path + "/cut.pt", std::ios::binary) << sd.substr(0, cut);
     auto c = ZipArchive::Open(dir.path + "/cut.pt");

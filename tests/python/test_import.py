@@ -226,6 +226,8 @@ def test_hostile_files_are_refused_and_run_nothing(tmp_path):
         "popen": ({"x": Evil(subprocess.Popen, ["touch", str(sentinel)])}, "subprocess.Popen is not allowed"),
         "range": ({"x": Evil(torch._utils._rebuild_tensor_v2, storage.storage(), 10 ** 6, (10,), (1,),
                              False, collections.OrderedDict())}, "a view reaching element"),
+        "expand": ({"x": Evil(torch._utils._rebuild_tensor_v2, storage.storage(), 0, (10 ** 12,), (0,),
+                              False, collections.OrderedDict())}, "an expanded view"),
         "import": ({"x": Evil(__import__, "os")}, "builtins.__import__ is not allowed"),
         "getattr": ({"x": Evil(getattr, Evil, "__init__")}, "builtins.getattr is not allowed"),
     }
