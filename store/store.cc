@@ -82,6 +82,20 @@ Result<std::unique_ptr<Store>> Store::Impl::FreshView() const {
   return Store::Open(dir_, o);
 }
 
+std::unique_ptr<ReadBuffers> BufferPool::Take() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (free_.empty()) return std::make_unique<ReadBuffers>();
+  auto b = std::move(free_.back());
+  free_.pop_back();
+  return b;
+}
+
+void BufferPool::Give(std::unique_ptr<ReadBuffers> b) {
+  b->value.Reset();
+  std::lock_guard<std::mutex> lock(mu_);
+  free_.push_back(std::move(b));
+}
+
 Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Store::~Store() = default;
 

@@ -55,6 +55,11 @@ struct StoreOptions {
   BlockDurability block_durability = BlockDurability::kFlush;
   // Hashing / encoding workers; 0 = min(4, hardware threads).
   size_t threads = 0;
+  // Block reads in flight while reading tensors (ReadTensors) and during
+  // Verify; 0 = kDefaultReadThreads. Reads wait on the device, not the CPU,
+  // so this is larger than `threads`. Each read worker holds at most two
+  // chunk-sized buffers during a read.
+  size_t read_threads = 0;
   // Replaces the local file system (tests inject faults through it).
   std::shared_ptr<rocksdb::FileSystem> file_system;
 };
@@ -95,6 +100,17 @@ struct ByteSource {
   uint64_t length = 0;
   const uint8_t* data = nullptr;
   std::function<Status(uint64_t offset, uint64_t len, uint8_t* dst)> fill;
+};
+
+inline constexpr size_t kDefaultReadThreads = 16;
+
+// One byte range of a tensor to read (Store::ReadTensors).
+struct TensorRead {
+  const fb::TensorRecord* record = nullptr;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  uint8_t* dst = nullptr;  // `length` bytes
+  std::string where;       // names the tensor in errors
 };
 
 struct WriteStats {
@@ -242,7 +258,14 @@ class Store {
   // the chunks that hold them.
   Status ReadTensorRange(const fb::TensorRecord& record, uint64_t offset, uint64_t len,
                          uint8_t* dst, const std::string& where) const;
-  // Raw bytes of the blocks read by ReadTensor / ReadTensorRange since open.
+  // Reads several ranges at once: the chunks of all of them are fetched and
+  // checked on the read workers (StoreOptions::read_threads in flight), in
+  // the order given, and each is decoded straight into its destination.
+  // Give a tag's tensors in their saved order and the reads follow the
+  // order of the blocks on disk. Returns the first error in that order;
+  // the destinations of failed ranges are then unspecified.
+  Status ReadTensors(const std::vector<TensorRead>& reads) const;
+  // Raw bytes of the blocks read by ReadTensor / ReadTensorRange / ReadTensors since open.
   uint64_t BlockBytesRead() const;
 
   // --- Maintenance ------------------------------------------------------

@@ -1,7 +1,8 @@
 // Reading committed tags: ListTags, GetTag, Latest, ListFiles, the state
 // trees (GetFileTree) and tensor records (ListParams, GetTensorRecord) of a
-// tag, and a tensor's bytes (ReadTensor, ReadTensorRange: MultiGet of its
-// blocks on the thread pool, every block checked against its digest).
+// tag, and tensor bytes (ReadTensor, ReadTensorRange, ReadTensors: block
+// reads on the read workers, every block checked against its digest and
+// decoded into its destination).
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
 #include <rocksdb/slice.h>
@@ -16,13 +17,6 @@
 #include "store/store_internal.h"
 
 namespace ckptkv {
-
-namespace {
-
-// Blocks fetched by one MultiGet when reading a tensor.
-constexpr size_t kReadBatch = 8;
-
-}  // namespace
 
 // --- Tags -------------------------------------------------------------------
 
@@ -155,6 +149,34 @@ Result<TensorRecordRef> Store::GetTensorRecord(const std::string& tag, const std
 
 // --- Tensor bytes -----------------------------------------------------------
 
+namespace {
+
+// One chunk of one range: decoded in place when the range holds all of it,
+// else through a scratch buffer (its digest covers the whole chunk).
+struct ChunkJob {
+  size_t read = 0;     // index into the reads
+  size_t chunk = 0;    // index into the record's chunks
+  uint64_t begin = 0;  // the chunk's first byte in the tensor
+  uint64_t length = 0;
+};
+
+}  // namespace
+
+ThreadPool& Store::Impl::ReadPool() const {
+  std::lock_guard<std::mutex> lock(read_pool_mu_);
+  if (!read_pool_) {
+    read_pool_ = std::make_unique<ThreadPool>(
+        options_.read_threads ? options_.read_threads : kDefaultReadThreads);
+  }
+  return *read_pool_;
+}
+
+rocksdb::Status Store::Impl::GetBlock(const Digest& d, rocksdb::PinnableSlice* value) const {
+  rocksdb::ReadOptions ro;
+  ro.verify_checksums = false;
+  return db_->Get(ro, cf_.blocks, PayloadKey(d), value);
+}
+
 Status Store::ReadTensor(const fb::TensorRecord& r, uint8_t* dst, uint64_t len,
                          const std::string& where) const {
   if (len != r.byte_length()) {
@@ -167,27 +189,37 @@ Status Store::ReadTensor(const fb::TensorRecord& r, uint8_t* dst, uint64_t len,
 
 Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64_t len,
                               uint8_t* dst, const std::string& where) const {
-  RETURN_IF_ERROR(CheckTensorRecord(r, where));
-  const uint64_t total = r.byte_length();
-  if (offset > total || len > total - offset) {
-    return Status::InvalidArgument(where + ": byte range [" + std::to_string(offset) + ", " +
-                                   std::to_string(offset + len) + ") is outside the tensor's " +
-                                   std::to_string(total) + " bytes");
+  return ReadTensors({TensorRead{&r, offset, len, dst, where}});
+}
+
+Status Store::ReadTensors(const std::vector<TensorRead>& reads) const {
+  std::vector<TensorRead> chunked;
+  for (const TensorRead& t : reads) {
+    if (t.record == nullptr) return Status::InvalidArgument(t.where + ": no tensor record");
+    const fb::TensorRecord& r = *t.record;
+    RETURN_IF_ERROR(CheckTensorRecord(r, t.where));
+    const uint64_t total = r.byte_length();
+    if (t.offset > total || t.length > total - t.offset) {
+      return Status::InvalidArgument(t.where + ": byte range [" + std::to_string(t.offset) +
+                                     ", " + std::to_string(t.offset + t.length) +
+                                     ") is outside the tensor's " + std::to_string(total) +
+                                     " bytes");
+    }
+    if (r.inline_data()) {
+      if (t.length) std::memcpy(t.dst, r.inline_data()->data() + t.offset, t.length);
+    } else if (t.length) {
+      chunked.push_back(t);
+    }
   }
-  if (r.inline_data()) {
-    if (len) std::memcpy(dst, r.inline_data()->data() + offset, len);
-    return Status::OK();
-  }
-  if (len == 0) return Status::OK();
-  bool missing = false;
-  Status s = impl_->ReadChunks(r, offset, len, dst, where, &missing);
+  if (chunked.empty()) return Status::OK();
+  Status s = impl_->ReadChunks(chunked);
   if (!s.ok() && impl_->options_.read_only) {
     // A read-only view of a store another process writes may name a block
     // it does not see (RocksDB gives such a view no consistency). Before a
     // reader reports it, a fresh view must agree.
     auto fresh = impl_->FreshView();
     if (fresh.ok()) {
-      Status again = (*fresh)->impl_->ReadChunks(r, offset, len, dst, where, &missing);
+      Status again = (*fresh)->impl_->ReadChunks(chunked);
       impl_->block_bytes_read_ += (*fresh)->BlockBytesRead();
       return again;
     }
@@ -195,94 +227,88 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
   return s;
 }
 
-Status Store::Impl::ReadChunks(const fb::TensorRecord& r, uint64_t offset, uint64_t len,
-                               uint8_t* dst, const std::string& where, bool* missing) const {
-  const uint64_t total = r.byte_length();
-  const uint64_t cs = r.chunk_size();
-  const auto& chunks = *r.chunks();
-  const size_t first_chunk = offset / cs;
-  const size_t n = (offset + len - 1) / cs + 1 - first_chunk;
-  const size_t batches = (n + kReadBatch - 1) / kReadBatch;
-  std::vector<Status> errors(batches);
-  std::vector<std::optional<Digest>> bad(batches);  // a block found missing or damaged
+Status Store::Impl::ReadChunks(const std::vector<TensorRead>& reads) const {
+  std::vector<ChunkJob> jobs;
+  for (size_t ri = 0; ri < reads.size(); ++ri) {
+    const TensorRead& t = reads[ri];
+    const uint64_t total = t.record->byte_length();
+    const uint64_t cs = t.record->chunk_size();
+    const size_t first = t.offset / cs;
+    const size_t last = (t.offset + t.length - 1) / cs;
+    for (size_t i = first; i <= last; ++i) {
+      const uint64_t begin = i * cs;
+      jobs.push_back(ChunkJob{ri, i, begin, std::min<uint64_t>(cs, total - begin)});
+    }
+  }
+  // The first error in job order is the one reported; later jobs stop early.
+  std::mutex err_mu;
+  size_t err_at = jobs.size();
+  Status err;
+  std::vector<Digest> bad;  // blocks found missing or damaged
+  std::atomic<bool> failed{false};
   std::atomic<uint64_t> read_bytes{0};
-  std::atomic<bool> missing_any{false};
-  pool_->ParallelFor(batches, [&](size_t bi) {
-    size_t first = bi * kReadBatch;
-    size_t m = std::min(kReadBatch, n - first);
-    std::vector<std::string> keys(m);
-    std::vector<rocksdb::Slice> slices(m);
-    for (size_t k = 0; k < m; ++k) {
-      keys[k] = PayloadKey(FromFb(*chunks[first_chunk + first + k]));
-      slices[k] = keys[k];
+  BufferPool buffers;
+  auto fail = [&](size_t j, Status st, const Digest* d) {
+    std::lock_guard<std::mutex> lock(err_mu);
+    if (d) bad.push_back(*d);
+    if (j < err_at) {
+      err_at = j;
+      err = std::move(st);
     }
-    std::vector<rocksdb::PinnableSlice> values(m);
-    std::vector<rocksdb::Status> statuses(m);
-    db_->MultiGet(rocksdb::ReadOptions(), cf_.blocks, m, slices.data(), values.data(),
-                  statuses.data());
-    std::vector<uint8_t> partial;
-    for (size_t k = 0; k < m; ++k) {
-      size_t i = first_chunk + first + k;
-      Digest d = FromFb(*chunks[i]);
-      const uint64_t cbegin = i * cs;
-      const uint64_t clen = std::min<uint64_t>(cs, total - cbegin);
-      if (statuses[k].IsNotFound()) {
-        errors[bi] = Status::Corruption(where + ": block " + d.Hex() + " (chunk " +
-                                        std::to_string(i) + ") is missing from the store");
-        bad[bi] = d;
-        missing_any = true;
-        return;
-      }
-      if (!statuses[k].ok()) {
-        errors[bi] = FromRocks(statuses[k], where + ": reading block " + d.Hex());
-        if (statuses[k].IsCorruption()) errors[bi] = Status::Corruption(errors[bi].message());
-        return;
-      }
-      // A chunk wholly inside the range decodes in place; a partial one
-      // decodes into a scratch buffer (its digest covers the whole chunk).
-      const uint64_t lo = std::max(offset, cbegin);
-      const uint64_t hi = std::min(offset + len, cbegin + clen);
-      const bool whole = lo == cbegin && hi == cbegin + clen;
-      // The block's own header must agree on its length before a scratch
-      // buffer of that length is allocated.
-      Codec codec;
-      uint32_t header_len = 0;
-      Status s =
-          PeekBlockHeader(values[k].ToStringView(), &codec, &header_len) && header_len == clen
-              ? Status::OK()
-              : Status::Corruption("block header is malformed or does not hold the " +
-                                   std::to_string(clen) + " bytes its record expects");
-      uint8_t* out = nullptr;
-      if (s.ok()) {
-        if (!whole) partial.resize(clen);
-        out = whole ? dst + (cbegin - offset) : partial.data();
-        s = DecodeBlock(values[k].ToStringView(), out, clen);
-      }
-      if (!s.ok()) {
-        errors[bi] = s.WithContext(where + ": block " + d.Hex());
-        bad[bi] = d;
-        return;
-      }
-      if (Digest::Of(out, clen) != d) {
-        errors[bi] = Status::Corruption(where + ": block " + d.Hex() + " (chunk " +
-                                        std::to_string(i) + ") does not match its digest");
-        bad[bi] = d;
-        return;
-      }
-      if (!whole) std::memcpy(dst + (lo - offset), partial.data() + (lo - cbegin), hi - lo);
-      read_bytes += clen;
+    failed = true;
+  };
+  ReadPool().ParallelFor(jobs.size(), [&](size_t j) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    const ChunkJob& job = jobs[j];
+    const TensorRead& t = reads[job.read];
+    const Digest d = FromFb(*t.record->chunks()->Get(job.chunk));
+    const std::string chunk_name = "block " + d.Hex() + " (chunk " + std::to_string(job.chunk) + ")";
+    std::unique_ptr<ReadBuffers> b = buffers.Take();
+    rocksdb::Status rs = GetBlock(d, &b->value);
+    if (rs.IsNotFound()) {
+      buffers.Give(std::move(b));
+      return fail(j, Status::Corruption(t.where + ": " + chunk_name + " is missing from the store"),
+                  &d);
     }
+    if (!rs.ok()) {
+      buffers.Give(std::move(b));
+      Status st = FromRocks(rs, t.where + ": reading block " + d.Hex());
+      return fail(j, rs.IsCorruption() ? Status::Corruption(st.message()) : st, nullptr);
+    }
+    const uint64_t lo = std::max(t.offset, job.begin);
+    const uint64_t hi = std::min(t.offset + t.length, job.begin + job.length);
+    const bool whole = lo == job.begin && hi == job.begin + job.length;
+    // The block's own header must agree on its length before a scratch
+    // buffer of that length is allocated.
+    Codec codec;
+    uint32_t header_len = 0;
+    Status st = PeekBlockHeader(b->value.ToStringView(), &codec, &header_len) &&
+                        header_len == job.length
+                    ? Status::OK()
+                    : Status::Corruption("block header is malformed or does not hold the " +
+                                         std::to_string(job.length) +
+                                         " bytes its record expects");
+    uint8_t* out = nullptr;
+    if (st.ok()) {
+      if (!whole) b->scratch.resize(job.length);
+      out = whole ? t.dst + (job.begin - t.offset) : b->scratch.data();
+      st = DecodeBlock(b->value.ToStringView(), out, job.length);
+    }
+    if (st.ok() && Digest::Of(out, job.length) != d) {
+      st = Status::Corruption(t.where + ": " + chunk_name + " does not match its digest");
+    } else if (!st.ok()) {
+      st = st.WithContext(t.where + ": block " + d.Hex());
+    }
+    if (st.ok() && !whole) std::memcpy(t.dst + (lo - t.offset), out + (lo - job.begin), hi - lo);
+    buffers.Give(std::move(b));
+    if (!st.ok()) return fail(j, std::move(st), &d);
+    read_bytes += job.length;
   });
   block_bytes_read_ += read_bytes.load();
   // A save must never reuse a block a read found bad: forget it, so that
   // the next save of those bytes writes them again (self-healing dedup).
-  std::vector<Digest> forget;
-  for (const auto& d : bad) {
-    if (d) forget.push_back(*d);
-  }
-  *missing = missing_any.load();
-  Status forgot = ForgetBlocks(forget);
-  for (auto& e : errors) RETURN_IF_ERROR(e);
+  Status forgot = ForgetBlocks(bad);
+  RETURN_IF_ERROR(err);
   return forgot;
 }
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <unordered_set>
 
 #include "store/names.h"
 #include "store/record_check.h"
@@ -113,27 +114,54 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report, BlockV
   }
 
   // Blocks: each referenced chunk decodes to its digest and is indexed.
-  std::vector<uint8_t> buf;
-  for (size_t k = 0; k < good_bytes.size(); ++k) {
-    const fb::TensorRecord* r = flatbuffers::GetRoot<fb::TensorRecord>(good_bytes[k].data());
-    const auto& [file, param] = good_names[k];
+  // Blocks not checked yet are checked on the read workers, a window at a
+  // time (progress is reported from this thread after each window); the
+  // problems are then listed in record and chunk order.
+  struct Pending {
+    Digest d;
+    uint64_t length;
+  };
+  std::vector<Pending> todo;
+  std::unordered_set<Digest, DigestHash> queued;
+  for (const std::string& bytes : good_bytes) {
+    const fb::TensorRecord* r = flatbuffers::GetRoot<fb::TensorRecord>(bytes.data());
     if (!r->chunks()) continue;  // inline: checked with the record
     const uint64_t cs = r->chunk_size();
     for (size_t i = 0; i < r->chunks()->size(); ++i) {
       Digest d = FromFb(*r->chunks()->Get(i));
-      const uint64_t clen = std::min<uint64_t>(cs, r->byte_length() - i * cs);
-      auto c = checked->find(d);
-      if (c == checked->end()) {
-        BlockVerdict v = CheckBlock(d, clen, &buf);
-        if (v.read) {
-          report->blocks_checked++;
-          report->bytes_checked += clen;
-        }
-        if (options.progress) options.progress(clen);
-        c = checked->emplace(d, std::move(v)).first;
+      if (checked->count(d) || !queued.insert(d).second) continue;
+      todo.push_back(Pending{d, std::min<uint64_t>(cs, r->byte_length() - i * cs)});
+    }
+  }
+  ThreadPool& pool = ReadPool();
+  BufferPool buffers;
+  const size_t window = std::max<size_t>(64, pool.size() * 4);
+  std::vector<BlockVerdict> verdicts;
+  for (size_t start = 0; start < todo.size(); start += window) {
+    const size_t m = std::min(window, todo.size() - start);
+    verdicts.assign(m, BlockVerdict{});
+    pool.ParallelFor(m, [&](size_t k) {
+      verdicts[k] = CheckBlock(todo[start + k].d, todo[start + k].length, &buffers);
+    });
+    for (size_t k = 0; k < m; ++k) {
+      const Pending& p = todo[start + k];
+      if (verdicts[k].read) {
+        report->blocks_checked++;
+        report->bytes_checked += p.length;
       }
-      if (!c->second.what.empty()) {
-        problem(file, param, d.Hex(), c->second.what + " (chunk " + std::to_string(i) + ")");
+      if (options.progress) options.progress(p.length);
+      checked->emplace(p.d, std::move(verdicts[k]));
+    }
+  }
+  for (size_t k = 0; k < good_bytes.size(); ++k) {
+    const fb::TensorRecord* r = flatbuffers::GetRoot<fb::TensorRecord>(good_bytes[k].data());
+    const auto& [file, param] = good_names[k];
+    if (!r->chunks()) continue;
+    for (size_t i = 0; i < r->chunks()->size(); ++i) {
+      Digest d = FromFb(*r->chunks()->Get(i));
+      const BlockVerdict& v = checked->at(d);
+      if (!v.what.empty()) {
+        problem(file, param, d.Hex(), v.what + " (chunk " + std::to_string(i) + ")");
         report->damaged_tags.insert(tag);
       }
     }
@@ -144,10 +172,10 @@ void Store::Impl::VerifyTag(const std::string& tag, VerifyReport* report, BlockV
 }
 
 Store::Impl::BlockVerdict Store::Impl::CheckBlock(const Digest& d, uint64_t len,
-                                                  std::vector<uint8_t>* buf) const {
+                                                  BufferPool* buffers) const {
   BlockVerdict v;
-  std::string value;
-  rocksdb::Status rs = db_->Get(rocksdb::ReadOptions(), cf_.blocks, PayloadKey(d), &value);
+  std::unique_ptr<ReadBuffers> b = buffers->Take();
+  rocksdb::Status rs = GetBlock(d, &b->value);
   std::string idx;
   rocksdb::Status is = db_->Get(rocksdb::ReadOptions(), cf_.index, d.Key(), &idx);
   uint32_t raw = 0, stored = 0;
@@ -159,12 +187,14 @@ Store::Impl::BlockVerdict Store::Impl::CheckBlock(const Digest& d, uint64_t len,
     v.bad = true;
   } else {
     v.read = true;
-    buf->resize(len);
-    Status ds = DecodeBlock(value, buf->data(), len);
+    // The length comes from a checked record (at most 256 MiB); the
+    // block's header is checked against it before anything is decoded.
+    b->scratch.resize(len);
+    Status ds = DecodeBlock(b->value.ToStringView(), b->scratch.data(), len);
     if (!ds.ok()) {
       v.what = ds.message();
       v.bad = true;
-    } else if (Digest::Of(buf->data(), len) != d) {
+    } else if (Digest::Of(b->scratch.data(), len) != d) {
       v.what = "block bytes do not match their digest";
       v.bad = true;
     }
@@ -179,6 +209,7 @@ Store::Impl::BlockVerdict Store::Impl::CheckBlock(const Digest& d, uint64_t len,
     }
   }
   v.indexed = is.ok();
+  buffers->Give(std::move(b));
   return v;
 }
 
