@@ -26,7 +26,7 @@ bool DecodeIndexValue(std::string_view v, uint32_t* raw, uint32_t* stored) {
   }
   *raw = r;
   *stored = s;
-  return static_cast<uint8_t>(v[8]) <= static_cast<uint8_t>(Codec::kZstd);
+  return IsKnownCodec(static_cast<uint8_t>(v[8]));
 }
 
 std::string EncodeU64(uint64_t x) {

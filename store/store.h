@@ -51,6 +51,8 @@ struct StoreOptions {
   // Settings of a new store (an existing store keeps its own).
   uint32_t chunk_size = 1u << 20;
   uint32_t inline_threshold = 4096;
+  // Default codec of new blocks (kept in the header; BeginOptions::codec
+  // overrides it for one tag). kGroupedZstd needs a reader of codec 2.
   Codec codec = Codec::kRaw;
   BlockDurability block_durability = BlockDurability::kFlush;
   // Hashing / encoding workers; 0 = min(4, hardware threads).
@@ -124,6 +126,14 @@ struct WriteStats {
 
 struct Layout {
   int32_t tp = 0, pp = 0, dp = 0, zero_stage = -1;
+};
+
+// Options of one pending tag (BeginTag).
+struct BeginOptions {
+  bool overwrite = false;  // the tag may replace a committed tag of the same name
+  // Codec of the tag's new blocks; unset = the store's (its header's codec).
+  // Blocks the store already holds are reused as they are, whatever their codec.
+  std::optional<Codec> codec;
 };
 
 struct CommitOptions {
@@ -217,6 +227,7 @@ class Store {
   // --- Writing a tag --------------------------------------------------
   // Starts a pending tag. Fails if the tag is committed and !overwrite.
   Status BeginTag(const std::string& tag, bool overwrite = false);
+  Status BeginTag(const std::string& tag, const BeginOptions& options);
   bool IsPending(const std::string& tag) const;
   // Stores a tensor's blocks and stages its record. Returns what it cost.
   Result<WriteStats> PutTensor(const std::string& tag, const std::string& file,

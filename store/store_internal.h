@@ -23,6 +23,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <unordered_map>
@@ -85,6 +86,7 @@ struct PendingFile {
 
 struct PendingTag {
   bool overwrite = false;
+  std::optional<Codec> codec;  // codec of new blocks; unset = the store's
   std::string parent;
   std::map<std::string, PendingFile> files;
   std::unordered_set<Digest, DigestHash> pinned;  // every digest referenced
@@ -182,8 +184,10 @@ class Store::Impl {
   enum class PinMode { kClaim, kIfPresent };
   Result<bool> PinBlock(PendingTag* pending, const Digest& d, PinMode mode);
   void UnpinBlock(PendingTag* pending, const Digest& d);
-  Status WriteChunk(PendingTag* pending, const uint8_t* data, size_t len, Digest* out,
-                    WriteStats* stats);
+  // Writes one chunk unless the store holds it; new blocks are encoded
+  // with `codec`, grouped by `element_size` (GroupElementSize).
+  Status WriteChunk(PendingTag* pending, Codec codec, uint32_t element_size, const uint8_t* data,
+                    size_t len, Digest* out, WriteStats* stats);
   // Drops the index entries of blocks found bad (one synced batch), so that
   // the next save of their bytes writes them again. No-op when read-only.
   Status ForgetBlocks(const std::vector<Digest>& bad) const;

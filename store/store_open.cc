@@ -182,6 +182,11 @@ Status Store::Impl::LoadOrCreateHeader() {
     if (options_.inline_threshold > options_.chunk_size) {
       return Status::InvalidArgument("inline threshold must not exceed the chunk size");
     }
+    if (!IsKnownCodec(static_cast<uint8_t>(options_.codec))) {
+      return Status::InvalidArgument("codec " +
+                                     std::to_string(static_cast<uint8_t>(options_.codec)) +
+                                     " is not known; " + ValidCodecs());
+    }
     rocksdb::WriteBatch batch;
     batch.Put(
         cf_.meta, kHeaderKey,
@@ -217,9 +222,9 @@ Status Store::Impl::LoadOrCreateHeader() {
                               std::to_string(h->inline_threshold()) + " above its chunk_size " +
                               std::to_string(h->chunk_size()));
   }
-  if (h->codec() > static_cast<uint8_t>(Codec::kZstd)) {
+  if (!IsKnownCodec(h->codec())) {
     return Status::Corruption("store header (meta/header) has codec " + std::to_string(h->codec()) +
-                              "; valid: 0 (raw) or 1 (zstd)");
+                              "; " + ValidCodecs());
   }
   chunk_size_ = h->chunk_size();
   inline_threshold_ = h->inline_threshold();

@@ -23,7 +23,19 @@ namespace ckptkv {
 // --- Pending tags and block pins ------------------------------------------
 
 Status Store::BeginTag(const std::string& tag, bool overwrite) {
+  BeginOptions options;
+  options.overwrite = overwrite;
+  return BeginTag(tag, options);
+}
+
+Status Store::BeginTag(const std::string& tag, const BeginOptions& options) {
+  const bool overwrite = options.overwrite;
   RETURN_IF_ERROR(impl_->WritableCheck("create"));
+  if (options.codec && !IsKnownCodec(static_cast<uint8_t>(*options.codec))) {
+    return Status::InvalidArgument("tag " + Quote(tag) + ": codec " +
+                                   std::to_string(static_cast<uint8_t>(*options.codec)) +
+                                   " is not known; " + ValidCodecs());
+  }
   RETURN_IF_ERROR(ValidateTag(tag));
   ASSIGN_OR_RETURN(auto existing, impl_->FindTag(tag));
   if (existing && !overwrite) {
@@ -36,6 +48,7 @@ Status Store::BeginTag(const std::string& tag, bool overwrite) {
   PendingTag& p = impl_->pending_[tag];
   p = PendingTag();
   p.overwrite = overwrite;
+  p.codec = options.codec;
   p.parent = parent;
   return Status::OK();
 }
@@ -93,18 +106,18 @@ void Store::Impl::UnpinBlock(PendingTag* pending, const Digest& d) {
 
 // --- Tensors and files ----------------------------------------------------
 
-Status Store::Impl::WriteChunk(PendingTag* pending, const uint8_t* data, size_t len, Digest* out,
-                               WriteStats* stats) {
+Status Store::Impl::WriteChunk(PendingTag* pending, Codec preferred, uint32_t element_size,
+                               const uint8_t* data, size_t len, Digest* out, WriteStats* stats) {
   Digest d = Digest::Of(data, len);
   *out = d;
   std::shared_lock<std::shared_mutex> gc_guard(gc_mu_);
   ASSIGN_OR_RETURN(bool present, PinBlock(pending, d, PinMode::kClaim));
   if (present) return Status::OK();
   // The payload goes to RocksDB straight from the tensor's memory (raw) or
-  // from the compressed buffer: no encoded copy of the chunk is made.
+  // from the compressed buffer: no encoded copy of the chunk is made. The
+  // digest is of the raw bytes whatever the codec, so dedup ignores codecs.
   std::string compressed;
-  Codec codec =
-      codec_ == Codec::kZstd && CompressBlock(data, len, &compressed) ? Codec::kZstd : Codec::kRaw;
+  const Codec codec = EncodeChunk(preferred, element_size, data, len, &compressed);
   const std::string header = BlockHeader(codec, len);
   const rocksdb::Slice value_parts[2] = {
       header, codec == Codec::kRaw ? rocksdb::Slice(reinterpret_cast<const char*>(data), len)
@@ -189,11 +202,18 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
     std::vector<Digest> digests(n);
     std::vector<Status> errors(n);
     std::vector<WriteStats> per(n);
+    // The tag's codec (BeginOptions) or the store's; grouping by the dtype.
+    Codec codec;
+    {
+      std::lock_guard<std::mutex> lock(impl_->mu_);
+      codec = pending->codec.value_or(impl_->codec_);
+    }
+    const uint32_t group = GroupElementSize(meta.dtype);
     auto chunk_len = [&](size_t i) { return std::min<uint64_t>(cs, len - i * cs); };
     if (bytes.data) {
       impl_->pool_->ParallelFor(n, [&](size_t i) {
-        errors[i] =
-            impl_->WriteChunk(pending, bytes.data + i * cs, chunk_len(i), &digests[i], &per[i]);
+        errors[i] = impl_->WriteChunk(pending, codec, group, bytes.data + i * cs, chunk_len(i),
+                                      &digests[i], &per[i]);
       });
     } else {
       // Stage a window of chunks on the host, then hash and write them.
@@ -208,9 +228,9 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
         }
         impl_->pool_->ParallelFor(m, [&](size_t k) {
           size_t i = base + k;
-          errors[i] =
-              impl_->WriteChunk(pending, reinterpret_cast<const uint8_t*>(staging[k].data()),
-                                chunk_len(i), &digests[i], &per[i]);
+          errors[i] = impl_->WriteChunk(pending, codec, group,
+                                        reinterpret_cast<const uint8_t*>(staging[k].data()),
+                                        chunk_len(i), &digests[i], &per[i]);
         });
       }
     }
