@@ -8,6 +8,7 @@
 #include <map>
 #include <tuple>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "engine/torch_call.h"
 #include "store/record_check.h"
@@ -460,15 +461,53 @@ std::optional<int64_t> DictInt(const c10::IValue& dict, const std::string& key) 
 
 Result<at::Tensor> ReadStoredTensor(const Store& store, const std::string& tag,
                                     const std::string& file, const std::string& param) {
-  const std::string where = TensorName(tag, file, param);
-  ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
-  std::vector<int64_t> shape;
-  if (rec->shape()) shape.assign(rec->shape()->begin(), rec->shape()->end());
-  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(ToScalarType(rec->dtype())));
-  RETURN_IF_ERROR(store.ReadTensor(*rec.get(), static_cast<uint8_t*>(t.data_ptr()),
-                                   static_cast<uint64_t>(t.numel()) * t.element_size(), where));
-  if (rec->requires_grad() && t.is_floating_point()) t.set_requires_grad(true);
-  return t;
+  ASSIGN_OR_RETURN(std::vector<at::Tensor> t, ReadStoredTensors(store, tag, file, {param}));
+  return std::move(t[0]);
+}
+
+Result<std::vector<at::Tensor>> ReadStoredTensors(const Store& store, const std::string& tag,
+                                                  const std::string& file,
+                                                  const std::vector<std::string>& params) {
+  std::vector<TensorRecordRef> records;
+  std::vector<at::Tensor> out;
+  std::vector<TensorRead> reads;
+  records.reserve(params.size());
+  out.reserve(params.size());
+  reads.reserve(params.size());
+  for (const std::string& param : params) {
+    ASSIGN_OR_RETURN(TensorRecordRef rec, store.GetTensorRecord(tag, file, param));
+    std::vector<int64_t> shape;
+    if (rec->shape()) shape.assign(rec->shape()->begin(), rec->shape()->end());
+    // The record passed its checks: shape x dtype = byte_length, no overflow.
+    at::Tensor t = at::empty(shape, at::TensorOptions().dtype(ToScalarType(rec->dtype())));
+    records.push_back(std::move(rec));
+    out.push_back(std::move(t));
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& t = out[i];
+    reads.push_back(TensorRead{records[i].get(), 0,
+                               static_cast<uint64_t>(t.numel()) * t.element_size(),
+                               static_cast<uint8_t*>(t.data_ptr()),
+                               TensorName(tag, file, params[i])});
+  }
+  RETURN_IF_ERROR(store.ReadTensors(reads));
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (records[i]->requires_grad() && out[i].is_floating_point()) out[i].set_requires_grad(true);
+  }
+  return out;
+}
+
+Result<std::vector<std::string>> StoredTensorPaths(std::string_view tree_bytes,
+                                                   const std::string& where) {
+  std::vector<std::string> paths;
+  RETURN_IF_ERROR(VerifyStateTreeBytes(tree_bytes, where,
+                                       "state tree of " + where + " fails verification", &paths));
+  std::unordered_set<std::string> seen;
+  std::vector<std::string> out;
+  for (auto& p : paths) {
+    if (seen.insert(p).second) out.push_back(std::move(p));
+  }
+  return out;
 }
 
 Result<fb::DType> ToDType(c10::ScalarType type, const std::string& where) {

@@ -100,6 +100,19 @@ Result<c10::IValue> DecodeNode(const fb::Node* node, const TensorLoader& tensor_
 Result<at::Tensor> ReadStoredTensor(const Store& store, const std::string& tag,
                                     const std::string& file, const std::string& param);
 
+// The stored tensors `params` of `tag`/`file` (each as ReadStoredTensor
+// gives it, in the order of `params`): their records first, then all their
+// bytes in one Store::ReadTensors, so that many blocks are in flight. Give
+// them in the order of the file's state tree, the order they were saved.
+Result<std::vector<at::Tensor>> ReadStoredTensors(const Store& store, const std::string& tag,
+                                                  const std::string& file,
+                                                  const std::vector<std::string>& params);
+
+// The distinct tensor paths of a file's verified state tree bytes, in the
+// order of the tree (the order a save wrote them).
+Result<std::vector<std::string>> StoredTensorPaths(std::string_view tree_bytes,
+                                                   const std::string& where);
+
 // The value under `key` of a dict with string keys (nullptr when `dict` is
 // not a dict or lacks the key; the pointer lives as long as `dict`), and
 // the same when it is an int.

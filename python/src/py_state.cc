@@ -341,13 +341,11 @@ pyb::object DecodePy(const Store& store, const std::string& tag, const std::stri
   {
     pyb::gil_scoped_release nogil;
     bytes = ValueOrThrow(store.GetFileTree(tag, file));
-    ThrowIfError(VerifyStateTreeBytes(bytes, where,
-                                      "state tree of " + where + " fails verification", &params));
-    std::sort(params.begin(), params.end());
-    params.erase(std::unique(params.begin(), params.end()), params.end());
-    loaded.reserve(params.size());
-    for (const auto& p : params)
-      loaded.push_back(ValueOrThrow(ReadStoredTensor(store, tag, file, p)));
+    // In the tree's order, the order they were saved: one batch of block
+    // reads for all of them.
+    params = ValueOrThrow(StoredTensorPaths(bytes, where));
+    loaded = ValueOrThrow(TorchCall(TorchErrorKind::kUserValue, where,
+                                    [&] { return ReadStoredTensors(store, tag, file, params); }));
   }
   std::unordered_map<std::string, pyb::object> tensors;
   for (size_t i = 0; i < params.size(); ++i) {
