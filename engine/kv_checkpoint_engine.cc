@@ -4,8 +4,11 @@
 #include <ATen/Functions.h>
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <filesystem>
+#include <unordered_map>
 
+#include "engine/async_saver.h"
 #include "engine/state_codec.h"
 #include "engine/torch_call.h"
 #include "store/names.h"
@@ -62,11 +65,9 @@ Result<WriteStats> SaveTensor(Store& store, const std::string& tag, const std::s
   return store.PutTensor(tag, file, param, meta, src);
 }
 
-Result<at::Tensor> LoadTensor(const Store& store, const std::string& tag, const std::string& file,
-                              const std::string& param, const std::string& saved_device,
-                              const MapLocation& map_location) {
-  const std::string where = TensorName(tag, file, param);
-  ASSIGN_OR_RETURN(at::Tensor t, ReadStoredTensor(store, tag, file, param));
+// A loaded host tensor on the device map_location (or its saved device) names.
+Result<at::Tensor> PlaceLoaded(at::Tensor t, const std::string& where,
+                               const std::string& saved_device, const MapLocation& map_location) {
   c10::Device target = at::kCPU;
   if (map_location) {
     target = *map_location;
@@ -116,6 +117,10 @@ KvCheckpointEngine::KvCheckpointEngine(KvEngineConfig config)
     : CheckpointEngine("KvCheckpointEngine"), config_(std::move(config)) {}
 
 KvCheckpointEngine::~KvCheckpointEngine() {
+  if (saver_) {
+    for (const auto& [tag, dir] : save_dirs_) saver_->Cancel(tag);
+    saver_.reset();
+  }
   if (store_) {
     for (const auto& [tag, dir] : save_dirs_) {
       spdlog::warn("[ckptkv] tag {} was created but never committed; its blocks await gc", tag);
@@ -214,8 +219,23 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
   EncodedState encoded = ValueOrThrow(EncodeState(state_dict, where));
   TensorPlacer::Placements placements;
   if (config_.placer) placements = config_.placer->Place(target.tag, target.file, state_dict);
+  const auto t0 = std::chrono::steady_clock::now();
+  if (config_.async_save) {
+    if (!saver_) {
+      AsyncSaveOptions o;
+      o.buffer_bytes = config_.async_buffer_bytes;
+      saver_ = std::make_unique<AsyncSaver>(*store_, o);
+    }
+    SnapshotReport snap = ValueOrThrow(
+        saver_->Submit(target.tag, target.file, std::move(encoded), std::move(placements)));
+    last_blocked_s_ = snap.seconds;
+    spdlog::debug("[ckptkv] snapshot of {}: {} bytes in {:.3f} s{}", where, snap.bytes,
+                  snap.seconds, snap.synchronous ? " (written synchronously)" : "");
+    return;
+  }
   SaveReport report = ValueOrThrow(
       SaveEncodedFile(*store_, target.tag, target.file, std::move(encoded), placements));
+  last_blocked_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   last_save_ = report;
   spdlog::debug("[ckptkv] saved {}: {} tensors, {} bytes, {} new", where, report.tensors,
                 report.stats.logical_bytes, report.stats.new_bytes);
@@ -232,6 +252,18 @@ bool KvCheckpointEngine::commit(const CommitInfo& info) {
     ThrowIfError(Status::FailedPrecondition("commit of tag " + Quote(info.tag) +
                                             " without create; call create(" + Quote(info.tag) +
                                             ") first"));
+  }
+  if (saver_) {
+    Result<SaveReport> written = saver_->Wait(info.tag);
+    if (!written.ok()) {
+      // Some file of the tag is not stored: it must never commit.
+      store_->AbortTag(info.tag);
+      save_dirs_.erase(info.tag);
+      if (config_.placer) config_.placer->EndTag(info.tag);
+      ThrowIfError(written.status().WithContext("commit of tag " + Quote(info.tag) +
+                                                " abandoned: a background save failed"));
+    }
+    last_save_ = *written;
   }
   CommitOptions options;
   options.overwrite = config_.overwrite;
@@ -277,11 +309,20 @@ c10::IValue KvCheckpointEngine::load(const std::string& path, MapLocation map_lo
   ThrowIfError(ValidateFile(target.file));
   const std::string where = FileName(target.tag, target.file);
   std::string tree_bytes = ValueOrThrow(store_->GetFileTree(target.tag, target.file));
+  // Every tensor's bytes in one batch of block reads, then the tree.
+  const std::vector<std::string> params = ValueOrThrow(StoredTensorPaths(tree_bytes, where));
+  const std::vector<at::Tensor> host = ValueOrThrow(TorchCall(TorchErrorKind::kUserValue, where, [&] {
+    return ReadStoredTensors(*store_, target.tag, target.file, params);
+  }));
+  std::unordered_map<std::string, const at::Tensor*> by_param;
+  for (size_t i = 0; i < params.size(); ++i) by_param.emplace(params[i], &host[i]);
   TensorLoader loader = [&](const std::string& param,
                             const std::string& device) -> Result<at::Tensor> {
-    return TorchCall(TorchErrorKind::kUserValue, TensorName(target.tag, target.file, param), [&] {
-      return LoadTensor(*store_, target.tag, target.file, param, device, map_location);
-    });
+    const std::string name = TensorName(target.tag, target.file, param);
+    auto it = by_param.find(param);
+    if (it == by_param.end()) return Status::Corruption(name + ": tensor node without a record");
+    return TorchCall(TorchErrorKind::kUserValue, name,
+                     [&] { return PlaceLoaded(*it->second, name, device, map_location); });
   };
   return ValueOrThrow(DecodeState(std::string_view(tree_bytes), loader, where));
 }

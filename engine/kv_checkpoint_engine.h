@@ -45,6 +45,14 @@ struct KvEngineConfig {
   StoreOptions store;  // options for opening (and creating) the store
   bool overwrite = false;
   std::shared_ptr<TensorPlacer> placer;  // none: tensors are stored without placements
+  // save() returns once the tensors are copied into snapshot buffers;
+  // hashing and writing run in the background and commit() waits for them
+  // (engine/async_saver.h). A tag whose background writes failed is
+  // aborted by its commit, which raises the error.
+  bool async_save = false;
+  // Snapshot buffers the async saves may hold; 0 = a quarter of the
+  // machine's memory. A file larger than that is written synchronously.
+  uint64_t async_buffer_bytes = 0;
 };
 
 // What the last save or commit cost.
@@ -54,6 +62,7 @@ struct SaveReport {
 };
 
 struct EncodedState;
+class AsyncSaver;
 
 // The store half of KvCheckpointEngine::save, shared with the Python
 // package: replaces `file` of the pending `tag` by the encoded value, each
@@ -84,6 +93,9 @@ class KvCheckpointEngine : public CheckpointEngine {
   Store* store() const { return store_.get(); }
   const SaveReport& last_save() const { return last_save_; }
   const TagInfo& last_commit() const { return last_commit_; }
+  // Seconds the last save() blocked its caller (with async_save, the
+  // snapshot; else the whole save).
+  double last_save_blocked_seconds() const { return last_blocked_s_; }
 
  private:
   struct Target {
@@ -100,6 +112,9 @@ class KvCheckpointEngine : public CheckpointEngine {
   std::set<std::string> open_tags_;
   SaveReport last_save_;
   TagInfo last_commit_;
+  double last_blocked_s_ = 0;
+  // With async_save, after store_ (destroyed first: it writes into it).
+  std::unique_ptr<AsyncSaver> saver_;
 };
 
 }  // namespace ckptkv

@@ -13,6 +13,7 @@
 #include "engine/state_codec.h"
 #include "engine/torch_checkpoint_engine.h"
 #include "store/names.h"
+#include "tests/crash/fault_injection_fs.h"
 #include "tests/python_tree.h"
 #include "tests/raw_db.h"
 #include "tests/test_util.h"
@@ -492,4 +493,180 @@ TEST_CASE("a file saved from Python decodes in C++ with objects as their payload
   CHECK(DictField(v, "sparse_tensor_module_names")->isList());  // set
   CHECK(DictField(v, "raw")->toStringRef() == std::string("\0\1x", 3));
   CHECK(DictField(v, "big")->toStringRef() == "-123456789012345678901234567890");
+}
+
+// --- Async saves ----------------------------------------------------------
+
+namespace {
+
+// A copy of every tensor of `v` (same structure), so that the original's
+// tensors can be changed afterwards.
+c10::IValue DeepClone(const c10::IValue& v) {
+  if (v.isTensor()) {
+    at::Tensor t = v.toTensor().detach().clone();
+    if (v.toTensor().requires_grad()) t.set_requires_grad(true);
+    return t;
+  }
+  if (v.isGenericDict()) {
+    auto d = v.toGenericDict();
+    Dict out(d.keyType(), d.valueType());
+    for (const auto& e : d) out.insert(e.key(), DeepClone(e.value()));
+    return out;
+  }
+  if (v.isList()) {
+    auto l = v.toList();
+    c10::impl::GenericList out(l.elementType());
+    for (const c10::IValue& e : l) out.push_back(DeepClone(e));
+    return out;
+  }
+  if (v.isTuple()) {
+    std::vector<c10::IValue> items;
+    for (const auto& e : v.toTupleRef().elements()) items.push_back(DeepClone(e));
+    return c10::ivalue::Tuple::create(std::move(items));
+  }
+  return v;
+}
+
+// Changes every tensor of `v` in place (a training step after the save).
+void Scribble(const c10::IValue& v) {
+  if (v.isTensor()) {
+    at::Tensor t = v.toTensor().detach();
+    if (t.numel() == 0) return;
+    if (t.scalar_type() == at::kBool) {
+      t.logical_not_();
+    } else {
+      t.add_(1);
+    }
+  } else if (v.isGenericDict()) {
+    for (const auto& e : v.toGenericDict()) Scribble(e.value());
+  } else if (v.isList()) {
+    for (const c10::IValue& e : v.toList()) Scribble(e);
+  } else if (v.isTuple()) {
+    for (const auto& e : v.toTupleRef().elements()) Scribble(e);
+  }
+}
+
+std::unique_ptr<KvCheckpointEngine> MakeAsyncEngine(uint64_t buffer_bytes = 0,
+                                                    std::shared_ptr<rocksdb::FileSystem> fs = {}) {
+  KvEngineConfig config;
+  config.store.chunk_size = 64 * 1024;
+  config.async_save = true;
+  config.async_buffer_bytes = buffer_bytes;
+  if (fs) {
+    config.store.file_system = std::move(fs);
+    config.store.block_durability = BlockDurability::kWal;
+  }
+  return std::make_unique<KvCheckpointEngine>(config);
+}
+
+}  // namespace
+
+TEST_CASE("async save: tensors changed right after save returns are stored as they were",
+          "[unit][engine][async]") {
+  spdlog::set_level(spdlog::level::warn);
+  TempDir dir;
+  c10::IValue state = RichState();
+  const c10::IValue expected = DeepClone(state);
+  auto engine = MakeAsyncEngine();
+  engine->makedirs(dir.path(), true);
+  engine->create(dir.path(), "t1");
+  engine->save(state, dir.path() + "/t1/mp_rank_00_model_states.pt");
+  // The views of RichState change through their base tensors too.
+  Scribble(state);
+  REQUIRE(engine->commit("t1"));
+  RequireSame(expected, engine->load(dir.path() + "/t1/mp_rank_00_model_states.pt"));
+  CHECK(engine->last_save().tensors > 10);
+
+  // The changed state saved next is stored as changed, in another process too.
+  engine->create(dir.path(), "t2");
+  engine->save(state, dir.path() + "/t2/mp_rank_00_model_states.pt");
+  const c10::IValue expected2 = DeepClone(state);
+  Scribble(state);
+  REQUIRE(engine->commit("t2"));
+  engine.reset();
+  auto reader = MakeEngine();
+  reader->open(dir.path());
+  RequireSame(expected, reader->load(dir.path() + "/t1/mp_rank_00_model_states.pt"));
+  RequireSame(expected2, reader->load(dir.path() + "/t2/mp_rank_00_model_states.pt"));
+}
+
+TEST_CASE("async save: a full buffer pool waits for written files, a file larger than the pool "
+          "is written synchronously",
+          "[unit][engine][async]") {
+  spdlog::set_level(spdlog::level::warn);
+  TempDir dir;
+  constexpr uint64_t kPool = 1 << 20;
+  auto engine = MakeAsyncEngine(kPool);
+  engine->makedirs(dir.path(), true);
+  engine->create(dir.path(), "t");
+  std::vector<std::pair<std::string, c10::IValue>> saved;
+  at::manual_seed(7);
+  // Three files of 768 KiB: each fits alone, two do not fit together.
+  for (int f = 0; f < 3; ++f) {
+    Dict d = StrDict();
+    for (int i = 0; i < 3; ++i) d.insert("w" + std::to_string(i), at::randn({64 * 1024}));
+    const std::string path = dir.path() + "/t/file" + std::to_string(f) + ".pt";
+    saved.emplace_back(path, DeepClone(d));
+    engine->save(d, path);
+    CHECK(engine->last_save_blocked_seconds() >= 0);
+    Scribble(d);
+  }
+  // 2 MiB in one file: more than the pool.
+  Dict big = StrDict();
+  big.insert("big", at::randn({512 * 1024}));
+  saved.emplace_back(dir.path() + "/t/big.pt", DeepClone(big));
+  engine->save(big, dir.path() + "/t/big.pt");
+  Scribble(big);
+  REQUIRE(engine->commit("t"));
+  CHECK(engine->last_save().tensors == 10);
+  CHECK(engine->last_save().stats.logical_bytes == 3 * 3 * 256 * 1024 + 2 * 1024 * 1024);
+  for (const auto& [path, value] : saved) {
+    INFO(path);
+    RequireSame(value, engine->load(path));
+  }
+}
+
+TEST_CASE("async save: a background write that fails aborts the tag at commit; earlier tags "
+          "stay intact",
+          "[unit][engine][async]") {
+  spdlog::set_level(spdlog::level::off);
+  TempDir dir;
+  auto fs = std::make_shared<ckptkv::testing::FaultInjectionFileSystem>();
+  const std::string file = "/mp_rank_00_model_states.pt";
+  c10::IValue state = RichState();
+  const c10::IValue expected = DeepClone(state);
+  {
+    auto engine = MakeAsyncEngine(0, fs);
+    engine->makedirs(dir.path(), true);
+    engine->create(dir.path(), "good");
+    engine->save(state, dir.path() + "/good" + file);
+    REQUIRE(engine->commit("good"));
+    engine->create(dir.path(), "bad");
+    fs->SetActive(false);  // every write fails from here
+    // The snapshot succeeds; the write behind it fails (new bytes: the
+    // same ones would be deduplicated and nothing written).
+    Scribble(state);
+    engine->save(state, dir.path() + "/bad" + file);
+    std::string message;
+    try {
+      engine->commit("bad");
+    } catch (const std::exception& e) {
+      message = e.what();
+    }
+    INFO(message);
+    CHECK(message.find("commit of tag 'bad' abandoned: a background save failed") !=
+          std::string::npos);
+    CHECK(message.find("filesystem inactive") != std::string::npos);
+    CHECK_FALSE(engine->store()->IsPending("bad"));
+  }
+  fs->SetActive(true);
+  auto engine = MakeEngine();
+  REQUIRE(engine->open(dir.path()) == std::optional<std::string>("good"));
+  auto tags = engine->store()->ListTags();
+  REQUIRE(tags.ok());
+  REQUIRE(tags->size() == 1);
+  RequireSame(expected, engine->load(dir.path() + "/good" + file));
+  auto report = engine->store()->Verify();
+  REQUIRE(report.ok());
+  CHECK(report->ok());
 }
