@@ -1,14 +1,15 @@
 // ckptkv_crash_child: saves checkpoints until it is killed.
 //
 //   ckptkv_crash_child --db DIR --start N --seed S --ack FILE
-//                      [--wal] [--ready-fd FD] [--count C]
+//                      [--wal] [--async] [--ready-fd FD] [--count C]
 //   ckptkv_crash_child --db DIR --gc [--ready-fd FD]
 //
 // For i = N, N+1, ... (at most C steps): create("step<i>"), save the 1-3
 // files of MakeStepFiles(S, i), commit, then append "i\n" to FILE and fsync
 // it. A line in FILE therefore means that commit returned. --ready-fd gets
 // one byte once the store is open. --wal opens the store with
-// BlockDurability::kWal instead of kFlush. Exit status 0 after C steps,
+// BlockDurability::kWal instead of kFlush; --async saves through the
+// engine's async_save (hashing and writes in the background, commit waits). Exit status 0 after C steps,
 // 2 for bad arguments, 3 when a step fails (the error goes to stderr).
 // --gc runs Store::Gc once instead (kill point gc.after_batch lies between
 // its delete batch and its compaction).
@@ -41,7 +42,7 @@ int main(int argc, char** argv) {
   std::string db, ack;
   int64_t start = -1, count = 100000;
   uint64_t seed = 0;
-  bool have_seed = false, wal = false, gc = false;
+  bool have_seed = false, wal = false, gc = false, async = false;
   int ready_fd = -1;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -67,6 +68,8 @@ int main(int argc, char** argv) {
       ready_fd = std::atoi(value().c_str());
     } else if (a == "--wal") {
       wal = true;
+    } else if (a == "--async") {
+      async = true;
     } else if (a == "--gc") {
       gc = true;
     } else {
@@ -112,6 +115,7 @@ int main(int argc, char** argv) {
     config.store.threads = 2;
     config.store.block_durability =
         wal ? ckptkv::BlockDurability::kWal : ckptkv::BlockDurability::kFlush;
+    config.async_save = async;
     ckptkv::KvCheckpointEngine engine(config);
     engine.makedirs(db, /*exist_ok=*/true);  // opens the store
     if (ready_fd >= 0) {

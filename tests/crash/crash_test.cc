@@ -262,16 +262,20 @@ TEST_CASE("SIGKILL during save and commit never loses or damages a committed che
       }
     }
     const bool wal = uniform(0, 1) == 1;
+    // Half the children save asynchronously: they die while background
+    // writes run (kill points save.after_blocks fire on the writer thread).
+    const bool async = uniform(0, 1) == 1;
     const int64_t start = next_start;
     std::vector<std::string> args = {
         CRASH_CHILD_PATH,     "--db",  db,      "--start", std::to_string(start), "--seed",
         std::to_string(seed), "--ack", ack_path};
     if (wal) args.push_back("--wal");
+    if (async) args.push_back("--async");
     std::optional<std::chrono::milliseconds> kill_after;
     if (kill_point.empty()) kill_after = std::chrono::milliseconds(uniform(20, 400));
 
     INFO("iteration " << it << " seed=" << seed << " start=step" << start
-                      << (wal ? " wal" : " flush")
+                      << (wal ? " wal" : " flush") << (async ? " async" : "")
                       << (kill_point.empty() ? "" : " kill point " + kill_point)
                       << (kill_after ? " kill after " + std::to_string(kill_after->count()) + " ms"
                                      : std::string()));
