@@ -35,15 +35,16 @@ def _open(store, read_only):
                                % type(store).__name__)
 
 
-def save(obj, store, tag, file="state.pt", *, overwrite=False):
+def save(obj, store, tag, file="state.pt", *, overwrite=False, compress=None):
     """Saves ``obj`` as ``file`` of a new tag and commits it atomically.
 
     ``store`` is a path (created if missing) or an open Store. A tag that
-    exists is AlreadyExistsError unless ``overwrite``. Returns what the
-    commit recorded (files, bytes, new bytes)."""
+    exists is AlreadyExistsError unless ``overwrite``. ``compress`` as
+    ``Store.begin``'s (None: the store's codec). Returns what the commit
+    recorded (files, bytes, new bytes)."""
     s, owned = _open(store, read_only=False)
     try:
-        with s.begin(tag, overwrite=overwrite) as w:
+        with s.begin(tag, overwrite=overwrite, compress=compress) as w:
             w.save(obj, file)
         return w.info
     finally:

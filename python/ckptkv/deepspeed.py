@@ -59,6 +59,22 @@ def read_placeholder(path):
     return None
 
 
+class _CommitInfo:
+    """DeepSpeed's CheckpointCommitInfo for a create(tag) of the old API."""
+
+    def __init__(self, tag, save_dir, save_latest):
+        self.tag, self.save_dir, self.save_latest = tag, save_dir, save_latest
+
+    def __eq__(self, other):
+        return (getattr(other, "tag", None), getattr(other, "save_dir", None),
+                getattr(other, "save_latest", None)) == (self.tag, self.save_dir,
+                                                         self.save_latest)
+
+    def __repr__(self):
+        return "CommitInfo(tag=%r, save_dir=%r, save_latest=%r)" % (
+            self.tag, self.save_dir, self.save_latest)
+
+
 def _tag_of(x):
     """A tag string from a tag or a CheckpointCommitInfo-like object."""
     if isinstance(x, str):
@@ -90,16 +106,31 @@ class KvCheckpointEngine:
     store is ``<save_dir>/ckptkv-store`` of the first save_dir (or load
     path) the engine sees. The DeepSpeed config may carry options as
     ``"checkpoint": {"ckptkv": {"store": ..., "overwrite": false,
-    "compress": false}}``.
+    "compress": false, "async_save": false}}``.
+
+    ``async_save``: False (every ``save`` writes before it returns), True
+    (``save`` returns once the tensors are copied into snapshot buffers;
+    hashing and writes run in the background and ``commit`` waits for them)
+    or ``"decoupled"`` (the same, and ``is_decoupled()`` is True: DeepSpeed
+    then skips the commit in ``save_checkpoint`` and calls
+    ``commit(get_commit_info())`` at the next step, so training goes on
+    while the tag is written; ``cleanup`` commits a tag still pending).
     """
 
-    def __init__(self, config_params=None, *, store=None, overwrite=None, compress=None):
+    def __init__(self, config_params=None, *, store=None, overwrite=None, compress=None,
+                 async_save=None):
         opts = _ckptkv_config(config_params)
         self.name = "KvCheckpointEngine"
         self.config_params = config_params
         self._store_arg = store if store is not None else opts.get("store")
         self._overwrite = bool(opts.get("overwrite", False) if overwrite is None else overwrite)
-        self._compress = bool(opts.get("compress", False) if compress is None else compress)
+        self._compress = opts.get("compress", False) if compress is None else compress
+        mode = opts.get("async_save", False) if async_save is None else async_save
+        if mode not in (False, True, "decoupled"):
+            raise errors.InvalidArgumentError(
+                "async_save=%r is not valid; expected false, true or \"decoupled\"" % (mode,))
+        self._background = mode is not False
+        self._decoupled = mode == "decoupled"
         self._store = store if isinstance(store, Store) else None
         self._owns_store = False
         self._save_dir = None
@@ -159,10 +190,18 @@ class KvCheckpointEngine:
             if self._save_dir is None:
                 self._save_dir = save_dir
         store = self._open_store(save_dir)
+        pending = self._commit_info
+        if self._decoupled and pending is not None and _tag_of(pending)[0] != tag:
+            # A decoupled tag not committed yet is committed before the next
+            # one starts: no tag is dropped.
+            self.commit(pending)
         old = self._writers.pop(tag, None)
         if old is not None:
             old[0].abort()
-        self._writers[tag] = (store.begin(tag, overwrite=self._overwrite), save_dir)
+        self._writers[tag] = (store.begin(tag, overwrite=self._overwrite,
+                                          background=self._background), save_dir)
+        if self._decoupled:
+            self._commit_info = info if info is not None else _CommitInfo(tag, save_dir, True)
 
     def save(self, state_dict, path):
         """Persists one file of the created tag; leaves a placeholder at path."""
@@ -183,6 +222,10 @@ class KvCheckpointEngine:
     def commit(self, tag):
         """All files of ``tag`` are saved: commit it atomically and durably."""
         tag, info = _tag_of(tag)
+        if (self._decoupled and info is not None and self._commit_info is not None
+                and _tag_of(self._commit_info)[0] == tag and info != self._commit_info):
+            raise ValueError("commit info %r is not the pending one, %r"
+                             % (info, self._commit_info))
         entry = self._writers.pop(tag, None)
         if entry is None:
             if self._store is not None and tag in self._store:
@@ -233,7 +276,7 @@ class KvCheckpointEngine:
         return dp_rank == 0
 
     def is_decoupled(self):
-        return False
+        return self._decoupled
 
     def set_commit_info(self, info):
         self._commit_info = info
@@ -242,7 +285,10 @@ class KvCheckpointEngine:
         return self._commit_info
 
     def cleanup(self):
-        """DeepSpeed's destroy(): abort tags never committed, close the store."""
+        """DeepSpeed's destroy(): commit a decoupled tag still pending, abort
+        other tags never committed, close the store."""
+        if self._decoupled and self._commit_info is not None:
+            self.commit(self._commit_info)
         for writer, _ in self._writers.values():
             writer.abort()
         self._writers.clear()

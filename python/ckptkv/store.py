@@ -78,6 +78,19 @@ def tensor_hook(map_location, where):
     return hook
 
 
+_COMPRESSIONS = {None: "", False: "", "raw": "", True: "grouped-zstd", "zstd": "zstd",
+                 "grouped-zstd": "grouped-zstd"}
+
+
+def _compression(value):
+    try:
+        return _COMPRESSIONS[value]
+    except (KeyError, TypeError):
+        raise InvalidArgumentError(
+            "compress=%r is not valid; expected False/None/'raw' (no compression), True or "
+            "'grouped-zstd' (floats byte-grouped, then zstd) or 'zstd'" % (value,)) from None
+
+
 class Store:
     """A ckptkv store: a directory holding one RocksDB database.
 
@@ -85,17 +98,26 @@ class Store:
     unless ``create`` is False); one process writes a store, any number read
     it (``read_only=True``). A context manager: leaving it closes the store,
     aborting tags begun and not committed.
+
+    ``compress``: the codec of new blocks by default (kept by a new store;
+    ``begin(tag, compress=...)`` overrides it for one tag): False/None (raw),
+    True or ``"grouped-zstd"`` (bf16/fp16/fp32/fp64 bytes grouped by their
+    position in the element, then zstd; other dtypes zstd; a chunk that does
+    not shrink by 1/16 stays raw), or ``"zstd"``. Digests are of the raw
+    bytes, so dedup does not depend on the codec. ``async_buffer_bytes``
+    bounds the snapshot buffers of background saves (0: a quarter of the
+    machine's memory).
     """
 
     def __init__(self, path, *, create=True, read_only=False, chunk_size=None, compress=False,
-                 threads=0):
+                 threads=0, async_buffer_bytes=0):
         self.path = os.fspath(path)
         if not create and not os.path.exists(self.path):
             raise NotFoundError("store '%s' does not exist (pass create=True to make one)"
                                 % self.path)
         self._threads = int(threads)
         self._s = _ckptkv.Store(self.path, bool(create), bool(read_only), int(chunk_size or 0),
-                                bool(compress), self._threads)
+                                _compression(compress), self._threads, int(async_buffer_bytes))
 
     # ------------------------------------------------------------ lifetime
     def close(self):
@@ -181,7 +203,7 @@ class Store:
         """A read-only store sees the commits made since it was opened (a
         writable one always sees its own)."""
         if self.read_only:
-            fresh = _ckptkv.Store(self.path, False, True, 0, False, self._threads)
+            fresh = _ckptkv.Store(self.path, False, True, 0, "", self._threads)
             old, self._s = self._s, fresh
             old.close()
 
@@ -190,10 +212,17 @@ class Store:
         return SafeOpen(self, self.resolve(tag), file)
 
     # ------------------------------------------------------------- writing
-    def begin(self, tag, *, overwrite=False):
-        """Starts a tag; returns its Writer. Nothing is visible until commit."""
-        self._s.begin(tag, bool(overwrite))
-        return Writer(self, tag, overwrite)
+    def begin(self, tag, *, overwrite=False, compress=None, background=False):
+        """Starts a tag; returns its Writer. Nothing is visible until commit.
+
+        ``compress`` chooses the codec of the tag's new blocks (None: the
+        store's; see Store). ``background=True``: each ``save`` returns once
+        the tensors are copied into snapshot buffers (the caller may change
+        them right away); hashing and writes run in the background, and
+        ``commit`` waits for them. A background write that fails makes
+        ``commit`` raise and abort the tag."""
+        self._s.begin(tag, bool(overwrite), None if compress is None else _compression(compress))
+        return Writer(self, tag, overwrite, background)
 
     def delete(self, tag):
         """Removes a committed tag (its blocks go at the next gc)."""
@@ -224,24 +253,28 @@ class Writer:
     As a context manager it commits when the block ends normally and aborts
     when it raises."""
 
-    def __init__(self, store, tag, overwrite):
+    def __init__(self, store, tag, overwrite, background=False):
         self.store = store
         self.tag = tag
         self._overwrite = overwrite
+        self._background = bool(background)
         self._done = False
         self.info = None
 
     def save(self, obj, file="state.pt", *, place=False):
         """Saves ``obj`` as ``file`` of the tag (replacing an earlier save of
         that file). Only chunks the store does not hold are written.
-        ``place`` records DeepSpeed fragment placements (the engine does)."""
+        ``place`` records DeepSpeed fragment placements (the engine does).
+        In a background writer it returns after the snapshot
+        (``background``, ``snapshot_bytes``, ``blocked_seconds``); the
+        write's cost is in the commit's info."""
         self._check()
         where = "%s/%s" % (self.tag, file)
 
         def lower(value, path):
             return _objects.lower(value, path, where)
 
-        return self.store._s.save(self.tag, file, obj, lower, bool(place))
+        return self.store._s.save(self.tag, file, obj, lower, bool(place), self._background)
 
     def commit(self, *, set_latest=True):
         """Makes the tag visible, atomically and durably; returns its info."""

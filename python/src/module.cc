@@ -48,9 +48,11 @@ PYBIND11_MODULE(_ckptkv, m) {
   m.def("_set_error_classes", &ckptkv::py::SetErrorClasses);
   ckptkv::py::BindCheckpoint(m);
   pyb::class_<PyStore>(m, "Store")
-      .def(pyb::init<const std::string&, bool, bool, uint32_t, bool, size_t>(), pyb::arg("path"),
-           pyb::arg("create"), pyb::arg("read_only"), pyb::arg("chunk_size") = 0,
-           pyb::arg("compress") = false, pyb::arg("threads") = 0)
+      .def(pyb::init<const std::string&, bool, bool, uint32_t, const std::string&, size_t,
+                     uint64_t>(),
+           pyb::arg("path"), pyb::arg("create"), pyb::arg("read_only"),
+           pyb::arg("chunk_size") = 0, pyb::arg("compression") = "", pyb::arg("threads") = 0,
+           pyb::arg("async_buffer_bytes") = 0)
       .def("close", &PyStore::Close)
       .def_property_readonly("closed", &PyStore::closed)
       .def_property_readonly("path", &PyStore::Dir)
@@ -63,9 +65,10 @@ PYBIND11_MODULE(_ckptkv, m) {
       .def("latest", &PyStore::Latest)
       .def("files", &PyStore::Files)
       .def("params", &PyStore::Params)
-      .def("begin", &PyStore::Begin, pyb::arg("tag"), pyb::arg("overwrite") = false)
+      .def("begin", &PyStore::Begin, pyb::arg("tag"), pyb::arg("overwrite") = false,
+           pyb::arg("compression") = std::nullopt)
       .def("save", &PyStore::Save, pyb::arg("tag"), pyb::arg("file"), pyb::arg("value"),
-           pyb::arg("lower"), pyb::arg("place") = false)
+           pyb::arg("lower"), pyb::arg("place") = false, pyb::arg("background") = false)
       .def("commit", &PyStore::Commit, pyb::arg("tag"), pyb::arg("set_latest") = true,
            pyb::arg("overwrite") = false)
       .def("abort", &PyStore::Abort)

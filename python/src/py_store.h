@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "checkpoint/query/placer.h"
+#include "engine/async_saver.h"
 #include "engine/kv_checkpoint_engine.h"
 #include "engine/state_codec.h"
 #include "engine/torch_call.h"
@@ -60,13 +61,14 @@ inline pyb::dict StatsDict(const WriteStats& s, uint64_t tensors) {
 
 class PyStore {
  public:
-  PyStore(const std::string& path, bool create, bool read_only, uint32_t chunk_size, bool compress,
-          size_t threads) {
+  PyStore(const std::string& path, bool create, bool read_only, uint32_t chunk_size,
+          const std::string& codec, size_t threads, uint64_t async_buffer_bytes)
+      : async_buffer_bytes_(async_buffer_bytes) {
     StoreOptions o;
     o.create_if_missing = create && !read_only;
     o.read_only = read_only;
     if (chunk_size != 0) o.chunk_size = chunk_size;
-    o.codec = compress ? Codec::kZstd : Codec::kRaw;
+    o.codec = CodecNamed(codec);
     o.threads = threads;
     std::unique_ptr<Store> store;
     {
@@ -98,6 +100,12 @@ class PyStore {
     {
       std::lock_guard<std::mutex> l(mu_);
       if (!browser_) return;
+      if (saver_) {
+        // Queued background writes end before their tags are aborted.
+        pyb::gil_scoped_release nogil;
+        for (const auto& tag : pending_) saver_->Cancel(tag);
+        saver_.reset();
+      }
       for (const auto& tag : pending_) browser_->store().AbortTag(tag);
       pending_.clear();
       last = std::move(browser_);
@@ -119,7 +127,17 @@ class PyStore {
     return tools::JsonText(j, -1);
   }
 
-  void Begin(const std::string& tag, bool overwrite) {
+  static Codec CodecNamed(const std::string& name) {
+    if (name.empty() || name == "raw") return Codec::kRaw;
+    if (name == "zstd") return Codec::kZstd;
+    if (name == "grouped-zstd") return Codec::kGroupedZstd;
+    ThrowIfError(Status::InvalidArgument("compression '" + name +
+                                         "' is not known; valid: None (raw), 'zstd', "
+                                         "'grouped-zstd'"));
+    return Codec::kRaw;
+  }
+
+  void Begin(const std::string& tag, bool overwrite, const std::optional<std::string>& codec) {
     auto held = Hold();
     Store& s = held->store();
     pyb::gil_scoped_release nogil;
@@ -129,13 +147,16 @@ class PyStore {
                                               " is already begun and not committed; commit or "
                                               "abort its writer first"));
     }
-    ThrowIfError(s.BeginTag(tag, overwrite));
+    BeginOptions bo;
+    bo.overwrite = overwrite;
+    if (codec) bo.codec = CodecNamed(*codec);
+    ThrowIfError(s.BeginTag(tag, bo));
     std::lock_guard<std::mutex> l(mu_);
     pending_.insert(tag);
   }
 
   pyb::dict Save(const std::string& tag, const std::string& file, pyb::handle value,
-                 pyb::handle lower, bool place) {
+                 pyb::handle lower, bool place, bool background) {
     auto held = Hold();
     Store& s = held->store();
     ThrowIfError(ValidateFile(file));
@@ -147,6 +168,20 @@ class PyStore {
     const std::string where = FileName(tag, file);
     EncodedState enc = EncodePy(value, lower, where);
     SaveReport r;
+    if (background) {
+      SnapshotReport snap;
+      {
+        pyb::gil_scoped_release nogil;
+        TensorPlacer::Placements placements;
+        if (place) placements = Place(tag, file, enc);
+        snap = ValueOrThrow(Saver(s).Submit(tag, file, std::move(enc), std::move(placements)));
+      }
+      pyb::dict d;
+      d["background"] = !snap.synchronous;
+      d["snapshot_bytes"] = snap.bytes;
+      d["blocked_seconds"] = snap.seconds;
+      return d;
+    }
     {
       pyb::gil_scoped_release nogil;
       TensorPlacer::Placements placements;
@@ -162,6 +197,17 @@ class PyStore {
     TagInfo info;
     {
       pyb::gil_scoped_release nogil;
+      if (AsyncSaver* saver = CurrentSaver()) {
+        Result<SaveReport> written = saver->Wait(tag);
+        if (!written.ok()) {
+          // A file of the tag is not stored: the tag must never commit.
+          s.AbortTag(tag);
+          std::lock_guard<std::mutex> l(mu_);
+          EndTag(tag);
+          ThrowIfError(written.status().WithContext("commit of tag " + Quote(tag) +
+                                                    " abandoned: a background save failed"));
+        }
+      }
       CommitOptions o;
       o.set_latest = set_latest;
       o.overwrite = overwrite;
@@ -176,6 +222,7 @@ class PyStore {
     auto held = Hold();
     Store& s = held->store();
     pyb::gil_scoped_release nogil;
+    if (AsyncSaver* saver = CurrentSaver()) saver->Cancel(tag);
     s.AbortTag(tag);
     std::lock_guard<std::mutex> l(mu_);
     EndTag(tag);
@@ -334,6 +381,21 @@ class PyStore {
   }
 
   // Under mu_.
+  // The background writer (created by the first background save).
+  AsyncSaver& Saver(Store& s) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!saver_) {
+      AsyncSaveOptions o;
+      o.buffer_bytes = async_buffer_bytes_;
+      saver_ = std::make_unique<AsyncSaver>(s, o);
+    }
+    return *saver_;
+  }
+  AsyncSaver* CurrentSaver() {
+    std::lock_guard<std::mutex> l(mu_);
+    return saver_.get();
+  }
+
   void EndTag(const std::string& tag) {
     pending_.erase(tag);
     if (placer_ && placed_.erase(tag)) placer_->EndTag(tag);
@@ -343,6 +405,10 @@ class PyStore {
   std::mutex mu_;
   std::shared_ptr<kvb::Browser> browser_;
   std::set<std::string> pending_;
+  uint64_t async_buffer_bytes_ = 0;
+  // Writes of background saves; destroyed (after its queue) before the
+  // store closes.
+  std::unique_ptr<AsyncSaver> saver_;
   std::set<std::string> placed_;
   std::shared_ptr<checkpoint::DeepSpeedPlacer> placer_;
 };

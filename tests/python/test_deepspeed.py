@@ -267,3 +267,64 @@ def test_install_replaces_the_engine_and_recomputes_the_writer_flag(tmp_path):
     ce.create(CheckpointCommitInfo("a", str(tmp_path / "d"), True))
     assert ce.store.path == str(tmp_path / "s")
     ce.cleanup()
+
+
+@pytest.mark.parametrize("mode", [True, "decoupled"], ids=["commit-waits", "decoupled"])
+def test_async_save_snapshots_then_training_goes_on(tmp_path, mode):
+    """save() returns after a snapshot; the training steps that follow change
+    the parameters in place before the tag is written, and the checkpoint
+    still holds the state at save time (reference 2.4 step 9 and 2.5)."""
+    baseline = Trainer()
+    for _ in range(5):
+        baseline.step()
+    expected = [baseline.step() for _ in range(3)]
+
+    save_dir = str(tmp_path / "ckpts")
+    trainer = Trainer()
+    for _ in range(5):
+        trainer.step()
+    ce = ckds.KvCheckpointEngine({"checkpoint": {"ckptkv": {"async_save": mode}}})
+    assert ce.is_decoupled() is (mode == "decoupled")
+    save_checkpoint(ce, trainer, save_dir, "global_step5", new_api=True)
+    # The next steps change every parameter and Adam moment in place.
+    trainer.step()
+    trainer.step()
+    if ce.is_decoupled():
+        # DeepSpeed's _commit_decoupled_checkpoint at the next boundary.
+        info = ce.get_commit_info()
+        assert info == CheckpointCommitInfo("global_step5", save_dir, True)
+        with pytest.raises(ValueError):
+            ce.commit(CheckpointCommitInfo("global_step5", save_dir, False))
+        assert ce.commit(info) is True
+        assert ce.get_commit_info() is None
+        with open(os.path.join(save_dir, "latest"), "w") as f:
+            f.write(info.tag)
+    assert ce.last_commit["tag"] == "global_step5"
+    ce.cleanup()
+
+    resumed = Trainer(seed=99)
+    ce2 = ckds.KvCheckpointEngine()
+    tag, model_sd, optim_sd = load_checkpoint(ce2, save_dir, "cpu")
+    resumed.restore(model_sd, optim_sd)
+    got = [resumed.step() for _ in range(3)]
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b), (got, expected)
+    ce2.cleanup()
+
+
+def test_decoupled_cleanup_commits_the_pending_tag(tmp_path):
+    save_dir = str(tmp_path / "ckpts")
+    trainer = Trainer()
+    trainer.step()
+    ce = ckds.KvCheckpointEngine(async_save="decoupled")
+    save_checkpoint(ce, trainer, save_dir, "global_step1", new_api=True)
+    # A second save before the first was committed commits the first.
+    save_checkpoint(ce, trainer, save_dir, "global_step2", new_api=True)
+    store = ce.store
+    assert "global_step1" in store
+    ce.cleanup()  # DeepSpeed's destroy()
+    with ckptkv.Store(os.path.join(save_dir, ckds.DEFAULT_STORE_DIR), read_only=True) as s:
+        assert [t["tag"] for t in s.tags()] == ["global_step1", "global_step2"]
+        assert s.verify()["ok"]
+    with pytest.raises(ckptkv.InvalidArgumentError, match="async_save"):
+        ckds.KvCheckpointEngine(async_save="sometimes")

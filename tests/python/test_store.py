@@ -249,3 +249,69 @@ def test_readers_beside_a_live_writer(tmp_path):
     assert n - 1 in seen
     with ckptkv.Store(path, read_only=True) as s:
         assert len(s.tags()) == n and s.verify()["ok"]
+
+
+def test_background_save_stores_the_tensors_as_they_were_at_save(tmp_path):
+    torch.manual_seed(3)
+    sd = {"w": torch.randn(300, 257), "b16": torch.randn(64, 64).to(torch.bfloat16),
+          "t": torch.randn(40, 50).t(), "i": torch.arange(10000), "small": torch.ones(3)}
+    expected = {k: v.clone() for k, v in sd.items()}
+    with ckptkv.Store(tmp_path / "s", chunk_size=64 * 1024) as s:
+        w = s.begin("t1", background=True)
+        r = w.save(sd, "a.pt")
+        assert r["background"] is True
+        assert r["snapshot_bytes"] == sum(v.numel() * v.element_size() for v in sd.values())
+        for v in sd.values():
+            v.add_(1)  # a training step right after save returned
+        sd["t"].zero_()
+        w.save({"second": sd["w"]}, "b.pt")
+        second = sd["w"].clone()
+        sd["w"].mul_(3)
+        info = w.commit()
+        assert info["files"] == ["a.pt", "b.pt"]
+        got = s.load("t1", "a.pt")
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), k
+        assert torch.equal(s.load("t1", "b.pt")["second"], second)
+        assert s.verify()["ok"]
+        # Aborting a background writer forgets its queued files.
+        w2 = s.begin("t2", background=True)
+        w2.save(sd, "a.pt")
+        w2.abort()
+        assert "t2" not in s
+    # A pool smaller than a file: that save is written before it returns.
+    with ckptkv.Store(tmp_path / "s", async_buffer_bytes=4096) as s:
+        with s.begin("t3", background=True) as w:
+            assert w.save(sd, "a.pt")["background"] is False
+        assert torch.equal(s.load("t3", "a.pt")["w"], sd["w"])
+
+
+def test_compression_is_lossless_and_chosen_per_store_or_per_tag(tmp_path):
+    torch.manual_seed(4)
+    # Weights of a trained-looking scale: small, normally distributed.
+    w = (torch.randn(512, 512) * 0.02)
+    sd = {"bf16": w.to(torch.bfloat16), "fp32": w, "fp16": w.to(torch.float16),
+          "fp64": w[:64].double(), "int": torch.randint(0, 5, (100000,)),
+          "noise": torch.randint(0, 256, (1 << 18,), dtype=torch.uint8)}
+    with ckptkv.Store(tmp_path / "c", compress=True) as s:
+        info = ckptkv.save(sd, s, "t")
+        assert info["stored_new_bytes"] < 0.9 * info["new_bytes"], info
+        got = s.load("t")
+        for k, v in sd.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+        # A tag saved raw in a compressing store dedups against nothing
+        # new: the same bytes are the same blocks whatever their codec.
+        info2 = ckptkv.save(sd, s, "raw", compress=False)
+        assert info2["new_bytes"] == 0
+        sd2 = {"x": (torch.randn(256, 256) * 0.02).to(torch.bfloat16)}
+        info3 = ckptkv.save(sd2, s, "raw2", compress=False)
+        assert info3["stored_new_bytes"] >= info3["new_bytes"]
+        assert s.verify()["ok"]
+    with ckptkv.Store(tmp_path / "r") as s:
+        info = ckptkv.save(sd, s, "t", compress="grouped-zstd")
+        assert info["stored_new_bytes"] < 0.9 * info["new_bytes"], info
+        assert torch.equal(s.load("t")["bf16"], sd["bf16"])
+        with pytest.raises(ckptkv.InvalidArgumentError, match="grouped-zstd"):
+            s.begin("u", compress="lz4")
+    with pytest.raises(ckptkv.InvalidArgumentError, match="compress"):
+        ckptkv.Store(tmp_path / "x", compress="brotli")
