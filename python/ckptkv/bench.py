@@ -15,11 +15,11 @@ them the bf16 weight); the hidden size and layer count are picked to give
 about ``--size-mib`` MiB. Values are uniform random, so nothing deduplicates
 or compresses by accident.
 
-Rows, each repeat into fresh files under one work directory; the saves
-run first, then the loads, in this order in the first repeat. Later
-repeats rotate the order of the four full saves (raw, torch, ckptkv with
-its two re-saves, DeepSpeed engine) and of the three loads by one place
-per repeat (``orders`` in the JSON), because on a virtual disk a 1 GiB
+Rows, each repeat into fresh files under one work directory; the memcpy
+floor, then the saves, then the loads, in this order in the first repeat.
+Later repeats rotate the order of the six full saves (raw, torch, ckptkv
+with its two re-saves, DeepSpeed engine, the two background saves, the
+compressed save) and of the four loads by one place per repeat (``orders`` in the JSON), because on a virtual disk a 1 GiB
 write right after another one can be much slower than the first, and a
 fixed order would favour whatever comes first:
 
@@ -43,11 +43,24 @@ fixed order would favour whatever comes first:
                             commit(tag); the engine's cleanup (closing the
                             store) comes after the timed region, as
                             DeepSpeed keeps its engine open across saves
+``ckptkv_save_background``  ``Store.begin(tag, background=True)``: save
+                            returns after the snapshot, commit waits for
+                            the writes; fresh store, first save (the
+                            snapshot buffers are new); ``blocked_seconds``
+                            is the time save() held the caller, ``seconds``
+                            the time to the durable commit
+``ckptkv_save_background_warm``  the 10%-changed dict as the next tag of
+                            that store: the snapshot reuses the buffers
+``ckptkv_save_compressed``  ``ckptkv.save(..., compress=True)`` (grouped
+                            zstd) into a fresh store
+``memcpy``                  the snapshot floor: every tensor copied into
+                            buffers allocated and written once before
 ``raw_read``                the read ceiling: the raw file read back into
                             newly allocated tensors, cold page cache
 ``torch_load``              ``torch.load(path, map_location="cpu")``, cold
 ``ckptkv_load``             ``ckptkv.load(store, tag)`` of the full save
                             (opens the store read-only), cold
+``ckptkv_load_compressed``  the same of the compressed save, cold
 ==========================  ================================================
 
 The page cache is dropped before every load (and the raw read) as the C++
@@ -76,6 +89,13 @@ reset is refused, ``resource.getrusage``'s process-lifetime ``ru_maxrss``
 ``--repeat N`` every figure and ratio is the median over the repeats
 (``runs`` in the JSON holds each repeat's).
 
+``targets`` in the JSON (and the table's last lines) hold issue 12's
+ratios, each the median of its per-repeat values: load vs the raw read and
+vs torch.load, the background save's blocked time vs the memcpy floor and
+vs torch.save, its time to durable commit vs the synchronous save, the full
+save vs the raw write, and the compressed save's time vs torch.save and
+store size vs the .pt file.
+
 Nothing here asserts a speed.
 """
 import argparse
@@ -101,21 +121,29 @@ MiB = float(1 << 20)
 BYTES_PER_PARAM = 2 + 4 + 4 + 4  # bf16 weight, fp32 master, exp_avg, exp_avg_sq
 DS_FILE = "mp_rank_00_model_states.pt"
 
-SAVE_ROWS = ["raw_write", "torch_save", "ckptkv_save", "ckptkv_resave_unchanged",
-             "ckptkv_resave_10pct", "deepspeed_engine_save"]
-LOAD_ROWS = ["raw_read", "torch_load", "ckptkv_load"]
+SAVE_ROWS = ["memcpy", "raw_write", "torch_save", "ckptkv_save", "ckptkv_resave_unchanged",
+             "ckptkv_resave_10pct", "deepspeed_engine_save", "ckptkv_save_background",
+             "ckptkv_save_background_warm", "ckptkv_save_compressed"]
+LOAD_ROWS = ["raw_read", "torch_load", "ckptkv_load", "ckptkv_load_compressed"]
 ROWS = SAVE_ROWS + LOAD_ROWS
 
 WHAT = {
+    "memcpy": "copy of every tensor into buffers allocated and touched before (warm)",
     "raw_write": "write ceiling: tensor bytes into one file, fsync file + dir",
     "torch_save": "torch.save(sd, path), fsync file + dir",
     "ckptkv_save": "ckptkv.save(sd, store, tag) into a fresh store",
     "ckptkv_resave_unchanged": "ckptkv.save of the same dict, new tag",
     "ckptkv_resave_10pct": "ckptkv.save, ~10% of the bytes changed, new tag",
     "deepspeed_engine_save": "KvCheckpointEngine makedirs/create/save/commit, fresh store",
+    "ckptkv_save_background": "Store.begin(background=True): save (snapshot) + commit, "
+                              "fresh store, first save (snapshot buffers new)",
+    "ckptkv_save_background_warm": "the same for the 10%-changed dict, next tag, buffers reused",
+    "ckptkv_save_compressed": "ckptkv.save into a fresh store with compress=True "
+                              "(grouped-zstd)",
     "raw_read": "read ceiling: the raw file into new tensors, cold cache",
     "torch_load": "torch.load(path, map_location='cpu'), cold cache",
     "ckptkv_load": "ckptkv.load(store, tag) of the full save, cold cache",
+    "ckptkv_load_compressed": "ckptkv.load of the compressed save, cold cache",
 }
 
 
@@ -561,6 +589,8 @@ class Bench:
         self.pt_path = os.path.join(root, "torch", "state.pt")
         self.kv_path = os.path.join(root, "kv")
         self.ds_dir = os.path.join(root, "ds")
+        self.bg_path = os.path.join(root, "kv-background")
+        self.zkv_path = os.path.join(root, "kv-compressed")
         self.logical = sum(nbytes(t) for t in tensors_of(self.sd))
 
     def measure(self, name, body, settle=False):
@@ -625,6 +655,48 @@ class Bench:
         row.f["new_bytes"] = engine.last_commit["new_bytes"]
         return engine.cleanup
 
+    def memcpy(self, row):
+        # The floor of any snapshot: the same bytes into buffers that exist
+        # and were written once before (no page faults in the timed region).
+        pairs = [(torch.empty_like(t), t) for t in tensors_of(self.sd)]
+        for dst, src in pairs:
+            dst.copy_(src)
+        t0 = time.perf_counter()
+        for dst, src in pairs:
+            dst.copy_(src)
+        row.f["copy_seconds"] = time.perf_counter() - t0
+        del pairs
+
+    def background_saves(self):
+        """Two background saves through one Store (its snapshot pool): the
+        first into new buffers, the second reusing them; seconds are to the
+        durable commit, ``blocked_seconds`` the time save() held the caller."""
+        store = ckptkv.Store(self.bg_path)
+        try:
+            for name, sd, tag in (("ckptkv_save_background", self.sd, "step1000"),
+                                  ("ckptkv_save_background_warm", self.sd10, "step1002")):
+                def body(row, sd=sd, tag=tag):
+                    w = store.begin(tag, background=True)
+                    r = w.save(sd)
+                    row.f["blocked_seconds"] = r["blocked_seconds"]
+                    row.f["background"] = r["background"]
+                    info = w.commit()
+                    row.f["logical_bytes"] = info["logical_bytes"]
+                    row.f["new_bytes"] = info["new_bytes"]
+                self.measure(name, body, settle=True)
+                self.rows[name]["disk_bytes"] = tree_bytes(self.bg_path)
+        finally:
+            store.close()
+
+    def save_compressed(self):
+        def body(row):
+            info = ckptkv.save(self.sd, self.zkv_path, "step1000", compress=True)
+            row.f["logical_bytes"] = info["logical_bytes"]
+            row.f["new_bytes"] = info["new_bytes"]
+            row.f["stored_new_bytes"] = info["stored_new_bytes"]
+        self.measure("ckptkv_save_compressed", body, settle=True)
+        self.rows["ckptkv_save_compressed"]["disk_bytes"] = tree_bytes(self.zkv_path)
+
     # ---- loads
     def raw_read(self, row):
         out = []
@@ -644,6 +716,9 @@ class Bench:
 
     def kv_load(self, row):
         self.loaded = ckptkv.load(self.kv_path, "step1000")
+
+    def zkv_load(self, row):
+        self.loaded = ckptkv.load(self.zkv_path, "step1000")
 
     def save_raw(self):
         self.measure("raw_write", self.raw_write)
@@ -676,18 +751,23 @@ class Bench:
 
     def run(self, rotate=0):
         """Every row, the saves first, then the loads. ``rotate`` shifts the
-        order of the four full saves (raw, torch, ckptkv with its re-saves,
-        DeepSpeed engine) and of the three loads, so that over repeats no
+        order of the full saves and of the loads, so that over repeats no
         row always runs first: on a disk whose speed depends on what was
         just written (a virtual disk's write-back or burst budget), a fixed
         order favours whatever comes first."""
-        saves = [self.save_raw, self.save_torch, self.save_kv, self.save_ds]
+        self.measure("memcpy", self.memcpy)
+        self.rows["memcpy"]["seconds"] = self.rows["memcpy"]["copy_seconds"]
+        self.rows["memcpy"]["disk_bytes"] = 0
+        saves = [self.save_raw, self.save_torch, self.save_kv, self.save_ds,
+                 self.background_saves, self.save_compressed]
         loads = [("raw_read", self.raw_path, self.raw_read),
                  ("torch_load", self.pt_path, self.torch_load),
-                 ("ckptkv_load", self.kv_path, self.kv_load)]
-        for step in saves[rotate % 4:] + saves[:rotate % 4]:
+                 ("ckptkv_load", self.kv_path, self.kv_load),
+                 ("ckptkv_load_compressed", self.zkv_path, self.zkv_load)]
+        n, m = len(saves), len(loads)
+        for step in saves[rotate % n:] + saves[:rotate % n]:
             step()
-        for entry in loads[rotate % 3:] + loads[:rotate % 3]:
+        for entry in loads[rotate % m:] + loads[:rotate % m]:
             self.load(*entry)
         self.order = list(self.rows)
         pt_bytes = self.rows["torch_save"]["disk_bytes"]
@@ -709,13 +789,63 @@ def add_ratios(rows):
                                   if f["mib_s"] and raw_row["mib_s"] else None)
 
 
+# The issue-12 targets, as (name, figure, comparison, bound); figures are
+# taken within one repeat (side by side), then the median over repeats.
+TARGETS = [
+    ("load_vs_raw_read_throughput", ">=", 0.9),
+    ("torch_load_vs_load_time", ">=", 1.3),
+    ("background_blocked_vs_memcpy", "<=", 1.5),
+    ("background_blocked_vs_memcpy_first_save", "<=", 1.5),
+    ("torch_save_vs_background_blocked", ">=", 5.0),
+    ("background_durable_vs_sync_save_time", "<=", 1.0),
+    ("full_save_vs_raw_write_throughput", ">=", 0.9),
+    ("torch_save_vs_compressed_save_time", ">=", 1.2),
+    ("compressed_store_vs_pt_size", "<=", 0.8),
+]
+
+
+def target_figures(rows):
+    """The target figures of one repeat's rows."""
+    r = rows
+
+    def div(a, b):
+        return a / b if a is not None and b else None
+    return {
+        "load_vs_raw_read_throughput": r["ckptkv_load"]["throughput_vs_raw"],
+        "torch_load_vs_load_time": div(r["torch_load"]["seconds"], r["ckptkv_load"]["seconds"]),
+        "background_blocked_vs_memcpy": div(r["ckptkv_save_background_warm"]["blocked_seconds"],
+                                            r["memcpy"]["seconds"]),
+        "background_blocked_vs_memcpy_first_save": div(
+            r["ckptkv_save_background"]["blocked_seconds"], r["memcpy"]["seconds"]),
+        "torch_save_vs_background_blocked": div(
+            r["torch_save"]["seconds"], r["ckptkv_save_background_warm"]["blocked_seconds"]),
+        "background_durable_vs_sync_save_time": div(r["ckptkv_save_background"]["seconds"],
+                                                    r["ckptkv_save"]["seconds"]),
+        "full_save_vs_raw_write_throughput": r["ckptkv_save"]["throughput_vs_raw"],
+        "torch_save_vs_compressed_save_time": div(r["torch_save"]["seconds"],
+                                                  r["ckptkv_save_compressed"]["seconds"]),
+        "compressed_store_vs_pt_size": r["ckptkv_save_compressed"]["disk_vs_pt"],
+    }
+
+
+def median_targets(runs):
+    out = {}
+    for name, op, bound in TARGETS:
+        vals = [target_figures(r)[name] for r in runs]
+        vals = [v for v in vals if v is not None]
+        v = statistics.median(vals) if vals else None
+        out[name] = {"value": v, "target": "%s %g" % (op, bound),
+                     "met": None if v is None else (v >= bound if op == ">=" else v <= bound)}
+    return out
+
+
 def median_rows(runs):
     """Each numeric figure of each row: the median over the repeats."""
     out = {}
     for name in ROWS:
         out[name] = {"what": WHAT[name]}
         for key in runs[0][name]:
-            vals = [r[name][key] for r in runs if r[name][key] is not None]
+            vals = [r[name].get(key) for r in runs if r[name].get(key) is not None]
             if not vals:
                 out[name][key] = None
             else:
@@ -752,7 +882,7 @@ def print_table(doc, out=sys.stdout):
     w("%s\n\n" % ("median of %d repeats (seconds min-max in brackets); the order of the "
                   "full saves and of the loads rotates by one place per repeat" % o["repeat"]
                   if o["repeat"] > 1 else "one run"))
-    head = ("%-24s %8s %15s %8s %9s %8s %11s %9s %9s %11s %8s %10s\n" % (
+    head = ("%-28s %8s %15s %8s %9s %8s %11s %9s %9s %11s %8s %10s\n" % (
         "row", "seconds", "(min-max)", "MiB/s", "vs torch", "vs raw", "written MiB", "new MiB",
         "read MiB", "on disk MiB", "disk/.pt", "RSS +MiB"))
     w(head)
@@ -764,7 +894,7 @@ def print_table(doc, out=sys.stdout):
             rss_s = "peak %s" % fmt(f["peak_rss_bytes"], ".0f", MiB)
         else:
             rss_s = fmt(rss, ".1f", MiB)
-        w("%-24s %8.3f %15s %8s %9s %8s %11s %9s %9s %11s %8s %10s\n" % (
+        w("%-28s %8.3f %15s %8s %9s %8s %11s %9s %9s %11s %8s %10s\n" % (
             name, f["seconds"], rng, fmt(f["mib_s"], ".1f"), fmt(f["time_vs_torch"], ".3f"),
             fmt(f["throughput_vs_raw"], ".3f"), fmt(f["written_bytes"], ".1f", MiB),
             fmt(f["new_bytes"], ".1f", MiB), fmt(f["read_bytes"], ".1f", MiB),
@@ -776,6 +906,15 @@ def print_table(doc, out=sys.stdout):
     w("\nckptkv.save / torch.save time: %s   ckptkv.load / torch.load time: %s\n" % (
         fmt(r["ckptkv_save"]["time_vs_torch"], ".3f"), fmt(r["ckptkv_load"]["time_vs_torch"],
                                                            ".3f")))
+    w("\ntargets (median of the per-repeat ratios):\n")
+    for name, t in doc["targets"].items():
+        w("  %-42s %8s  %-7s %s\n" % (name, fmt(t["value"], ".3f"), t["target"],
+                                       {True: "met", False: "NOT met", None: "-"}[t["met"]]))
+    bg = doc["rows"]["ckptkv_save_background_warm"]
+    w("background save: caller blocked %s s (first save %s s), memcpy %s s\n" % (
+        fmt(bg.get("blocked_seconds"), ".3f"),
+        fmt(doc["rows"]["ckptkv_save_background"].get("blocked_seconds"), ".3f"),
+        fmt(doc["rows"]["memcpy"]["seconds"], ".3f")))
     w("loaded values equal the saved state dict: %s\n" % ("yes" if doc["equal"] else
                                                           "NO: " + "; ".join(doc["differences"])))
 
@@ -854,6 +993,7 @@ def main(argv=None):
             "peak_rss": ("VmHWM reset through /proc/self/clear_refs at each row"
                          if reset_peak_rss() else "ru_maxrss (process peak, not reset)"),
             "rows": median_rows(runs),
+            "targets": median_targets(runs),
             "runs": runs,
             "orders": orders,
             "equal": not differences,
