@@ -758,3 +758,94 @@ TEST_CASE("a linked tensor shares the source's blocks and survives the source's 
   CHECK(rec.value()->placement()->param()->str() == "w");
   CHECK(store->Verify().value().ok());
 }
+
+TEST_CASE("ReadTensors reads many ranges in one batch and names a damaged one",
+          "[unit][store]") {
+  TempDir dir;
+  const uint64_t seed = ckptkv::testing::TestSeed("batched reads");
+  std::mt19937_64 rng(seed);
+  const std::string file = "mp_rank_00_model_states.pt";
+  std::vector<std::pair<std::string, std::vector<uint8_t>>> tensors;
+  for (int i = 0; i < 12; ++i) {
+    // Tensors of 0 to 4 chunks plus a ragged end, and inline ones.
+    size_t n = i % 4 == 3 ? 100 : (rng() % 4) * kChunk + rng() % kChunk + 1;
+    if (i == 10) n = 2 * kChunk + 5;  // the one damaged below: stored as blocks
+    tensors.emplace_back("p" + std::to_string(i), RandomBytes(rng, n));
+  }
+  std::string bad_key;
+  {
+    auto store = OpenStore(dir.path());
+    SaveTag(*store, "t", {tensors.begin(), tensors.end()});
+    auto rec = store->GetTensorRecord("t", file, "p10");
+    REQUIRE(rec.ok());
+    REQUIRE(rec.value()->chunks());
+    const auto* d = rec.value()->chunks()->Get(0);
+    bad_key = "B" + Digest{d->lo(), d->hi()}.Key();
+  }
+  StoreOptions o;
+  o.read_threads = 3;  // fewer workers than chunks: the batch is shared out
+  auto store = Store::Open(dir.path(), o);
+  REQUIRE(store.ok());
+  std::vector<TensorRecordRef> recs;
+  for (const auto& [param, bytes] : tensors) {
+    auto r = (*store)->GetTensorRecord("t", file, param);
+    REQUIRE(r.ok());
+    recs.push_back(std::move(r.value()));
+  }
+  // Random sub-ranges of every tensor, in one call.
+  std::vector<std::vector<uint8_t>> outs(tensors.size());
+  std::vector<TensorRead> reads;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const uint64_t size = tensors[i].second.size();
+    const uint64_t off = rng() % size;
+    const uint64_t len = i % 3 == 0 ? size - off : rng() % (size - off + 1);
+    outs[i].resize(len);
+    ranges.emplace_back(off, len);
+    reads.push_back(TensorRead{recs[i].get(), off, len, outs[i].data(), "t/" + tensors[i].first});
+  }
+  REQUIRE((*store)->ReadTensors(reads).ok());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    INFO(tensors[i].first << " off " << ranges[i].first << " len " << ranges[i].second);
+    CHECK(std::equal(outs[i].begin(), outs[i].end(),
+                     tensors[i].second.begin() + static_cast<ptrdiff_t>(ranges[i].first)));
+  }
+  // A range outside its tensor is refused before anything is read.
+  std::vector<uint8_t> whole(tensors[0].second.size() + 1);
+  const uint64_t read_before = (*store)->BlockBytesRead();
+  Status out_of_range = (*store)->ReadTensors(
+      {TensorRead{recs[1].get(), 0, recs[1]->byte_length(), outs[1].data(), "t/p1"},
+       TensorRead{recs[0].get(), 0, whole.size(), whole.data(), "t/p0"}});
+  CHECK(out_of_range.IsInvalidArgument());
+  CHECK(out_of_range.message().find("t/p0") != std::string::npos);
+  CHECK((*store)->BlockBytesRead() == read_before);
+  store->reset();
+
+  // Damage the first block of p10: a batch of every tensor names p10 (the
+  // first bad range in order), and the block is forgotten so that the next
+  // save of those bytes writes it again.
+  {
+    RawDb raw(dir.path());
+    std::string value = raw.Get("blocks", bad_key);
+    value[kBlockHeaderSize + 7] ^= 0x10;
+    raw.Put("blocks", bad_key, value);
+  }
+  auto again = OpenStore(dir.path());
+  std::vector<std::vector<uint8_t>> full(tensors.size());
+  std::vector<TensorRead> all;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    full[i].resize(tensors[i].second.size());
+    all.push_back(TensorRead{recs[i].get(), 0, full[i].size(), full[i].data(),
+                             "t/" + tensors[i].first});
+  }
+  Status s = again->ReadTensors(all);
+  INFO(s.ToString());
+  CHECK(s.IsCorruption());
+  CHECK(s.message().find("t/p10") != std::string::npos);
+  CHECK(s.message().find("does not match its digest") != std::string::npos);
+  auto fixed = again->BeginTag("heal");
+  REQUIRE(fixed.ok());
+  auto put = ckptkv::testing::PutBytes(*again, "heal", file, "p10", tensors[10].second);
+  REQUIRE(put.ok());
+  CHECK(put->new_blocks == 1);  // the forgotten block is written again
+}
