@@ -120,8 +120,7 @@ Result<SnapshotReport> AsyncSaver::Submit(const std::string& tag, const std::str
     cv_.notify_all();
     RETURN_IF_ERROR(r.status());
     report.synchronous = true;
-    report.seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return report;
   }
 
@@ -151,7 +150,8 @@ Result<SnapshotReport> AsyncSaver::Submit(const std::string& tag, const std::str
         // copy_ materializes conjugate / negative views and any strides.
         const bool async_copy = src.is_cuda() && buffers[i].is_pinned();
         snap.copy_(src, async_copy);
-        if (async_copy && std::find(devices.begin(), devices.end(), src.device()) == devices.end()) {
+        if (async_copy &&
+            std::find(devices.begin(), devices.end(), src.device()) == devices.end()) {
           devices.push_back(src.device());
         }
       }

@@ -45,8 +45,8 @@ struct AsyncSaveOptions {
 
 // What Submit did, for reports and benchmarks.
 struct SnapshotReport {
-  uint64_t bytes = 0;      // tensor bytes copied
-  double seconds = 0;      // time the caller was blocked in Submit
+  uint64_t bytes = 0;        // tensor bytes copied
+  double seconds = 0;        // time the caller was blocked in Submit
   bool synchronous = false;  // the file did not fit the pool and was written in Submit
 };
 

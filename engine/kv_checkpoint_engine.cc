@@ -311,9 +311,10 @@ c10::IValue KvCheckpointEngine::load(const std::string& path, MapLocation map_lo
   std::string tree_bytes = ValueOrThrow(store_->GetFileTree(target.tag, target.file));
   // Every tensor's bytes in one batch of block reads, then the tree.
   const std::vector<std::string> params = ValueOrThrow(StoredTensorPaths(tree_bytes, where));
-  const std::vector<at::Tensor> host = ValueOrThrow(TorchCall(TorchErrorKind::kUserValue, where, [&] {
-    return ReadStoredTensors(*store_, target.tag, target.file, params);
-  }));
+  const std::vector<at::Tensor> host =
+      ValueOrThrow(TorchCall(TorchErrorKind::kUserValue, where, [&] {
+        return ReadStoredTensors(*store_, target.tag, target.file, params);
+      }));
   std::unordered_map<std::string, const at::Tensor*> by_param;
   for (size_t i = 0; i < params.size(); ++i) by_param.emplace(params[i], &host[i]);
   TensorLoader loader = [&](const std::string& param,

@@ -485,10 +485,9 @@ Result<std::vector<at::Tensor>> ReadStoredTensors(const Store& store, const std:
   }
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& t = out[i];
-    reads.push_back(TensorRead{records[i].get(), 0,
-                               static_cast<uint64_t>(t.numel()) * t.element_size(),
-                               static_cast<uint8_t*>(t.data_ptr()),
-                               TensorName(tag, file, params[i])});
+    reads.push_back(
+        TensorRead{records[i].get(), 0, static_cast<uint64_t>(t.numel()) * t.element_size(),
+                   static_cast<uint8_t*>(t.data_ptr()), TensorName(tag, file, params[i])});
   }
   RETURN_IF_ERROR(store.ReadTensors(reads));
   for (size_t i = 0; i < params.size(); ++i) {

@@ -50,8 +50,8 @@ PYBIND11_MODULE(_ckptkv, m) {
   pyb::class_<PyStore>(m, "Store")
       .def(pyb::init<const std::string&, bool, bool, uint32_t, const std::string&, size_t,
                      uint64_t>(),
-           pyb::arg("path"), pyb::arg("create"), pyb::arg("read_only"),
-           pyb::arg("chunk_size") = 0, pyb::arg("compression") = "", pyb::arg("threads") = 0,
+           pyb::arg("path"), pyb::arg("create"), pyb::arg("read_only"), pyb::arg("chunk_size") = 0,
+           pyb::arg("compression") = "", pyb::arg("threads") = 0,
            pyb::arg("async_buffer_bytes") = 0)
       .def("close", &PyStore::Close)
       .def_property_readonly("closed", &PyStore::closed)

@@ -9,8 +9,8 @@
 // it. A line in FILE therefore means that commit returned. --ready-fd gets
 // one byte once the store is open. --wal opens the store with
 // BlockDurability::kWal instead of kFlush; --async saves through the
-// engine's async_save (hashing and writes in the background, commit waits). Exit status 0 after C steps,
-// 2 for bad arguments, 3 when a step fails (the error goes to stderr).
+// engine's async_save (hashing and writes in the background, commit waits). Exit status 0 after C
+// steps, 2 for bad arguments, 3 when a step fails (the error goes to stderr).
 // --gc runs Store::Gc once instead (kill point gc.after_batch lies between
 // its delete batch and its compaction).
 #include <fcntl.h>

@@ -592,9 +592,10 @@ TEST_CASE("async save: tensors changed right after save returns are stored as th
   RequireSame(expected2, reader->load(dir.path() + "/t2/mp_rank_00_model_states.pt"));
 }
 
-TEST_CASE("async save: a full buffer pool waits for written files, a file larger than the pool "
-          "is written synchronously",
-          "[unit][engine][async]") {
+TEST_CASE(
+    "async save: a full buffer pool waits for written files, a file larger than the pool "
+    "is written synchronously",
+    "[unit][engine][async]") {
   spdlog::set_level(spdlog::level::warn);
   TempDir dir;
   constexpr uint64_t kPool = 1 << 20;
@@ -628,9 +629,10 @@ TEST_CASE("async save: a full buffer pool waits for written files, a file larger
   }
 }
 
-TEST_CASE("async save: a background write that fails aborts the tag at commit; earlier tags "
-          "stay intact",
-          "[unit][engine][async]") {
+TEST_CASE(
+    "async save: a background write that fails aborts the tag at commit; earlier tags "
+    "stay intact",
+    "[unit][engine][async]") {
   spdlog::set_level(spdlog::level::off);
   TempDir dir;
   auto fs = std::make_shared<ckptkv::testing::FaultInjectionFileSystem>();

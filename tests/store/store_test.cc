@@ -759,8 +759,7 @@ TEST_CASE("a linked tensor shares the source's blocks and survives the source's 
   CHECK(store->Verify().value().ok());
 }
 
-TEST_CASE("ReadTensors reads many ranges in one batch and names a damaged one",
-          "[unit][store]") {
+TEST_CASE("ReadTensors reads many ranges in one batch and names a damaged one", "[unit][store]") {
   TempDir dir;
   const uint64_t seed = ckptkv::testing::TestSeed("batched reads");
   std::mt19937_64 rng(seed);
@@ -835,8 +834,8 @@ TEST_CASE("ReadTensors reads many ranges in one batch and names a damaged one",
   std::vector<TensorRead> all;
   for (size_t i = 0; i < tensors.size(); ++i) {
     full[i].resize(tensors[i].second.size());
-    all.push_back(TensorRead{recs[i].get(), 0, full[i].size(), full[i].data(),
-                             "t/" + tensors[i].first});
+    all.push_back(
+        TensorRead{recs[i].get(), 0, full[i].size(), full[i].data(), "t/" + tensors[i].first});
   }
   Status s = again->ReadTensors(all);
   INFO(s.ToString());
