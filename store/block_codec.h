@@ -38,8 +38,12 @@ std::string ValidCodecs();
 // complex128; 0 (plain zstd) for the other dtypes.
 uint32_t GroupElementSize(fb::DType dtype);
 
-// zstd level of codecs 1 and 2 (measured: docs/architecture.md, "Block codecs").
+// zstd levels (measured: docs/architecture.md, "Block codecs"). Codec 2
+// runs zstd at a very negative level with Huffman coding of literals kept
+// on: on grouped floats the gain is entropy coding, matches are rare, and
+// this level is about twice as fast as level 1 for the same ratio.
 inline constexpr int kZstdLevel = 1;
+inline constexpr int kGroupedZstdLevel = -50;
 // Chunks longer than twice this are first compressed on a sample of this
 // many leading bytes; a sample that saves less than 1/32 keeps the chunk raw.
 inline constexpr size_t kSampleBytes = size_t{64} << 10;
@@ -55,9 +59,9 @@ bool CompressBlock(const uint8_t* data, size_t len, std::string* out);
 // compresses it. A chunk is kept raw when a sample of it (kSampleBytes)
 // saves less than 1/32 or the whole saves less than 1/16. Returns the codec
 // used; unless it is kRaw, *payload holds the block's payload (what follows
-// the header). `level` is the zstd level (measurement only).
+// the header). `level` replaces the codec's zstd level (measurements).
 Codec EncodeChunk(Codec preferred, uint32_t element_size, const uint8_t* data, size_t len,
-                  std::string* payload, int level = kZstdLevel);
+                  std::string* payload, std::optional<int> level = std::nullopt);
 // Header + payload in one string (EncodeChunk).
 std::string EncodeBlock(Codec codec, const uint8_t* data, size_t len, uint32_t element_size = 0);
 // Decodes `value` into exactly `raw_len` bytes at `out`. A grouped block

@@ -116,7 +116,16 @@ Status Store::Impl::WriteChunk(PendingTag* pending, Codec preferred, uint32_t el
   // The payload goes to RocksDB straight from the tensor's memory (raw) or
   // from the compressed buffer: no encoded copy of the chunk is made. The
   // digest is of the raw bytes whatever the codec, so dedup ignores codecs.
-  std::string compressed;
+  // The compressed buffer is the thread's own, reused from chunk to chunk
+  // (a fresh one per chunk costs an allocation and page faults each time);
+  // it is let go after a chunk above 4 MiB.
+  thread_local std::string compressed;
+  struct Trim {
+    std::string& s;
+    ~Trim() {
+      if (s.capacity() > (4u << 20)) std::string().swap(s);
+    }
+  } trim{compressed};
   const Codec codec = EncodeChunk(preferred, element_size, data, len, &compressed);
   const std::string header = BlockHeader(codec, len);
   const rocksdb::Slice value_parts[2] = {
