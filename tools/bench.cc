@@ -351,6 +351,7 @@ KvEngineConfig KvConfig(const BenchOptions& o, BlockDurability durability) {
   c.store.chunk_size = o.chunk_kb * 1024u;
   c.store.block_durability = durability;
   c.store.threads = o.threads;
+  c.store.codec = ParseCodec(o.codec).value_or(Codec::kRaw);  // checked by the CLI
   return c;
 }
 
@@ -448,7 +449,8 @@ struct CoreBench {
   // Makes the synthetic state dict.
   void Generate() {
     log << "ckptkv bench: " << o.size_mb << " MiB state dict, chunk " << o.chunk_kb
-        << " KiB, blocks " << DurabilityName(main_d) << ", scratch " << root << std::endl;
+        << " KiB, codec " << o.codec << ", blocks " << DurabilityName(main_d) << ", scratch "
+        << root << std::endl;
     double tg = NowSeconds();
     state = MakeState(o.size_mb);
     logical = state.logical_bytes();
@@ -766,6 +768,7 @@ void PutCoreJson(const CoreBench& b, const json& ratios, json* out) {
   json& o = *out;
   o["size_mb"] = b.o.size_mb;
   o["options"] = {{"chunk_kb", b.o.chunk_kb},
+                  {"codec", b.o.codec},
                   {"durability", DurabilityName(b.main_d)},
                   {"store_workers", b.workers},
                   {"series_saves", b.o.series_saves},
@@ -782,9 +785,10 @@ void PutCoreJson(const CoreBench& b, const json& ratios, json* out) {
 
 // The tables of the core scenarios, on stdout.
 void PrintCoreTables(const CoreBench& b, const json& ratios) {
-  std::printf("\nstate dict: %zu tensors, %s; chunk %u KiB; %zu store workers; loads %s\n\n",
-              b.n_tensors, HumanBytes(b.logical).c_str(), b.o.chunk_kb, b.workers,
-              b.dropped ? "from a cold page cache" : "from a warm page cache");
+  std::printf(
+      "\nstate dict: %zu tensors, %s; chunk %u KiB; codec %s; %zu store workers; loads %s\n\n",
+      b.n_tensors, HumanBytes(b.logical).c_str(), b.o.chunk_kb, b.o.codec.c_str(), b.workers,
+      b.dropped ? "from a cold page cache" : "from a warm page cache");
   std::printf("%-22s %8s %11s %9s %11s %9s %9s %9s %11s %13s\n", "scenario", "seconds",
               "logical MiB", "MiB/s", "written MiB", "(bg MiB)", "wr/logic", "read MiB",
               "on disk MiB", "peak RSS +MiB");

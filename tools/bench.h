@@ -19,6 +19,7 @@ struct BenchOptions {
   std::string durability = "flush";  // block durability of the main kv store: flush | wal
   bool alt_durability = true;        // also measure a full save with the other durability
   uint32_t chunk_kb = 1024;          // chunk size of the stores, KiB
+  std::string codec = "raw";         // block codec of the kv stores: raw | zstd | grouped-zstd
   size_t threads = 0;                // store workers; 0 = store default
   int series_saves = 20;             // saves of the frozen-base series
   bool drop_caches = true;           // drop the page cache before the load scenarios

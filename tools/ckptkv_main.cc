@@ -2,6 +2,7 @@
 //
 //   ckptkv demo   [--db DIR] [--steps N] [--every K]
 //   ckptkv bench  [--dir DIR] [--size-mb N] [--json] [--durability flush|wal] [--chunk-kb N]
+//                 [--codec raw|zstd|grouped-zstd]
 //                 [--scenarios all|core|reshape] [--reshape-layers N] [--reshape-hidden H]
 //                 [--reshape-vocab V]
 //   ckptkv ls     --db DIR [--json]
@@ -13,7 +14,8 @@
 //                  [--naive]
 //   ckptkv export-universal --db DIR --tag T [--out-tag T2]
 //   ckptkv import-universal --db DIR --tag T --tp N --pp M --dp K --out-tag T2
-//   ckptkv import --db DIR PATH [--tag T] [--overwrite] [--json]
+//   ckptkv import --db DIR PATH [--tag T] [--overwrite] [--json] [--codec raw|zstd|grouped-zstd]
+//   ckptkv codec-stats --db DIR [--tag T] [--level N] [--chunk-kb N] [--random-mb N] [--json]
 //
 // ls, verify, gc and rm are kv-browser's tags, verify, gc and rm
 // (tools/kv_browser/admin.h): the same code, output and JSON.
@@ -34,6 +36,7 @@
 #include "store/status.h"
 #include "tools/bench.h"
 #include "tools/cli_args.h"
+#include "tools/codec_stats.h"
 #include "tools/demo.h"
 #include "tools/json_text.h"
 #include "tools/kv_browser/admin_cli.h"
@@ -45,8 +48,10 @@ namespace {
 namespace kvb = ckptkv::kvb;
 
 int RunImport(const std::string& db, const std::string& path, const std::string& tag,
-              bool overwrite, bool json) {
-  auto store = ckptkv::Store::Open(db, ckptkv::StoreOptions());
+              bool overwrite, bool json, const std::string& codec) {
+  ckptkv::StoreOptions options;
+  options.codec = ckptkv::ParseCodec(codec).value_or(ckptkv::Codec::kRaw);  // checked by CLI11
+  auto store = ckptkv::Store::Open(db, options);
   if (!store.ok()) return kvb::ReportError(store.status());
   ckptkv::checkpoint::ImportReport r;
   auto info = ckptkv::checkpoint::ImportPath(**store, path, tag, overwrite, &r);
@@ -105,6 +110,7 @@ int Run(int argc, char** argv) {
                       "skip the full save with the other block durability");
   bench_cmd->add_option("--chunk-kb", bench.chunk_kb, "chunk size of the stores in KiB")
       ->check(IntArg(4, int64_t{64} * 1024));
+  bench_cmd->add_option("--codec", bench.codec, "block codec of the kv stores")->check(CodecArg());
   bench_cmd->add_option("--threads", bench.threads, "store hashing workers (0 = store default)")
       ->check(IntArg(0, 1024));
   bench_cmd->add_option("--series", bench.series_saves, "saves in the frozen-base series")
@@ -142,6 +148,29 @@ int Run(int argc, char** argv) {
                          "directory's name)");
   import_cmd->add_flag("--overwrite", import_overwrite, "replace a committed tag of that name");
   import_cmd->add_flag("--json", import_json, "print one JSON object");
+  std::string import_codec = "raw";
+  import_cmd
+      ->add_option("--codec", import_codec,
+                   "block codec of a new store (an existing store keeps its own)")
+      ->check(CodecArg());
+
+  CodecStatsOptions cstats;
+  auto* cstats_cmd = app.add_subcommand(
+      "codec-stats",
+      "measure the block codecs (zstd, grouped-zstd) on a tag's tensors: stored/raw and encode / "
+      "decode MiB/s per core, by kind of tensor");
+  cstats_cmd->add_option("--db", cstats.db, "store directory")->required();
+  cstats_cmd->add_option("--tag", cstats.tag, "the tag (default: latest)");
+  cstats_cmd->add_option("--level", cstats.level, "zstd level of both codecs (default: their own)")
+      ->check(IntArg(-131072, 22));
+  cstats_cmd->add_option("--chunk-kb", cstats.chunk_kb, "cut tensors into chunks of N KiB")
+      ->check(IntArg(4, int64_t{256} * 1024));
+  cstats_cmd->add_option("--random-mb", cstats.random_mb, "MiB of random bytes measured beside")
+      ->check(IntArg(0, 4096));
+  cstats_cmd
+      ->add_option("--seconds", cstats.min_seconds, "time each measurement at least this long")
+      ->check(CLI::Range(0.0, 60.0));
+  cstats_cmd->add_flag("--json", cstats.json, "print one JSON object");
 
   // The admin commands: kv-browser's, each taking --db and --json here.
   std::string db;
@@ -171,7 +200,9 @@ int Run(int argc, char** argv) {
   if (*bench_cmd) return RunBench(bench);
   if (auto rc = checkpoint_cmds.Run()) return *rc;
   if (*import_cmd)
-    return RunImport(import_db, import_path, import_tag, import_overwrite, import_json);
+    return RunImport(import_db, import_path, import_tag, import_overwrite, import_json,
+                     import_codec);
+  if (*cstats_cmd) return RunCodecStats(cstats);
   admin.write.as_json = json;
   if (*ls_cmd) return kvb::RunTags(db, json);
   if (*verify_cmd) return kvb::RunVerify(db, admin.verify_tag(), admin.repair, json);

@@ -128,6 +128,17 @@ inline CLI::Validator UintArg(uint64_t min, uint64_t max) {
                         "UINT in [" + std::to_string(min) + " - " + std::to_string(max) + "]");
 }
 
+// A block codec by name: raw, zstd or grouped-zstd (store/block_codec.h).
+inline CLI::Validator CodecArg() {
+  return CLI::Validator(
+      [](std::string& s) {
+        return s == "raw" || s == "zstd" || s == "grouped-zstd"
+                   ? std::string()
+                   : "'" + s + "' is not a codec: give raw, zstd or grouped-zstd";
+      },
+      "raw|zstd|grouped-zstd");
+}
+
 }  // namespace ckptkv::tools
 
 #endif  // CKPTKV_TOOLS_CLI_ARGS_H_
