@@ -124,11 +124,15 @@ Result<SnapshotReport> AsyncSaver::Submit(const std::string& tag, const std::str
     return report;
   }
 
+  // Buffers first; the job is queued with views of them, and the copies
+  // follow one tensor at a time: the writer stores tensor i as soon as its
+  // copy is done, so hashing and writing overlap the snapshot.
   Job job;
   job.tag = tag;
   job.file = file;
-  Status copied = TorchCall(TorchErrorKind::kDevice, where, [&] {
-    std::vector<c10::Device> devices;  // of non-blocking copies
+  job.progress = std::make_shared<Progress>();
+  std::vector<at::Tensor> sources, targets;
+  Status made = TorchCall(TorchErrorKind::kDevice, where, [&] {
     std::vector<at::Tensor> buffers;
     {
       std::unique_lock<std::mutex> lock(mu_);
@@ -138,52 +142,83 @@ Result<SnapshotReport> AsyncSaver::Submit(const std::string& tag, const std::str
         buffers.push_back(n ? Acquire(n, pinned, lock) : at::Tensor());
       }
     }
-    TensorPlacer::Placements snapped;
+    job.buffers = buffers;
     for (size_t i = 0; i < encoded.tensors.size(); ++i) {
       StateTensor& st = encoded.tensors[i];
       at::Tensor src = st.tensor.detach();
-      at::Tensor snap;
-      if (!buffers[i].defined()) {
-        snap = at::empty(src.sizes(), at::TensorOptions().dtype(src.scalar_type()));
-      } else {
-        snap = buffers[i].view(src.scalar_type()).view(src.sizes());
-        // copy_ materializes conjugate / negative views and any strides.
-        const bool async_copy = src.is_cuda() && buffers[i].is_pinned();
-        snap.copy_(src, async_copy);
-        if (async_copy &&
-            std::find(devices.begin(), devices.end(), src.device()) == devices.end()) {
-          devices.push_back(src.device());
-        }
-      }
+      at::Tensor snap = buffers[i].defined()
+                            ? buffers[i].view(src.scalar_type()).view(src.sizes())
+                            : at::empty(src.sizes(), at::TensorOptions().dtype(src.scalar_type()));
+      // The copy goes through an alias without autograd: snap may require grad.
+      targets.push_back(snap.detach());
+      sources.push_back(src);
       if (st.tensor.requires_grad()) snap.set_requires_grad(true);
       auto pl = placements.find(st.tensor.unsafeGetTensorImpl());
-      if (pl != placements.end()) snapped.emplace(snap.unsafeGetTensorImpl(), pl->second);
+      if (pl != placements.end()) job.placements.emplace(snap.unsafeGetTensorImpl(), pl->second);
       st.tensor = std::move(snap);
     }
-    // Non-blocking device copies must land before Submit returns: a
-    // training step may change the tensors right after.
-    for (const c10::Device& d : devices) {
-      c10::impl::getDeviceGuardImpl(d.type())->getStream(d).synchronize();
-    }
-    job.placements = std::move(snapped);
-    job.buffers = std::move(buffers);
     return Status::OK();
   });
-  if (!copied.ok()) {
+  if (!made.ok()) {
     std::lock_guard<std::mutex> lock(mu_);
     Release(std::move(job.buffers));
     cv_.notify_all();
-    return copied;
+    return made;
   }
   job.encoded = std::move(encoded);
+  std::shared_ptr<Progress> progress = job.progress;
   {
     std::lock_guard<std::mutex> lock(mu_);
     tags_[tag].queued++;
     queue_.push_back(std::move(job));
   }
   cv_.notify_all();
+  Status copied = TorchCall(TorchErrorKind::kDevice, where, [&] {
+    for (size_t i = 0; i < sources.size(); ++i) {
+      const at::Tensor& src = sources[i];
+      if (src.numel() > 0) {
+        // copy_ materializes conjugate / negative views and any strides.
+        const bool async_copy = src.is_cuda() && targets[i].is_pinned();
+        targets[i].copy_(src, async_copy);
+        if (async_copy) {
+          // The copy must land before the writer reads it, and before Submit
+          // returns: a training step may change the tensor right after.
+          c10::impl::getDeviceGuardImpl(src.device().type())->getStream(src.device()).synchronize();
+        }
+      }
+      progress->Advance(i + 1);
+    }
+    return Status::OK();
+  });
+  if (!copied.ok()) {
+    progress->Fail(copied);  // the writer's wait ends with this error
+    return copied;
+  }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return report;
+}
+
+void AsyncSaver::Progress::Advance(size_t n) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ready = n;
+  }
+  cv.notify_all();
+}
+
+void AsyncSaver::Progress::Fail(Status s) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    error = std::move(s);
+    failed = true;
+  }
+  cv.notify_all();
+}
+
+Status AsyncSaver::Progress::WaitFor(size_t n) {
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return failed || ready >= n; });
+  return failed ? error : Status::OK();
 }
 
 void AsyncSaver::Run() {
@@ -199,8 +234,16 @@ void AsyncSaver::Run() {
     running_job_ = true;
     running_tag_ = job.tag;
     lock.unlock();
+    const size_t n = job.encoded.tensors.size();
     Result<SaveReport> r =
-        SaveEncodedFile(store_, job.tag, job.file, std::move(job.encoded), job.placements);
+        SaveEncodedFile(store_, job.tag, job.file, std::move(job.encoded), job.placements,
+                        [&](size_t i) { return job.progress->WaitFor(i + 1); });
+    // The tree is stored after the last tensor; a failed copy of a tensor
+    // the save did not reach is still an error of the file.
+    if (r.ok()) {
+      Status all = job.progress->WaitFor(n);
+      if (!all.ok()) r = all;
+    }
     job.encoded.tensors.clear();  // the views of the buffers
     lock.lock();
     TagState& ts = tags_[job.tag];
@@ -233,14 +276,22 @@ Result<SaveReport> AsyncSaver::Wait(const std::string& tag) {
 
 void AsyncSaver::Cancel(const std::string& tag) {
   std::unique_lock<std::mutex> lock(mu_);
+  std::vector<Job> dropped;
   for (auto it = queue_.begin(); it != queue_.end();) {
     if (it->tag == tag) {
-      it->encoded.tensors.clear();
-      Release(std::move(it->buffers));
+      dropped.push_back(std::move(*it));
       it = queue_.erase(it);
     } else {
       ++it;
     }
+  }
+  // Their buffers return to the pool once no Submit copies into them.
+  lock.unlock();
+  for (Job& j : dropped) (void)j.progress->WaitFor(j.encoded.tensors.size());
+  lock.lock();
+  for (Job& j : dropped) {
+    j.encoded.tensors.clear();
+    Release(std::move(j.buffers));
   }
   cv_.wait(lock, [&] { return !(running_job_ && running_tag_ == tag); });
   tags_.erase(tag);

@@ -5,9 +5,10 @@
 // into memory already faulted in) and queues the file's write; the caller
 // may change or free its tensors as soon as Submit returns. One worker
 // thread writes the queued files in order (Store's calls for one pending
-// tag never race with each other). Wait(tag) blocks until the tag's files
-// are written and returns the first error of them; the commit comes after
-// it and stays the one atomic, durable step.
+// tag never race with each other); it starts on a file while Submit is
+// still copying it, storing each tensor once its copy is done. Wait(tag) blocks until the tag's
+// files are written and returns the first error of them; the commit comes after it and stays the
+// one atomic, durable step.
 //
 // The pool holds at most `buffer_bytes`. A Submit that needs more than is
 // free waits for queued writes to release their buffers; a file larger than
@@ -77,11 +78,24 @@ class AsyncSaver {
   uint64_t buffer_bytes() const;
 
  private:
+  // How far Submit's copies into a job's buffers have come.
+  struct Progress {
+    void Advance(size_t n);  // tensors [0, n) are copied
+    void Fail(Status s);     // a copy failed: waiters get `s`
+    Status WaitFor(size_t n);
+
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t ready = 0;
+    bool failed = false;
+    Status error;
+  };
   struct Job {
     std::string tag, file;
-    EncodedState encoded;
+    EncodedState encoded;  // its tensors are views of `buffers`
     TensorPlacer::Placements placements;
     std::vector<at::Tensor> buffers;  // returned to the pool when written
+    std::shared_ptr<Progress> progress;
   };
   struct TagState {
     size_t queued = 0;  // submitted, not yet finished

@@ -93,12 +93,14 @@ Result<at::Tensor> PlaceLoaded(at::Tensor t, const std::string& where,
 }  // namespace
 
 Result<SaveReport> SaveEncodedFile(Store& store, const std::string& tag, const std::string& file,
-                                   EncodedState encoded,
-                                   const TensorPlacer::Placements& placements) {
+                                   EncodedState encoded, const TensorPlacer::Placements& placements,
+                                   const std::function<Status(size_t)>& before_tensor) {
   const std::string where = FileName(tag, file);
   RETURN_IF_ERROR(store.ClearFile(tag, file));
   SaveReport report;
-  for (const auto& st : encoded.tensors) {
+  for (size_t i = 0; i < encoded.tensors.size(); ++i) {
+    const StateTensor& st = encoded.tensors[i];
+    if (before_tensor) RETURN_IF_ERROR(before_tensor(i));
     WriteStats stats;
     auto pl = placements.find(st.tensor.unsafeGetTensorImpl());
     const Placement* placement = pl == placements.end() ? nullptr : &pl->second;

@@ -15,6 +15,7 @@
 #ifndef CKPTKV_ENGINE_KV_CHECKPOINT_ENGINE_H_
 #define CKPTKV_ENGINE_KV_CHECKPOINT_ENGINE_H_
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -68,9 +69,13 @@ class AsyncSaver;
 // package: replaces `file` of the pending `tag` by the encoded value, each
 // tensor stored with its placement (when `placements` has one). Errors
 // name tag/file:param.
+// Stores the tensors of `encoded` and its tree as `file` of the pending
+// `tag` (replacing an earlier save of the file). `before_tensor(i)`, when
+// given, runs before tensor i is stored (the async saver waits there for
+// its snapshot); its error ends the save.
 Result<SaveReport> SaveEncodedFile(Store& store, const std::string& tag, const std::string& file,
-                                   EncodedState encoded,
-                                   const TensorPlacer::Placements& placements);
+                                   EncodedState encoded, const TensorPlacer::Placements& placements,
+                                   const std::function<Status(size_t)>& before_tensor = {});
 
 class KvCheckpointEngine : public CheckpointEngine {
  public:
