@@ -56,7 +56,8 @@ std::string JoinNames(const std::vector<std::string>& names, size_t max = 20);
 // set per worker exists during a ReadTensors or Verify call.
 struct ReadBuffers {
   rocksdb::PinnableSlice value;
-  std::vector<uint8_t> scratch;
+  std::vector<uint8_t> scratch;  // a chunk decoded whole for part of it
+  std::vector<uint8_t> grouped;  // DecodeBlock's buffer for grouped blocks
 };
 
 class BufferPool {

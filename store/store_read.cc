@@ -165,8 +165,8 @@ struct ChunkJob {
 ThreadPool& Store::Impl::ReadPool() const {
   std::lock_guard<std::mutex> lock(read_pool_mu_);
   if (!read_pool_) {
-    read_pool_ = std::make_unique<ThreadPool>(
-        options_.read_threads ? options_.read_threads : kDefaultReadThreads);
+    read_pool_ = std::make_unique<ThreadPool>(options_.read_threads ? options_.read_threads
+                                                                    : kDefaultReadThreads);
   }
   return *read_pool_;
 }
@@ -200,8 +200,8 @@ Status Store::ReadTensors(const std::vector<TensorRead>& reads) const {
     RETURN_IF_ERROR(CheckTensorRecord(r, t.where));
     const uint64_t total = r.byte_length();
     if (t.offset > total || t.length > total - t.offset) {
-      return Status::InvalidArgument(t.where + ": byte range [" + std::to_string(t.offset) +
-                                     ", " + std::to_string(t.offset + t.length) +
+      return Status::InvalidArgument(t.where + ": byte range [" + std::to_string(t.offset) + ", " +
+                                     std::to_string(t.offset + t.length) +
                                      ") is outside the tensor's " + std::to_string(total) +
                                      " bytes");
     }
@@ -262,7 +262,8 @@ Status Store::Impl::ReadChunks(const std::vector<TensorRead>& reads) const {
     const ChunkJob& job = jobs[j];
     const TensorRead& t = reads[job.read];
     const Digest d = FromFb(*t.record->chunks()->Get(job.chunk));
-    const std::string chunk_name = "block " + d.Hex() + " (chunk " + std::to_string(job.chunk) + ")";
+    const std::string chunk_name =
+        "block " + d.Hex() + " (chunk " + std::to_string(job.chunk) + ")";
     std::unique_ptr<ReadBuffers> b = buffers.Take();
     rocksdb::Status rs = GetBlock(d, &b->value);
     if (rs.IsNotFound()) {
@@ -282,17 +283,16 @@ Status Store::Impl::ReadChunks(const std::vector<TensorRead>& reads) const {
     // buffer of that length is allocated.
     Codec codec;
     uint32_t header_len = 0;
-    Status st = PeekBlockHeader(b->value.ToStringView(), &codec, &header_len) &&
-                        header_len == job.length
-                    ? Status::OK()
-                    : Status::Corruption("block header is malformed or does not hold the " +
-                                         std::to_string(job.length) +
-                                         " bytes its record expects");
+    Status st =
+        PeekBlockHeader(b->value.ToStringView(), &codec, &header_len) && header_len == job.length
+            ? Status::OK()
+            : Status::Corruption("block header is malformed or does not hold the " +
+                                 std::to_string(job.length) + " bytes its record expects");
     uint8_t* out = nullptr;
     if (st.ok()) {
       if (!whole) b->scratch.resize(job.length);
       out = whole ? t.dst + (job.begin - t.offset) : b->scratch.data();
-      st = DecodeBlock(b->value.ToStringView(), out, job.length);
+      st = DecodeBlock(b->value.ToStringView(), out, job.length, &b->grouped);
     }
     if (st.ok() && Digest::Of(out, job.length) != d) {
       st = Status::Corruption(t.where + ": " + chunk_name + " does not match its digest");

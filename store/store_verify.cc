@@ -190,7 +190,7 @@ Store::Impl::BlockVerdict Store::Impl::CheckBlock(const Digest& d, uint64_t len,
     // The length comes from a checked record (at most 256 MiB); the
     // block's header is checked against it before anything is decoded.
     b->scratch.resize(len);
-    Status ds = DecodeBlock(b->value.ToStringView(), b->scratch.data(), len);
+    Status ds = DecodeBlock(b->value.ToStringView(), b->scratch.data(), len, &b->grouped);
     if (!ds.ok()) {
       v.what = ds.message();
       v.bad = true;
