@@ -19,7 +19,7 @@ ROOT=$PWD
 BUILD_DIR=${BUILD_DIR:-build-fuzz}
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(record_fuzz state_tree_fuzz placement_fuzz slice_fuzz)
+[ ${#targets[@]} -eq 0 ] && targets=(record_fuzz block_fuzz state_tree_fuzz placement_fuzz slice_fuzz)
 CC=clang CXX=clang++ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCKPTKV_LIBFUZZER=ON -DCKPTKV_SANITIZE=ON >/dev/null
 ninja -C "$BUILD_DIR" -j"${JOBS:-2}" "${targets[@]}"

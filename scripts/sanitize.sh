@@ -14,7 +14,8 @@ ROOT=$PWD
 BUILD_DIR=${BUILD_DIR:-build-asan}
 JOBS=${JOBS:-2}
 TARGETS=${SANITIZE_TARGETS:-store_tests engine_tests kv_browser_tests kv-browser
-  kv_browser_fixture_writer checkpoint_tests record_fuzz state_tree_fuzz slice_fuzz torch_file_fuzz}
+  kv_browser_fixture_writer checkpoint_tests record_fuzz block_fuzz state_tree_fuzz slice_fuzz
+  torch_file_fuzz}
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCKPTKV_SANITIZE=ON \
   -DCKPTKV_FUZZ_SECONDS="${FUZZ_SECONDS:-8}" >/dev/null
 if [ "$TARGETS" = all ]; then

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "schema/records.h"
+#include "store/block_codec.h"
 #include "store/digest.h"
 #include "tests/fuzz/fuzz_store.h"
 #include "tests/python_tree.h"
@@ -155,6 +156,31 @@ int main(int argc, char** argv) {
   Write(out / "slice_fuzz", "seed1", slice({10}, "::-3"));
   Write(out / "slice_fuzz", "seed2", slice({3, 3}, "1"));
   Write(out / "slice_fuzz", "seed3", slice({7, 2}, "-7:7:2, 1:"));
+  // block_fuzz: encoded blocks of each codec (mode 0: decode), and raw
+  // float-like bytes to encode and decode (odd modes).
+  std::string floats;
+  for (int k = 0; k < 3000; ++k) {
+    const float v = 0.02f * static_cast<float>((k * 7919) % 2001 - 1000) / 1000.0f;
+    floats.append(reinterpret_cast<const char*>(&v), sizeof v);
+  }
+  const auto* fp = reinterpret_cast<const uint8_t*>(floats.data());
+  auto block_seed = [&](Codec codec, uint32_t es) {
+    const std::string block = EncodeBlock(codec, fp, floats.size(), es);
+    const size_t n = floats.size();
+    std::string s(1, '\0');
+    for (int b = 0; b < 3; ++b) s.push_back(static_cast<char>((n >> (8 * b)) & 0xff));
+    return s + block;
+  };
+  Write(out / "block_fuzz", "seed0", block_seed(Codec::kRaw, 0));
+  Write(out / "block_fuzz", "seed1", block_seed(Codec::kZstd, 0));
+  Write(out / "block_fuzz", "seed2", block_seed(Codec::kGroupedZstd, 4));
+  Write(out / "block_fuzz", "seed3", block_seed(Codec::kGroupedZstd, 2));
+  // Odd modes: 0x11 encodes with grouped zstd by 4, 0x0b by 2 (999 bytes:
+  // a ragged tail), 0x03 with plain zstd.
+  Write(out / "block_fuzz", "seed4", std::string(1, static_cast<char>(0x11)) + floats);
+  Write(out / "block_fuzz", "seed5",
+        std::string(1, static_cast<char>(0x0b)) + floats.substr(0, 999));
+  Write(out / "block_fuzz", "seed6", std::string(1, static_cast<char>(0x03)) + floats);
   std::printf("wrote the seed corpus under %s\n", out.c_str());
   return 0;
 }
