@@ -537,7 +537,7 @@ void FullSaveRaw(CoreBench& b, Scenario& s) {
   m.Stop();
   s.logical_bytes = b.logical;
   s.disk_bytes_after = TreeBytes(b.raw_dir);
-  b.remove_after.push_back(b.raw_dir);
+  // Kept for load_raw, which removes it.
 }
 
 void FullSaveTorch(CoreBench& b, Scenario& s) {
@@ -662,6 +662,51 @@ void FrozenSeriesKv(CoreBench& b, Scenario& s) {
   b.remove_after.push_back(b.series_dir);
 }
 
+// The read ceiling: the raw file read back sequentially into new tensors.
+void LoadRaw(CoreBench& b, Scenario& s) {
+  s.what = "read(2) of the raw file into new tensors (the read ceiling)";
+  b.dropped = b.o.drop_caches && DropPageCache() && b.dropped;
+  const std::string path = b.raw_dir + "/state.bin";
+  std::vector<at::Tensor> loaded;
+  {
+    Meter m(&s);
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) ThrowIfError(Status::IOError("open '" + path + "': " + std::strerror(errno)));
+    for (const auto* list : {&b.state.big, &b.state.small}) {
+      for (const auto& t : *list) {
+        at::Tensor dst = at::empty(t.tensor.sizes(), t.tensor.options());
+        auto* p = static_cast<uint8_t*>(dst.data_ptr());
+        for (uint64_t done = 0; done < t.bytes();) {
+          const ssize_t n = ::read(fd, p + done, t.bytes() - done);
+          if (n <= 0) {
+            ::close(fd);
+            ThrowIfError(Status::IOError("read '" + path + "': " +
+                                         (n == 0 ? "unexpected end" : std::strerror(errno))));
+          }
+          done += static_cast<uint64_t>(n);
+        }
+        loaded.push_back(std::move(dst));
+      }
+    }
+    ::close(fd);
+    m.Stop();
+  }
+  s.logical_bytes = b.logical;
+  s.disk_bytes_after = TreeBytes(b.raw_dir);
+  s.extra["cold_cache"] = b.dropped;
+  bool same = true;
+  size_t i = 0;
+  for (const auto* list : {&b.state.big, &b.state.small}) {
+    for (const auto& t : *list) same = same && at::equal(loaded[i++], t.tensor);
+  }
+  s.extra["equal"] = same;
+  if (!same) {
+    std::cerr << "error: load_raw: the raw file differs from the saved tensors" << std::endl;
+    b.rc = 2;
+  }
+  b.remove_after.push_back(b.raw_dir);
+}
+
 void LoadKv(CoreBench& b, Scenario& s) {
   s.what = "KvCheckpointEngine open + load of the full save";
   auto kv = std::make_unique<KvCheckpointEngine>(KvConfig(b.o, b.main_d));
@@ -691,6 +736,7 @@ std::vector<CoreScenario> CoreScenarios(const CoreBench& b) {
   };
   if (b.o.alt_durability) table.push_back({b.AltName(), FullSaveKvAlt});
   table.push_back({"frozen_series_kv", FrozenSeriesKv});
+  table.push_back({"load_raw", LoadRaw});
   table.push_back({"load_kv", LoadKv});
   table.push_back({"load_torch", LoadTorch});
   return table;
@@ -724,6 +770,8 @@ json CoreRatios(const CoreBench& b) {
       Div(S("frozen_series_kv").total_write_bytes(),
           S("frozen_series_kv").extra.value("unique_bytes", uint64_t{0}));
   ratios["load_kv_vs_torch_time"] = Div(S("load_kv").seconds, S("load_torch").seconds);
+  ratios["load_kv_vs_raw_throughput"] =
+      Div(S("load_kv").throughput_mib_s(), S("load_raw").throughput_mib_s());
   ratios["full_save_kv_peak_rss_delta_chunks_per_worker"] = Div(
       Div(S("full_save_kv").peak_rss_delta(), double(b.o.chunk_kb) * 1024.0), double(b.workers));
   if (b.o.alt_durability) {
@@ -751,6 +799,8 @@ const std::vector<Target>& CoreTargets() {
       {"frozen_series_store_growth_vs_unique", "<=", 1.10,
        "frozen-base series stored in <= 1.1x unique bytes"},
       {"load_kv_vs_torch_time", "<=", 1.0, "load at least as fast as torch"},
+      {"load_kv_vs_raw_throughput", ">=", 0.9,
+       "load >= 0.9x the cold sequential read of the same bytes"},
       {"full_save_kv_peak_rss_delta_chunks_per_worker", "<=", 4.0,
        "peak RSS growth during a save <= 4 chunks per worker"},
   };
