@@ -680,8 +680,8 @@ void LoadRaw(CoreBench& b, Scenario& s) {
           const ssize_t n = ::read(fd, p + done, t.bytes() - done);
           if (n <= 0) {
             ::close(fd);
-            ThrowIfError(Status::IOError("read '" + path + "': " +
-                                         (n == 0 ? "unexpected end" : std::strerror(errno))));
+            ThrowIfError(Status::IOError(
+                "read '" + path + "': " + (n == 0 ? "unexpected end" : std::strerror(errno))));
           }
           done += static_cast<uint64_t>(n);
         }
