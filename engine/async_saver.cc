@@ -107,15 +107,7 @@ Result<SnapshotReport> AsyncSaver::Submit(const std::string& tag, const std::str
     Result<SaveReport> r = SaveEncodedFile(store_, tag, file, std::move(encoded), placements);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      TagState& ts = tags_[tag];
-      ts.queued--;
-      if (r.ok()) {
-        ts.report.stats.Add(r->stats);
-        ts.report.tensors += r->tensors;
-      } else if (ts.error.ok()) {
-        ts.error = r.status();
-      }
-      running_job_ = false;
+      Finished(tag, r);
     }
     cv_.notify_all();
     RETURN_IF_ERROR(r.status());
@@ -221,6 +213,18 @@ Status AsyncSaver::Progress::WaitFor(size_t n) {
   return failed ? error : Status::OK();
 }
 
+void AsyncSaver::Finished(const std::string& tag, const Result<SaveReport>& r) {
+  TagState& ts = tags_[tag];
+  ts.queued--;
+  if (r.ok()) {
+    ts.report.stats.Add(r->stats);
+    ts.report.tensors += r->tensors;
+  } else if (ts.error.ok()) {
+    ts.error = r.status();
+  }
+  running_job_ = false;
+}
+
 void AsyncSaver::Run() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
@@ -246,16 +250,8 @@ void AsyncSaver::Run() {
     }
     job.encoded.tensors.clear();  // the views of the buffers
     lock.lock();
-    TagState& ts = tags_[job.tag];
-    ts.queued--;
-    if (r.ok()) {
-      ts.report.stats.Add(r->stats);
-      ts.report.tensors += r->tensors;
-    } else if (ts.error.ok()) {
-      ts.error = r.status();
-    }
+    Finished(job.tag, r);
     Release(std::move(job.buffers));
-    running_job_ = false;
     cv_.notify_all();
   }
 }

@@ -108,6 +108,8 @@ class AsyncSaver {
   // the pool is full. `lock` holds mu_.
   at::Tensor Acquire(uint64_t bytes, bool pinned, std::unique_lock<std::mutex>& lock);
   void Release(std::vector<at::Tensor> buffers);
+  // A file of `tag` was written (or failed): counts it. mu_ held.
+  void Finished(const std::string& tag, const Result<SaveReport>& r);
 
   Store& store_;
   uint64_t limit_ = 0;

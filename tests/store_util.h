@@ -13,6 +13,16 @@
 
 namespace ckptkv::testing {
 
+// A state tree of one None node: a file's tree when only its tensors matter.
+inline std::string EmptyTree() {
+  flatbuffers::FlatBufferBuilder b;
+  fb::NodeBuilder nb(b);
+  nb.add_kind(fb::NodeKind::None);
+  auto root = nb.Finish();
+  b.Finish(fb::CreateStateTree(b, root));
+  return std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
+}
+
 // Saves `bytes` as a 1-D uint8 tensor `param` of `tag`/`file`.
 inline Result<WriteStats> PutBytes(Store& s, const std::string& tag, const std::string& file,
                                    const std::string& param, const std::vector<uint8_t>& bytes) {

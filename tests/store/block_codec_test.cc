@@ -17,9 +17,11 @@
 #include "store/record_codec.h"
 #include "store/store.h"
 #include "tests/raw_db.h"
+#include "tests/store_util.h"
 #include "tests/test_util.h"
 
 using namespace ckptkv;
+using ckptkv::testing::EmptyTree;
 using ckptkv::testing::RawDb;
 using ckptkv::testing::TempDir;
 
@@ -36,15 +38,6 @@ std::unique_ptr<Store> OpenStore(const std::string& dir, Codec codec, uint32_t c
   INFO(r.status().ToString());
   REQUIRE(r.ok());
   return std::move(r).value();
-}
-
-std::string EmptyTree() {
-  flatbuffers::FlatBufferBuilder b;
-  fb::NodeBuilder nb(b);
-  nb.add_kind(fb::NodeKind::None);
-  auto root = nb.Finish();
-  b.Finish(fb::CreateStateTree(b, root));
-  return std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
 }
 
 uint16_t HalfBits(float f) {

@@ -18,6 +18,7 @@
 #include "tests/test_util.h"
 
 using namespace ckptkv;
+using ckptkv::testing::EmptyTree;
 using ckptkv::testing::RawDb;
 using ckptkv::testing::TempDir;
 
@@ -37,15 +38,6 @@ std::unique_ptr<Store> OpenStore(const std::string& dir, const StoreOptions& o =
   INFO(r.status().ToString());
   REQUIRE(r.ok());
   return std::move(r).value();
-}
-
-std::string EmptyTree() {
-  flatbuffers::FlatBufferBuilder b;
-  fb::NodeBuilder nb(b);
-  nb.add_kind(fb::NodeKind::None);
-  auto root = nb.Finish();
-  b.Finish(fb::CreateStateTree(b, root));
-  return std::string(reinterpret_cast<const char*>(b.GetBufferPointer()), b.GetSize());
 }
 
 std::vector<uint8_t> RandomBytes(std::mt19937_64& rng, size_t n) {
