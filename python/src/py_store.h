@@ -174,7 +174,8 @@ class PyStore {
         pyb::gil_scoped_release nogil;
         TensorPlacer::Placements placements;
         if (place) placements = Place(tag, file, enc);
-        snap = ValueOrThrow(Saver(s).Submit(tag, file, std::move(enc), std::move(placements)));
+        std::shared_ptr<AsyncSaver> saver = Saver(s);
+        snap = ValueOrThrow(saver->Submit(tag, file, std::move(enc), std::move(placements)));
       }
       pyb::dict d;
       d["background"] = !snap.synchronous;
@@ -197,7 +198,7 @@ class PyStore {
     TagInfo info;
     {
       pyb::gil_scoped_release nogil;
-      if (AsyncSaver* saver = CurrentSaver()) {
+      if (std::shared_ptr<AsyncSaver> saver = CurrentSaver()) {
         Result<SaveReport> written = saver->Wait(tag);
         if (!written.ok()) {
           // A file of the tag is not stored: the tag must never commit.
@@ -222,7 +223,7 @@ class PyStore {
     auto held = Hold();
     Store& s = held->store();
     pyb::gil_scoped_release nogil;
-    if (AsyncSaver* saver = CurrentSaver()) saver->Cancel(tag);
+    if (std::shared_ptr<AsyncSaver> saver = CurrentSaver()) saver->Cancel(tag);
     s.AbortTag(tag);
     std::lock_guard<std::mutex> l(mu_);
     EndTag(tag);
@@ -382,18 +383,20 @@ class PyStore {
 
   // Under mu_.
   // The background writer (created by the first background save).
-  AsyncSaver& Saver(Store& s) {
+  // Shared: a call using it keeps it alive (and, holding the store too, its
+  // queued writes can finish) if close() drops it meanwhile.
+  std::shared_ptr<AsyncSaver> Saver(Store& s) {
     std::lock_guard<std::mutex> l(mu_);
     if (!saver_) {
       AsyncSaveOptions o;
       o.buffer_bytes = async_buffer_bytes_;
-      saver_ = std::make_unique<AsyncSaver>(s, o);
+      saver_ = std::make_shared<AsyncSaver>(s, o);
     }
-    return *saver_;
+    return saver_;
   }
-  AsyncSaver* CurrentSaver() {
+  std::shared_ptr<AsyncSaver> CurrentSaver() {
     std::lock_guard<std::mutex> l(mu_);
-    return saver_.get();
+    return saver_;
   }
 
   void EndTag(const std::string& tag) {
@@ -408,7 +411,7 @@ class PyStore {
   uint64_t async_buffer_bytes_ = 0;
   // Writes of background saves; destroyed (after its queue) before the
   // store closes.
-  std::unique_ptr<AsyncSaver> saver_;
+  std::shared_ptr<AsyncSaver> saver_;
   std::set<std::string> placed_;
   std::shared_ptr<checkpoint::DeepSpeedPlacer> placer_;
 };
