@@ -14,7 +14,8 @@
 //                  [--naive]
 //   ckptkv export-universal --db DIR --tag T [--out-tag T2]
 //   ckptkv import-universal --db DIR --tag T --tp N --pp M --dp K --out-tag T2
-//   ckptkv import --db DIR PATH [--tag T] [--overwrite] [--json] [--codec raw|zstd|grouped-zstd]
+//   ckptkv import --db DIR PATH [--tag T | --all-tags] [--overwrite] [--json]
+//                 [--codec raw|zstd|grouped-zstd]
 //   ckptkv codec-stats --db DIR [--tag T] [--level N] [--chunk-kb N] [--random-mb N] [--json]
 //
 // ls, verify, gc and rm are kv-browser's tags, verify, gc and rm
@@ -48,11 +49,38 @@ namespace {
 namespace kvb = ckptkv::kvb;
 
 int RunImport(const std::string& db, const std::string& path, const std::string& tag,
-              bool overwrite, bool json, const std::string& codec) {
+              bool overwrite, bool json, const std::string& codec, bool all_tags) {
   ckptkv::StoreOptions options;
   options.codec = ckptkv::ParseCodec(codec).value_or(ckptkv::Codec::kRaw);  // checked by CLI11
+  if (all_tags && !tag.empty()) {
+    return kvb::ReportError(ckptkv::Status::InvalidArgument(
+        "--all-tags imports every tag directory under its own name; drop --tag"));
+  }
   auto store = ckptkv::Store::Open(db, options);
   if (!store.ok()) return kvb::ReportError(store.status());
+  if (all_tags) {
+    auto tags = ckptkv::checkpoint::ImportSaveDir(**store, path, overwrite);
+    if (!tags.ok()) return kvb::ReportError(tags.status());
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const auto& t : *tags) {
+      const auto& r = t.report;
+      if (json) {
+        list.push_back({{"tag", t.info.tag},
+                        {"files", r.files},
+                        {"tensors", r.tensors},
+                        {"logical_bytes", r.logical_bytes},
+                        {"new_bytes", r.new_bytes}});
+      } else {
+        std::cout << "imported " << path << "/" << t.info.tag << " as tag " << t.info.tag << ": "
+                  << r.files << " files, " << r.tensors << " tensors, "
+                  << kvb::HumanBytes(r.logical_bytes) << " (" << kvb::HumanBytes(r.new_bytes)
+                  << " new)" << std::endl;
+      }
+    }
+    if (json)
+      std::cout << ckptkv::tools::JsonText(nlohmann::ordered_json{{"tags", list}}, 2) << std::endl;
+    return 0;
+  }
   ckptkv::checkpoint::ImportReport r;
   auto info = ckptkv::checkpoint::ImportPath(**store, path, tag, overwrite, &r);
   if (!info.ok()) return kvb::ReportError(info.status());
@@ -148,6 +176,10 @@ int Run(int argc, char** argv) {
                          "directory's name)");
   import_cmd->add_flag("--overwrite", import_overwrite, "replace a committed tag of that name");
   import_cmd->add_flag("--json", import_json, "print one JSON object");
+  bool import_all = false;
+  import_cmd->add_flag("--all-tags", import_all,
+                       "PATH is a DeepSpeed save_dir: import every tag directory as its own tag "
+                       "(natural order, the one latest names last)");
   std::string import_codec = "raw";
   import_cmd
       ->add_option("--codec", import_codec,
@@ -201,7 +233,7 @@ int Run(int argc, char** argv) {
   if (auto rc = checkpoint_cmds.Run()) return *rc;
   if (*import_cmd)
     return RunImport(import_db, import_path, import_tag, import_overwrite, import_json,
-                     import_codec);
+                     import_codec, import_all);
   if (*cstats_cmd) return RunCodecStats(cstats);
   admin.write.as_json = json;
   if (*ls_cmd) return kvb::RunTags(db, json);

@@ -3,11 +3,13 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
+#include <string_view>
 #include <unordered_map>
 
 #include "checkpoint/core/pickle_machine.h"
@@ -799,6 +801,106 @@ Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::str
   }
   if (report != nullptr) *report = r;
   return info;
+}
+
+namespace {
+
+std::string JoinedNames(const std::vector<std::string>& names) {
+  if (names.empty()) return "(none)";
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+// Natural order: runs of digits compare as numbers.
+bool NaturalLess(const std::string& a, const std::string& b) {
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    const bool da = std::isdigit(static_cast<unsigned char>(a[i])) != 0;
+    const bool db = std::isdigit(static_cast<unsigned char>(b[j])) != 0;
+    if (da && db) {
+      size_t ie = i, je = j;
+      while (ie < a.size() && std::isdigit(static_cast<unsigned char>(a[ie]))) ++ie;
+      while (je < b.size() && std::isdigit(static_cast<unsigned char>(b[je]))) ++je;
+      std::string_view x(a.data() + i, ie - i), y(b.data() + j, je - j);
+      while (x.size() > 1 && x.front() == '0') x.remove_prefix(1);
+      while (y.size() > 1 && y.front() == '0') y.remove_prefix(1);
+      if (x.size() != y.size()) return x.size() < y.size();
+      if (x != y) return x < y;
+      i = ie;
+      j = je;
+    } else {
+      if (a[i] != b[j]) return a[i] < b[j];
+      ++i;
+      ++j;
+    }
+  }
+  return a.size() - i < b.size() - j;
+}
+
+}  // namespace
+
+Result<std::vector<ImportedTag>> ImportSaveDir(Store& store, const std::string& save_dir,
+                                               bool overwrite) {
+  std::error_code ec;
+  if (!fs::is_directory(save_dir, ec)) {
+    return Status::InvalidArgument("--all-tags needs a DeepSpeed save_dir; '" + save_dir +
+                                   "' is not a directory");
+  }
+  std::string latest;
+  {
+    std::ifstream f(fs::path(save_dir) / "latest");
+    if (f) std::getline(f, latest);
+    while (!latest.empty() && (latest.back() == '\r' || latest.back() == ' ')) latest.pop_back();
+  }
+  std::vector<std::string> tags;
+  for (auto it = fs::directory_iterator(save_dir, ec); !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
+    if (!it->is_directory()) continue;
+    bool has_file = false;
+    for (auto f = fs::recursive_directory_iterator(it->path(), ec);
+         !ec && f != fs::recursive_directory_iterator(); f.increment(ec)) {
+      if (f->is_regular_file()) {
+        has_file = true;
+        break;
+      }
+    }
+    // A store kept inside the save_dir (the Python engine's default) is
+    // not a tag.
+    if (has_file && !fs::exists(it->path() / "CURRENT")) {
+      tags.push_back(it->path().filename().string());
+    }
+  }
+  if (ec) return Status::IOError("cannot list '" + save_dir + "': " + ec.message());
+  if (tags.empty()) {
+    return Status::InvalidArgument("'" + save_dir + "' holds no tag directory with files");
+  }
+  std::sort(tags.begin(), tags.end(), NaturalLess);
+  if (!latest.empty()) {
+    auto it = std::find(tags.begin(), tags.end(), latest);
+    if (it == tags.end()) {
+      return Status::InvalidArgument("'" + (fs::path(save_dir) / "latest").string() + "' names '" +
+                                     latest +
+                                     "', which is not a tag directory "
+                                     "beside it; tag directories: " +
+                                     JoinedNames(tags));
+    }
+    std::rotate(it, it + 1, tags.end());  // the latest goes last
+  }
+  std::vector<ImportedTag> out;
+  for (const std::string& tag : tags) {
+    ImportedTag t;
+    auto info = ImportPath(store, (fs::path(save_dir) / tag).string(), tag, overwrite, &t.report);
+    if (!info.ok()) {
+      std::vector<std::string> done;
+      for (const auto& d : out) done.push_back(d.info.tag);
+      return info.status().WithContext("importing tag directory '" + tag + "' of '" + save_dir +
+                                       "' (imported before it: " + JoinedNames(done) + ")");
+    }
+    t.info = std::move(*info);
+    out.push_back(std::move(t));
+  }
+  return out;
 }
 
 }  // namespace ckptkv::checkpoint

@@ -50,6 +50,22 @@ Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const s
 Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::string& tag,
                            bool overwrite, ImportReport* report);
 
+// One imported tag of ImportSaveDir.
+struct ImportedTag {
+  TagInfo info;
+  ImportReport report;
+};
+
+// Every tag directory of a DeepSpeed save_dir (each subdirectory that holds
+// a file), each as its own tag of that name through ImportPath, one commit
+// per tag: in natural order (global_step9 before global_step10), the one
+// `latest` names last, so that the store's latest ends on it. Fails on the
+// first tag that does not import (the tags before it stay committed; the
+// error names them); a tag the store holds is AlreadyExists unless
+// `overwrite` (importing it again writes only what changed).
+Result<std::vector<ImportedTag>> ImportSaveDir(Store& store, const std::string& save_dir,
+                                               bool overwrite);
+
 }  // namespace ckptkv::checkpoint
 
 #endif  // CKPTKV_CHECKPOINT_QUERY_TORCH_IMPORT_H_

@@ -278,3 +278,36 @@ def test_a_chain_of_parameter_rebuilds_is_refused_not_recursed(tmp_path):
         z.writestr("chain/version", "3\n")
     r = run_import("--db", tmp_path / "store", path)
     assert r.returncode != 0 and "parameter rebuild without" in r.stderr, r.stderr
+
+
+def test_all_tags_of_a_save_dir_import_in_order_with_latest_last(tmp_path):
+    save = tmp_path / "ckpts"
+    steps = {"global_step2": 2, "global_step10": 10, "global_step9": 9}
+    for tag, step in steps.items():
+        (save / tag).mkdir(parents=True)
+        frozen = torch.arange(70000, dtype=torch.float32)  # the same in every tag
+        torch.save({"module": {"w": torch.full((300,), float(step)), "frozen": frozen},
+                    "global_steps": step}, save / tag / "mp_rank_00_model_states.pt")
+    (save / "latest").write_text("global_step9\n")
+    (save / "zero_to_fp32.py").write_text("# a script DeepSpeed copies here\n")
+    store = tmp_path / "store"
+    out = import_json("--db", store, save, "--all-tags")
+    assert [t["tag"] for t in out["tags"]] == ["global_step2", "global_step10", "global_step9"]
+    assert out["tags"][0]["new_bytes"] >= 70000 * 4
+    assert out["tags"][1]["new_bytes"] < 70000 * 4  # the frozen tensor dedups across tags
+    with ckptkv.Store(store, read_only=True) as s:
+        assert s.latest() == "global_step9"
+        for tag, step in steps.items():
+            sd = s.load(tag, "mp_rank_00_model_states.pt")
+            assert sd["global_steps"] == step
+            assert torch.equal(sd["module"]["w"], torch.full((300,), float(step)))
+    # Again: every tag exists; with --overwrite nothing new is written.
+    again = run_import("--db", store, save, "--all-tags")
+    assert again.returncode != 0 and "global_step2" in again.stderr, again.stderr
+    out = import_json("--db", store, save, "--all-tags", "--overwrite")
+    assert [t["new_bytes"] for t in out["tags"]] == [0, 0, 0]
+    bad = run_import("--db", store, save, "--all-tags", "--tag", "x")
+    assert bad.returncode != 0 and "drop --tag" in bad.stderr
+    (save / "latest").write_text("global_step11\n")
+    bad = run_import("--db", tmp_path / "s2", save, "--all-tags")
+    assert bad.returncode != 0 and "global_step11" in bad.stderr, bad.stderr
