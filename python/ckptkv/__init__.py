@@ -65,14 +65,21 @@ def load(store, tag="latest", file="state.pt", map_location=None, *, strict=Fals
             s.close()
 
 
-def import_path(store, path, tag=None, *, overwrite=False):
+def import_path(store, path, tag=None, *, overwrite=False, all_tags=False):
     """``ckptkv import``: a torch.save file, a DeepSpeed save_dir (the tag its
     ``latest`` names) or a tag directory into ``store`` as one tag, without
     running pickle (docs/torch-files.md). Returns {tag, files, tensors,
-    logical_bytes, new_bytes}."""
+    logical_bytes, new_bytes}. ``all_tags=True`` (``--all-tags``): every
+    tag directory of the save_dir as its own tag, the one ``latest`` names
+    last; returns a list of those dicts."""
     from ._ckptkv import checkpoint as _cc
+    if all_tags and tag:
+        raise InvalidArgumentError("all_tags imports every tag directory under its own name; "
+                                   "drop tag=%r" % (tag,))
     s, owned = _open(store, read_only=False)
     try:
+        if all_tags:
+            return _cc.import_save_dir(s._s, os.fspath(path), bool(overwrite))
         return _cc.import_path(s._s, os.fspath(path), tag or "", bool(overwrite))
     finally:
         if owned:

@@ -257,6 +257,30 @@ void BindQueries(pyb::module_& m) {
       },
       pyb::arg("store"), pyb::arg("path"), pyb::arg("tag") = "", pyb::arg("overwrite") = false);
   m.def(
+      "import_save_dir",
+      [](PyStore& ps, const std::string& path, bool overwrite) {
+        auto held = ps.Hold();
+        Store& s = held->store();
+        std::vector<checkpoint::ImportedTag> tags;
+        {
+          pyb::gil_scoped_release nogil;
+          tags = ValueOrThrow(checkpoint::ImportSaveDir(s, path, overwrite));
+        }
+        ps.Invalidate();
+        pyb::list out;
+        for (const auto& t : tags) {
+          pyb::dict d;
+          d["tag"] = t.info.tag;
+          d["files"] = t.report.files;
+          d["tensors"] = t.report.tensors;
+          d["logical_bytes"] = t.report.logical_bytes;
+          d["new_bytes"] = t.report.new_bytes;
+          out.append(d);
+        }
+        return out;
+      },
+      pyb::arg("store"), pyb::arg("path"), pyb::arg("overwrite") = false);
+  m.def(
       "export_universal",
       [](PyStore& ps, const std::string& tag, const std::string& out_tag, const std::string& device,
          bool overwrite, bool set_latest) {

@@ -308,6 +308,15 @@ def test_all_tags_of_a_save_dir_import_in_order_with_latest_last(tmp_path):
     assert [t["new_bytes"] for t in out["tags"]] == [0, 0, 0]
     bad = run_import("--db", store, save, "--all-tags", "--tag", "x")
     assert bad.returncode != 0 and "drop --tag" in bad.stderr
+    # From Python, the same.
+    got = ckptkv.import_path(tmp_path / "py-store", save, all_tags=True)
+    assert [t["tag"] for t in got] == ["global_step2", "global_step10", "global_step9"]
+    with ckptkv.Store(tmp_path / "py-store", read_only=True) as s:
+        assert s.latest() == "global_step9"
+    with pytest.raises(ckptkv.InvalidArgumentError, match="drop tag"):
+        ckptkv.import_path(tmp_path / "py-store", save, "x", all_tags=True)
     (save / "latest").write_text("global_step11\n")
     bad = run_import("--db", tmp_path / "s2", save, "--all-tags")
     assert bad.returncode != 0 and "global_step11" in bad.stderr, bad.stderr
+    with pytest.raises(ckptkv.InvalidArgumentError, match="global_step11"):
+        ckptkv.import_path(tmp_path / "s3", save, all_tags=True)
