@@ -43,17 +43,6 @@ AsyncSaver::~AsyncSaver() {
   worker_.join();
 }
 
-uint64_t AsyncSaver::buffer_bytes() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return held_;
-}
-
-bool AsyncSaver::Busy(const std::string& tag) const {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = tags_.find(tag);
-  return it != tags_.end() && it->second.queued > 0;
-}
-
 at::Tensor AsyncSaver::Acquire(uint64_t bytes, bool pinned, std::unique_lock<std::mutex>& lock) {
   for (;;) {
     auto it = free_.find(bytes);
@@ -256,7 +245,7 @@ void AsyncSaver::Run() {
   }
 }
 
-Result<SaveReport> AsyncSaver::Wait(const std::string& tag) {
+Result<SaveReport> AsyncSaver::WaitForCommit(const std::string& tag) {
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] {
     auto it = tags_.find(tag);
@@ -266,7 +255,12 @@ Result<SaveReport> AsyncSaver::Wait(const std::string& tag) {
   if (it == tags_.end()) return SaveReport{};
   TagState ts = std::move(it->second);
   tags_.erase(it);
-  if (!ts.error.ok()) return ts.error;
+  lock.unlock();
+  if (!ts.error.ok()) {
+    store_.AbortTag(tag);
+    return ts.error.WithContext("commit of tag " + Quote(tag) +
+                                " abandoned: a background save failed");
+  }
   return ts.report;
 }
 

@@ -64,18 +64,13 @@ class AsyncSaver {
   // queued write errors come from Wait.
   Result<SnapshotReport> Submit(const std::string& tag, const std::string& file,
                                 EncodedState encoded, TensorPlacer::Placements placements);
-  // Blocks until every submitted file of `tag` is written: what they cost,
-  // or the first error (the tag should then be aborted).
-  Result<SaveReport> Wait(const std::string& tag);
+  // Blocks until every submitted file of `tag` is written: what they cost.
+  // On the first error of them the pending tag is aborted in the store (it
+  // must never commit without a file) and the error, saying so, returned.
+  Result<SaveReport> WaitForCommit(const std::string& tag);
   // Drops the queued files of `tag` not yet started, waits for one being
   // written, and forgets the tag's results (before an abort).
   void Cancel(const std::string& tag);
-  // True while files of `tag` are queued or being written.
-  bool Busy(const std::string& tag) const;
-
-  uint64_t buffer_limit() const { return limit_; }
-  // Bytes of snapshot buffers held (in use and free for reuse).
-  uint64_t buffer_bytes() const;
 
  private:
   // How far Submit's copies into a job's buffers have come.

@@ -231,6 +231,7 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
     SnapshotReport snap = ValueOrThrow(
         saver_->Submit(target.tag, target.file, std::move(encoded), std::move(placements)));
     last_blocked_s_ = snap.seconds;
+    last_background_ = !snap.synchronous;
     spdlog::debug("[ckptkv] snapshot of {}: {} bytes in {:.3f} s{}", where, snap.bytes,
                   snap.seconds, snap.synchronous ? " (written synchronously)" : "");
     return;
@@ -238,6 +239,7 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
   SaveReport report = ValueOrThrow(
       SaveEncodedFile(*store_, target.tag, target.file, std::move(encoded), placements));
   last_blocked_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  last_background_ = false;
   last_save_ = report;
   spdlog::debug("[ckptkv] saved {}: {} tensors, {} bytes, {} new", where, report.tensors,
                 report.stats.logical_bytes, report.stats.new_bytes);
@@ -256,14 +258,11 @@ bool KvCheckpointEngine::commit(const CommitInfo& info) {
                                             ") first"));
   }
   if (saver_) {
-    Result<SaveReport> written = saver_->Wait(info.tag);
-    if (!written.ok()) {
-      // Some file of the tag is not stored: it must never commit.
-      store_->AbortTag(info.tag);
+    Result<SaveReport> written = saver_->WaitForCommit(info.tag);
+    if (!written.ok()) {  // the saver aborted the tag
       save_dirs_.erase(info.tag);
       if (config_.placer) config_.placer->EndTag(info.tag);
-      ThrowIfError(written.status().WithContext("commit of tag " + Quote(info.tag) +
-                                                " abandoned: a background save failed"));
+      ThrowIfError(written.status());
     }
     last_save_ = *written;
   }

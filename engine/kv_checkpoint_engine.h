@@ -101,6 +101,9 @@ class KvCheckpointEngine : public CheckpointEngine {
   // Seconds the last save() blocked its caller (with async_save, the
   // snapshot; else the whole save).
   double last_save_blocked_seconds() const { return last_blocked_s_; }
+  // Whether the last save() left its writes to the background (false for a
+  // synchronous save, and for an async one too large for the buffer pool).
+  bool last_save_background() const { return last_background_; }
 
  private:
   struct Target {
@@ -118,6 +121,7 @@ class KvCheckpointEngine : public CheckpointEngine {
   SaveReport last_save_;
   TagInfo last_commit_;
   double last_blocked_s_ = 0;
+  bool last_background_ = false;
   // With async_save, after store_ (destroyed first: it writes into it).
   std::unique_ptr<AsyncSaver> saver_;
 };

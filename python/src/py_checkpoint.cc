@@ -25,6 +25,17 @@
 namespace ckptkv::py {
 namespace {
 
+// What ckptkv.import_path returns for one imported tag.
+pyb::dict ImportDict(const std::string& tag, const checkpoint::ImportReport& r) {
+  pyb::dict d;
+  d["tag"] = tag;
+  d["files"] = r.files;
+  d["tensors"] = r.tensors;
+  d["logical_bytes"] = r.logical_bytes;
+  d["new_bytes"] = r.new_bytes;
+  return d;
+}
+
 using checkpoint::DeepSpeedFiles;
 using checkpoint::Meg2dParallelMap;
 using checkpoint::Model3dDesc;
@@ -247,13 +258,7 @@ void BindQueries(pyb::module_& m) {
           info = ValueOrThrow(checkpoint::ImportPath(s, path, tag, overwrite, &r));
         }
         ps.Invalidate();  // Store.tags() lists the new tag
-        pyb::dict d;
-        d["tag"] = info.tag;
-        d["files"] = r.files;
-        d["tensors"] = r.tensors;
-        d["logical_bytes"] = r.logical_bytes;
-        d["new_bytes"] = r.new_bytes;
-        return d;
+        return ImportDict(info.tag, r);
       },
       pyb::arg("store"), pyb::arg("path"), pyb::arg("tag") = "", pyb::arg("overwrite") = false);
   m.def(
@@ -268,15 +273,7 @@ void BindQueries(pyb::module_& m) {
         }
         ps.Invalidate();
         pyb::list out;
-        for (const auto& t : tags) {
-          pyb::dict d;
-          d["tag"] = t.info.tag;
-          d["files"] = t.report.files;
-          d["tensors"] = t.report.tensors;
-          d["logical_bytes"] = t.report.logical_bytes;
-          d["new_bytes"] = t.report.new_bytes;
-          out.append(d);
-        }
+        for (const auto& t : tags) out.append(ImportDict(t.info.tag, t.report));
         return out;
       },
       pyb::arg("store"), pyb::arg("path"), pyb::arg("overwrite") = false);

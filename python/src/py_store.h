@@ -199,14 +199,11 @@ class PyStore {
     {
       pyb::gil_scoped_release nogil;
       if (std::shared_ptr<AsyncSaver> saver = CurrentSaver()) {
-        Result<SaveReport> written = saver->Wait(tag);
-        if (!written.ok()) {
-          // A file of the tag is not stored: the tag must never commit.
-          s.AbortTag(tag);
+        Result<SaveReport> written = saver->WaitForCommit(tag);
+        if (!written.ok()) {  // the saver aborted the tag
           std::lock_guard<std::mutex> l(mu_);
           EndTag(tag);
-          ThrowIfError(written.status().WithContext("commit of tag " + Quote(tag) +
-                                                    " abandoned: a background save failed"));
+          ThrowIfError(written.status());
         }
       }
       CommitOptions o;
