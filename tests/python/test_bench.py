@@ -96,3 +96,26 @@ def test_state_dict_is_deterministic_and_sized():
     assert abs(logical - (4 << 20)) < (1 << 20)
     assert {t.dtype for t in a["module"].values()} == {torch.bfloat16}
     assert {t.dtype for t in a["optimizer"]["fp32_master_weights"].values()} == {torch.float32}
+
+
+def test_file_bench_imports_and_exports_equal_values(tmp_path):
+    """``python3 -m ckptkv.bench_files``, tiny: every row timed, the
+    re-import writes no new chunk, imported and exported values equal."""
+    import ckptkv.bench_files as bench_files
+    cmd = [sys.executable, "-m", "ckptkv.bench_files", "--size-mib", "4", "--cache-drop",
+           "fadvise", "--dir", str(tmp_path), "--json"]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["equal"] is True, doc["differences"]
+    assert set(doc["rows"]) == set(bench_files.ROWS)
+    for name, row in doc["rows"].items():
+        assert row["seconds"] > 0 and row["mib_s"] > 0, name
+    assert doc["rows"]["ckptkv_import"]["new_bytes"] > 0
+    assert doc["ratios"]["reimport_new_bytes"] == 0
+    assert doc["ratios"]["import_vs_torch_load"] > 0
+    assert os.listdir(str(tmp_path)) == []
+    out = io.StringIO()
+    bench_files.print_table(doc, out)
+    assert "equal the objects written: yes" in out.getvalue()
