@@ -16,6 +16,8 @@
 //   ckptkv import-universal --db DIR --tag T --tp N --pp M --dp K --out-tag T2
 //   ckptkv import --db DIR PATH [--tag T | --all-tags] [--overwrite] [--json]
 //                 [--codec raw|zstd|grouped-zstd]
+//   ckptkv export --db DIR TAG --format pt|deepspeed|universal|safetensors --out DIR2
+//                 [--overwrite] [--json]
 //   ckptkv codec-stats --db DIR [--tag T] [--level N] [--chunk-kb N] [--random-mb N] [--json]
 //
 // ls, verify, gc and rm are kv-browser's tags, verify, gc and rm
@@ -25,13 +27,17 @@
 // failures; 2 corruption (verify problems, a checkpoint that loads wrong);
 // 3 a demo whose resumed run diverges.
 
+#include <atomic>
+#include <csignal>
 #include <iostream>
+#include <memory>
 #include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/query/torch_export.h"
 #include "checkpoint/query/torch_import.h"
 #include "engine/torch_call.h"
 #include "store/status.h"
@@ -41,6 +47,8 @@
 #include "tools/demo.h"
 #include "tools/json_text.h"
 #include "tools/kv_browser/admin_cli.h"
+#include "tools/kv_browser/browser_core.h"
+#include "tools/kv_browser/safetensors.h"
 #include "tools/kv_browser/text.h"
 #include "tools/reshape_cmd.h"
 
@@ -95,6 +103,78 @@ int RunImport(const std::string& db, const std::string& path, const std::string&
     std::cout << "imported " << path << " as tag " << info->tag << ": " << r.files << " files, "
               << r.tensors << " tensors, " << kvb::HumanBytes(r.logical_bytes) << " ("
               << kvb::HumanBytes(r.new_bytes) << " new)" << std::endl;
+  }
+  return 0;
+}
+
+std::atomic<bool> g_interrupted{false};
+
+extern "C" void OnInterrupt(int) { g_interrupted.store(true); }
+
+int RunExport(const std::string& db, const std::string& tag, const std::string& format,
+              const std::string& out, bool overwrite, bool json) {
+  if (format == "safetensors") {
+    // kv-browser's export (tools/kv_browser/safetensors.h), the same code.
+    auto b = kvb::Browser::Open(db, kvb::Browser::Mode::kReadOnly);
+    if (!b.ok()) return kvb::ReportError(b.status());
+    kvb::ExportOptions eo;
+    eo.out_dir = out;
+    eo.overwrite = overwrite;
+    auto r = kvb::ExportSafetensors(**b, tag, eo);
+    if (!r.ok()) return kvb::ReportError(r.status());
+    if (json) {
+      std::cout << ckptkv::tools::JsonText(*r, 2) << std::endl;
+    } else {
+      std::cout << "exported tag " << tag << " to " << out << ": " << (*r)["files"].size()
+                << " safetensors files, " << (*r)["tensors"].get<uint64_t>() << " tensors, "
+                << kvb::HumanBytes((*r)["total_bytes"].get<uint64_t>()) << ", verified"
+                << std::endl;
+    }
+    return 0;
+  }
+  ckptkv::StoreOptions options;
+  // Only a universal export of a non-universal tag writes (a temporary tag).
+  options.read_only = format != "universal";
+  auto store = ckptkv::Store::Open(db, options);
+  if (!store.ok()) return kvb::ReportError(store.status());
+  ckptkv::checkpoint::TorchExportOptions eo;
+  eo.out_dir = out;
+  eo.format = format;
+  eo.overwrite = overwrite;
+  std::unique_ptr<kvb::Progress> bar;
+  eo.progress = [&bar](uint64_t done, uint64_t total) {
+    if (!bar) bar = std::make_unique<kvb::Progress>("export", total);
+    bar->Set(done);
+  };
+  eo.cancel = &g_interrupted;
+  auto old_int = std::signal(SIGINT, OnInterrupt);
+  auto old_term = std::signal(SIGTERM, OnInterrupt);
+  auto r = ckptkv::checkpoint::ExportTorch(**store, tag, eo);
+  std::signal(SIGINT, old_int);
+  std::signal(SIGTERM, old_term);
+  if (bar) bar->Done();
+  if (!r.ok()) return kvb::ReportError(r.status());
+  if (json) {
+    nlohmann::ordered_json files = nlohmann::ordered_json::array();
+    for (const auto& f : r->files) {
+      files.push_back({{"path", f.path}, {"bytes", f.bytes}, {"tensors", f.tensors}});
+    }
+    nlohmann::ordered_json j{{"tag", r->tag},
+                             {"format", r->format},
+                             {"out", r->out_dir},
+                             {"files", files},
+                             {"tensors", r->tensors},
+                             {"tensor_bytes", r->tensor_bytes},
+                             {"bytes_written", r->bytes_written},
+                             {"verified", true},
+                             {"converted", r->converted},
+                             {"replaced", r->replaced},
+                             {"seconds", r->seconds}};
+    std::cout << ckptkv::tools::JsonText(j, 2) << std::endl;
+  } else {
+    std::cout << "exported tag " << tag << " as " << format << " to " << out << ": "
+              << r->files.size() << " files, " << r->tensors << " tensors, "
+              << kvb::HumanBytes(r->bytes_written) << " written and verified" << std::endl;
   }
   return 0;
 }
@@ -186,6 +266,21 @@ int Run(int argc, char** argv) {
                    "block codec of a new store (an existing store keeps its own)")
       ->check(CodecArg());
 
+  std::string export_db, export_tag, export_format = "pt", export_out;
+  bool export_overwrite = false, export_json = false;
+  auto* export_cmd = app.add_subcommand(
+      "export",
+      "write a tag as files torch.load, DeepSpeed or Hugging Face read: pt (each file as a "
+      "torch.save file), deepspeed (<out>/<tag>/ and latest), universal (DeepSpeed's universal "
+      "folder) or safetensors; every file is re-read and checked (docs/export.md)");
+  export_cmd->add_option("--db", export_db, "store directory")->required();
+  export_cmd->add_option("tag", export_tag, "the tag to export")->required();
+  export_cmd->add_option("--format", export_format, "pt, deepspeed, universal or safetensors")
+      ->check(CLI::IsMember({"pt", "deepspeed", "universal", "safetensors"}));
+  export_cmd->add_option("--out", export_out, "output directory (created if missing)")->required();
+  export_cmd->add_flag("--overwrite", export_overwrite, "replace files that exist");
+  export_cmd->add_flag("--json", export_json, "print one JSON object");
+
   CodecStatsOptions cstats;
   auto* cstats_cmd = app.add_subcommand(
       "codec-stats",
@@ -234,6 +329,9 @@ int Run(int argc, char** argv) {
   if (*import_cmd)
     return RunImport(import_db, import_path, import_tag, import_overwrite, import_json,
                      import_codec, import_all);
+  if (*export_cmd)
+    return RunExport(export_db, export_tag, export_format, export_out, export_overwrite,
+                     export_json);
   if (*cstats_cmd) return RunCodecStats(cstats);
   admin.write.as_json = json;
   if (*ls_cmd) return kvb::RunTags(db, json);
