@@ -1,5 +1,7 @@
 #include "checkpoint/core/pickle_machine.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <unordered_map>
 
@@ -128,12 +130,23 @@ std::string TwosComplementDigits(std::string_view le) {
 
 class Machine {
  public:
-  Machine(std::string_view bytes, const std::string& where, const Limits& limits)
-      : in_(bytes), where_(where), limits_(limits), tree_(std::make_unique<Tree>()) {}
+  Machine(std::string_view bytes, const std::string& where, const Limits& limits,
+          const ParseOptions& options)
+      : in_(bytes),
+        where_(where),
+        limits_(limits),
+        base_(options.base),
+        needed_(options.needed),
+        tree_(std::make_unique<Tree>()) {
+    if (needed_ != nullptr) *needed_ = 0;
+  }
 
   Result<std::unique_ptr<Tree>> Run(uint64_t* consumed) {
     while (true) {
-      if (pos_ >= in_.size()) return Bad(pos_, "the pickle ends without STOP");
+      if (pos_ >= in_.size()) {
+        Need(in_.size() + 1);
+        return Bad(pos_, "the pickle ends without STOP");
+      }
       op_at_ = pos_;
       const uint8_t op = static_cast<uint8_t>(in_[pos_++]);
       if (op == '.') {  // STOP
@@ -151,12 +164,18 @@ class Machine {
 
  private:
   Status Bad(uint64_t at, const std::string& what) const {
-    return Status::Corruption(where_ + ": pickle at byte " + std::to_string(at) + ": " + what);
+    return Status::Corruption(where_ + ": pickle at byte " + std::to_string(base_ + at) + ": " +
+                              what);
+  }
+  // The input ends before `len` bytes: recorded for readers of a window.
+  void Need(uint64_t len) {
+    if (needed_ != nullptr) *needed_ = std::max<uint64_t>(len, in_.size() + 1);
   }
 
   // --- input -----------------------------------------------------------
   Status Take(uint64_t n, std::string_view* out) {
     if (n > in_.size() - pos_) {
+      Need(n > UINT64_MAX - pos_ ? UINT64_MAX : pos_ + n);
       return Bad(op_at_, "needs " + std::to_string(n) + " bytes, " +
                              std::to_string(in_.size() - pos_) + " remain");
     }
@@ -174,7 +193,10 @@ class Machine {
   }
   Status Line(std::string* out) {
     const size_t nl = in_.find('\n', pos_);
-    if (nl == std::string_view::npos) return Bad(op_at_, "a text argument without its newline");
+    if (nl == std::string_view::npos) {
+      if (in_.size() - pos_ <= 1024) Need(in_.size() + 1);
+      return Bad(op_at_, "a text argument without its newline");
+    }
     if (nl - pos_ > 1024) return Bad(op_at_, "a text argument of more than 1024 bytes");
     *out = std::string(in_.substr(pos_, nl - pos_));
     pos_ = nl + 1;
@@ -185,6 +207,8 @@ class Machine {
     uint64_t n = 0;
     RETURN_IF_ERROR(Uint(width, &n));
     if (n > limits_.max_bytes - std::min(limits_.max_bytes, bytes_)) {
+      // A larger window has larger limits: past the input, more may help.
+      if (n > in_.size() - pos_) Need(n > UINT64_MAX - pos_ ? UINT64_MAX : pos_ + n);
       return Bad(op_at_, "a string of " + std::to_string(n) + " bytes is beyond the limit");
     }
     bytes_ += n;
@@ -199,7 +223,7 @@ class Machine {
     tree_->arena_.push_back(std::make_unique<Value>());
     Value* v = tree_->arena_.back().get();
     v->kind = k;
-    v->offset = op_at_;
+    v->offset = base_ + op_at_;
     *out = v;
     return Status::OK();
   }
@@ -352,7 +376,10 @@ class Machine {
         return Status::OK();
       case 0x95:  // FRAME: a length hint; the opcodes follow inline
         RETURN_IF_ERROR(Uint(8, &n));
-        if (n > in_.size() - pos_) return Bad(op_at_, "a frame longer than the pickle");
+        if (n > in_.size() - pos_) {
+          Need(n > UINT64_MAX - pos_ ? UINT64_MAX : pos_ + n);
+          return Bad(op_at_, "a frame longer than the pickle");
+        }
         return Status::OK();
       case '(':  // MARK
         if (stack_.size() + marks_.size() >= limits_.max_stack) {
@@ -560,6 +587,8 @@ class Machine {
   std::string_view in_;
   const std::string& where_;
   Limits limits_;
+  uint64_t base_;
+  uint64_t* needed_;
   std::unique_ptr<Tree> tree_;
   uint64_t pos_ = 0;
   uint64_t op_at_ = 0;
@@ -571,7 +600,13 @@ class Machine {
 
 Result<std::unique_ptr<Tree>> Parse(std::string_view bytes, const std::string& where,
                                     const Limits& limits, uint64_t* consumed) {
-  Machine m(bytes, where, limits);
+  return Parse(bytes, where, limits, consumed, ParseOptions{});
+}
+
+Result<std::unique_ptr<Tree>> Parse(std::string_view bytes, const std::string& where,
+                                    const Limits& limits, uint64_t* consumed,
+                                    const ParseOptions& options) {
+  Machine m(bytes, where, limits, options);
   return m.Run(consumed);
 }
 

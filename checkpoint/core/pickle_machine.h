@@ -85,6 +85,8 @@ class Tree {
  public:
   const Value* root() const { return root_; }
   uint64_t nodes() const { return arena_.size(); }
+  // Every node made, in the order made (those no longer reachable too).
+  const Value* node(uint64_t i) const { return arena_[i].get(); }
 
  private:
   friend class Machine;
@@ -96,6 +98,22 @@ class Tree {
 // alone and their count returned in `*consumed` when not null).
 Result<std::unique_ptr<Tree>> Parse(std::string_view bytes, const std::string& where,
                                     const Limits& limits, uint64_t* consumed = nullptr);
+
+// How a pickle inside a larger file is run.
+struct ParseOptions {
+  // Added to every byte offset (of Values and in errors): where `bytes`
+  // starts in its file.
+  uint64_t base = 0;
+  // When not null and the pickle fails because `bytes` ended too early (a
+  // STOP, a newline or an argument beyond them), set to the length of
+  // `bytes` needed to get further (at least bytes.size() + 1); 0 for other
+  // errors. Readers of a pickle of unknown length read a window, and a
+  // larger one while this grows within their file.
+  uint64_t* needed = nullptr;
+};
+Result<std::unique_ptr<Tree>> Parse(std::string_view bytes, const std::string& where,
+                                    const Limits& limits, uint64_t* consumed,
+                                    const ParseOptions& options);
 
 // "module.name" of a Global node; "" for other nodes.
 std::string QualifiedName(const Value* v);

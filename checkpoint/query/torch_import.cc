@@ -12,6 +12,7 @@
 #include <string_view>
 #include <unordered_map>
 
+#include "checkpoint/core/legacy_archive.h"
 #include "checkpoint/core/pickle_machine.h"
 #include "checkpoint/core/zip_archive.h"
 #include "checkpoint/query/placer.h"
@@ -29,6 +30,18 @@ using pickle::Value;
 
 constexpr int kMaxDepth = 200;
 constexpr uint64_t kMaxPickleBytes = uint64_t{1} << 30;
+// numpy arrays up to this many bytes are stored as Bytes, larger ones as a
+// 1-D uint8 tensor (as the Python package does).
+constexpr uint64_t kInlineArrayBytes = uint64_t{64} << 10;
+
+// numpy's functions under both module names (numpy 2 renamed numpy.core to
+// numpy._core; pickles of either name are read).
+bool IsNumpy(const std::string& name, const char* module, const char* member) {
+  for (const char* core : {"numpy.core.", "numpy._core."}) {
+    if (name == std::string(core) + module + "." + member) return true;
+  }
+  return false;
+}
 
 struct StorageType {
   const char* name;
@@ -92,19 +105,74 @@ bool ValidUtf8(const std::string& s) {
   return true;
 }
 
-// What a tensor's bytes are: a view of one storage entry.
+// Where the storages' bytes of a torch.save file are: the entries of its
+// zip, or the records after the legacy format's pickles. One interpreter
+// reads both through this.
+class StorageSource {
+ public:
+  virtual ~StorageSource() = default;
+  // Items of a storage's persistent id: 5 in zip files, 6 (the view
+  // metadata last) in legacy ones.
+  virtual size_t IdItems() const = 0;
+  // The stored bytes of storage `key` (a handle for Read, and their size);
+  // a null handle when the file holds none, `*looked_for` saying where.
+  virtual const void* Find(const std::string& key, uint64_t* size,
+                           std::string* looked_for) const = 0;
+  virtual Status Read(const void* handle, uint64_t offset, uint64_t len, uint8_t* dst) const = 0;
+};
+
+class ZipStorages : public StorageSource {
+ public:
+  explicit ZipStorages(const ZipArchive& zip) : zip_(zip), prefix_(zip.Prefix()) {}
+  size_t IdItems() const override { return 5; }
+  const void* Find(const std::string& key, uint64_t* size, std::string* looked_for) const override {
+    const ZipEntry* e = zip_.Find(prefix_ + "/data/" + key);
+    *looked_for = "entry " + prefix_ + "/data/" + key;
+    if (e != nullptr) *size = e->size;
+    return e;
+  }
+  Status Read(const void* handle, uint64_t offset, uint64_t len, uint8_t* dst) const override {
+    return zip_.ReadRange(*static_cast<const ZipEntry*>(handle), offset, len, dst);
+  }
+
+ private:
+  const ZipArchive& zip_;
+  std::string prefix_;
+};
+
+class LegacyStorages : public StorageSource {
+ public:
+  explicit LegacyStorages(const LegacyArchive& file) : file_(file) {}
+  size_t IdItems() const override { return 6; }
+  const void* Find(const std::string& key, uint64_t* size, std::string* looked_for) const override {
+    const LegacyStorage* s = file_.Find(key);
+    *looked_for = "record in the storage list";
+    if (s != nullptr) *size = s->size;
+    return s;
+  }
+  Status Read(const void* handle, uint64_t offset, uint64_t len, uint8_t* dst) const override {
+    return file_.ReadRange(*static_cast<const LegacyStorage*>(handle), offset, len, dst);
+  }
+
+ private:
+  const LegacyArchive& file_;
+};
+
+// What a tensor's bytes are: a view of one stored storage, or (numpy
+// arrays) bytes of the pickle.
 struct Source {
-  const ZipEntry* entry = nullptr;
+  const void* handle = nullptr;       // of the StorageSource
+  const std::string* data = nullptr;  // the bytes themselves, when not null
   fb::DType dtype = fb::DType::Float32;
   std::vector<int64_t> shape, strides;
-  int64_t offset = 0;  // elements
+  int64_t offset = 0;  // elements, from the start of the stored bytes
   bool requires_grad = false;
 };
 
 class Interpreter {
  public:
-  Interpreter(const ZipArchive& zip, std::string where)
-      : zip_(zip), prefix_(zip.Prefix()), where_(std::move(where)), w_(where_) {}
+  Interpreter(const StorageSource& storages, std::string where)
+      : storages_(storages), where_(std::move(where)), w_(where_) {}
 
   Result<EncodedState> Run(const Value* root) {
     NodeOffset n = 0;
@@ -236,15 +304,18 @@ class Interpreter {
                     NodeOffset* out) {
     if (ArgCount(call) < 4) return Bad(call, "a tensor rebuild with fewer than 4 arguments");
     const Value* pid = Arg(call, 0);
+    const size_t arity = storages_.IdItems();
+    const char* id_form = arity == 5 ? "('storage', type, key, location, numel)"
+                                     : "('storage', type, key, location, numel, view)";
     if (pid->kind != Kind::kPersistentId || pid->items[0]->kind != Kind::kTuple ||
-        pid->items[0]->items.size() != 5) {
-      return Bad(call, "a tensor whose storage is not ('storage', type, key, location, numel)");
+        pid->items[0]->items.size() != arity) {
+      return Bad(call, std::string("a tensor whose storage is not ") + id_form);
     }
     const auto& p = pid->items[0]->items;
     if (p[0]->kind != Kind::kString || p[0]->text != "storage" || p[1]->kind != Kind::kGlobal ||
         p[2]->kind != Kind::kString || p[3]->kind != Kind::kString || p[4]->kind != Kind::kInt ||
         p[4]->i < 0) {
-      return Bad(pid, "a storage id that is not ('storage', type, key, location, numel)");
+      return Bad(pid, std::string("a storage id that is not ") + id_form);
     }
     const StorageType* st = nullptr;
     for (const auto& s : kStorages) {
@@ -253,9 +324,10 @@ class Interpreter {
     if (st == nullptr)
       return Refuse(pid, "storage type " + pickle::QualifiedName(p[1]) + " is not read");
     const std::string& key = p[2]->text;
-    const ZipEntry* entry = zip_.Find(prefix_ + "/data/" + key);
-    if (entry == nullptr)
-      return Bad(pid, "storage " + key + " has no entry " + prefix_ + "/data/" + key);
+    uint64_t stored = 0;
+    std::string looked_for;
+    const void* handle = storages_.Find(key, &stored, &looked_for);
+    if (handle == nullptr) return Bad(pid, "storage " + key + " has no " + looked_for);
     auto [it, fresh] = storage_dtypes_.emplace(key, st->dtype);
     if (!fresh && it->second != st->dtype) {
       return Bad(pid, "storage " + key + " is read as two dtypes (" + DTypeName(it->second) +
@@ -264,13 +336,31 @@ class Interpreter {
     const uint64_t es = DTypeSize(st->dtype);
     const auto numel = static_cast<uint64_t>(p[4]->i);
     uint64_t bytes = 0;
-    if (__builtin_mul_overflow(numel, es, &bytes) || bytes != entry->size) {
+    if (__builtin_mul_overflow(numel, es, &bytes) || bytes != stored) {
       return Bad(pid, "storage " + key + " of " + std::to_string(numel) + " " +
-                          DTypeName(st->dtype) + " elements but an entry of " +
-                          std::to_string(entry->size) + " bytes");
+                          DTypeName(st->dtype) + " elements but a " + looked_for + " of " +
+                          std::to_string(stored) + " bytes");
+    }
+    // A legacy view of the storage: elements [base, base + view numel) of it.
+    uint64_t base = 0;
+    uint64_t view_numel = numel;
+    if (arity == 6 && p[5]->kind != Kind::kNone) {
+      const Value* view = p[5];
+      if (view->kind != Kind::kTuple || view->items.size() != 3 ||
+          view->items[0]->kind != Kind::kString || view->items[1]->kind != Kind::kInt ||
+          view->items[2]->kind != Kind::kInt || view->items[1]->i < 0 || view->items[2]->i < 0) {
+        return Bad(pid, "a storage view that is not None or (key, offset >= 0, size >= 0)");
+      }
+      base = static_cast<uint64_t>(view->items[1]->i);
+      view_numel = static_cast<uint64_t>(view->items[2]->i);
+      uint64_t end = 0;
+      if (__builtin_add_overflow(base, view_numel, &end) || end > numel) {
+        return Bad(pid, "a view [" + std::to_string(base) + ", +" + std::to_string(view_numel) +
+                            ") of storage " + key + " of " + std::to_string(numel) + " elements");
+      }
     }
     Source src;
-    src.entry = entry;
+    src.handle = handle;
     src.dtype = st->dtype;
     const Value* off = Arg(call, 1);
     if (off->kind != Kind::kInt || off->i < 0)
@@ -299,15 +389,17 @@ class Interpreter {
     }
     // A stride-0 (expanded) view can name more elements than its storage
     // holds, which would be stored as that many bytes: refused.
-    if (count > numel) {
+    if (count > view_numel) {
       return Refuse(call, "a view of " + std::to_string(count) + " elements over storage " + key +
-                              " of " + std::to_string(numel) +
+                              " of " + std::to_string(view_numel) +
                               " (an expanded view); save t.contiguous() instead");
     }
-    if (!empty && last >= numel) {
+    if (!empty && last >= view_numel) {
       return Bad(call, "a view reaching element " + std::to_string(last) + " of storage " + key +
-                           " (" + std::to_string(numel) + " elements)");
+                           " (" + std::to_string(view_numel) + " elements)");
     }
+    // From the start of the stored bytes (an empty view reads none).
+    src.offset = empty ? 0 : static_cast<int64_t>(base + static_cast<uint64_t>(src.offset));
     if (requires_grad_arg && ArgCount(call) > 4 && Arg(call, 4)->kind == Kind::kBool) {
       src.requires_grad = Arg(call, 4)->b;
     }
@@ -336,6 +428,16 @@ class Interpreter {
     if ((name == "torch._utils._rebuild_tensor_v2" || name == "torch._utils._rebuild_tensor") &&
         plain) {
       return TensorNode(v, name == "torch._utils._rebuild_tensor_v2", path, out);
+    }
+    if (IsNumpy(name, "multiarray", "_reconstruct")) return NumpyReconstruct(v, name, path, out);
+    if (IsNumpy(name, "multiarray", "scalar")) return NumpyScalar(v, name, out);
+    if (IsNumpy(name, "numeric", "_frombuffer")) return NumpyFromBuffer(v, name, path, out);
+    if (name == "numpy.dtype") {
+      std::string dtype;
+      uint64_t itemsize = 0;
+      RETURN_IF_ERROR(NumpyDtype(v, &dtype, &itemsize));
+      *out = Object("numpy:dtype", fb::ObjectForm::Builtin, {Text(fb::NodeKind::String, dtype)});
+      return Status::OK();
     }
     if ((name == "torch._utils._rebuild_parameter" ||
          name == "torch._utils._rebuild_parameter_with_state") &&
@@ -452,7 +554,8 @@ class Interpreter {
     return Refuse(v, name +
                          " is not allowed (allowed: tensor and parameter rebuilds, "
                          "OrderedDict, set, frozenset, torch.Size, torch.device, dtypes, "
-                         "bytes, bytearray, argparse.Namespace and DeepSpeed's classes)");
+                         "bytes, bytearray, argparse.Namespace, numpy arrays, scalars and "
+                         "dtypes, and DeepSpeed's classes)");
   }
 
   // A bytes value: BINBYTES, or _codecs.encode(str, "latin1").
@@ -492,6 +595,276 @@ class Interpreter {
     nb.add_i(value);
     NodeOffset v = nb.Finish();
     *out = Object(ClassName(cls), fb::ObjectForm::Enum, {v, Text(fb::NodeKind::String, member)});
+    return Status::OK();
+  }
+
+  // --- numpy --------------------------------------------------------------
+  // The dtype of numpy.dtype(code, align, copy) with its BUILD state, as
+  // numpy's dtype.str spells it ("<f8", "|b1", "<U5", "<M8[10s]"), and its
+  // itemsize. Object, structured and subarray dtypes and dtypes with
+  // metadata are refused.
+  Status NumpyDtype(const Value* v, std::string* str, uint64_t* itemsize) {
+    if (v->kind != Kind::kCall || pickle::QualifiedName(v->items[0]) != "numpy.dtype" ||
+        !v->appended.empty() || !v->set_items.empty() || ArgCount(v) != 3 ||
+        Arg(v, 0)->kind != Kind::kString || Arg(v, 1)->kind != Kind::kBool ||
+        Arg(v, 2)->kind != Kind::kBool) {
+      return Bad(v, "a numpy dtype that is not numpy.dtype(str, bool, bool)");
+    }
+    const std::string& code = Arg(v, 0)->text;
+    const std::string shown = "numpy.dtype('" + code.substr(0, 32) + "')";
+    if (code.empty()) return Bad(v, "numpy.dtype of an empty code");
+    const char kind = code[0];
+    if (kind == 'O') {
+      return Refuse(v, shown +
+                           " is an object dtype, which is not read (its arrays hold pickled "
+                           "objects)");
+    }
+    if (std::string_view("biufcSUVMm").find(kind) == std::string_view::npos) {
+      return Refuse(v, shown + " is not read (numbers, bools, bytes, str, void and dates are)");
+    }
+    uint64_t n = 0;
+    if (code.size() < 2 || code.size() > 11) return Bad(v, shown + " has no valid size");
+    for (size_t i = 1; i < code.size(); ++i) {
+      if (!std::isdigit(static_cast<unsigned char>(code[i])))
+        return Bad(v, shown + " has no valid size");
+      n = n * 10 + static_cast<uint64_t>(code[i] - '0');
+    }
+    if (n == 0 || n > (uint64_t{1} << 31)) return Bad(v, shown + " has no valid size");
+    auto one_of = [n](std::initializer_list<uint64_t> sizes) {
+      return std::find(sizes.begin(), sizes.end(), n) != sizes.end();
+    };
+    const bool size_ok = kind == 'b'                  ? n == 1
+                         : kind == 'i' || kind == 'u' ? one_of({1, 2, 4, 8})
+                         : kind == 'f'                ? one_of({2, 4, 8, 12, 16})
+                         : kind == 'c'                ? one_of({8, 16, 24, 32})
+                         : kind == 'M' || kind == 'm' ? n == 8
+                                                      : true;
+    if (!size_ok) return Bad(v, shown + " has no valid size");
+    *itemsize = kind == 'U' ? 4 * n : n;
+    char order = '<';
+    std::string unit;
+    if (v->state != nullptr) {
+      const Value* st = v->state;
+      if (st->kind != Kind::kTuple || (st->items.size() != 8 && st->items.size() != 9) ||
+          st->items[0]->kind != Kind::kInt || st->items[1]->kind != Kind::kString ||
+          st->items[1]->text.size() != 1 || st->items[5]->kind != Kind::kInt ||
+          st->items[6]->kind != Kind::kInt || st->items[7]->kind != Kind::kInt) {
+        return Bad(v, shown + " with a state that is not numpy's (version, byteorder, ...)");
+      }
+      const auto& it = st->items;
+      if (it[0]->i != 3 && it[0]->i != 4)
+        return Bad(v, shown + " with a state of version " + std::to_string(it[0]->i));
+      if (std::string_view("<>|=").find(it[1]->text[0]) == std::string_view::npos)
+        return Bad(v, shown + " with byte order '" + it[1]->text + "'");
+      order = it[1]->text[0];
+      if (it[2]->kind != Kind::kNone)
+        return Refuse(v, shown + " is a subarray dtype, which is not read");
+      if (it[3]->kind != Kind::kNone || it[4]->kind != Kind::kNone)
+        return Refuse(v, shown + " is a structured dtype, which is not read");
+      if ((it[7]->i & 1) != 0)  // NPY_ITEM_HASOBJECT
+        return Refuse(v, shown + " holds objects, which are not read");
+      if (it[5]->i != -1 && static_cast<uint64_t>(it[5]->i) != *itemsize)
+        return Bad(v, shown + " with an itemsize of " + std::to_string(it[5]->i));
+      const Value* meta = it.size() == 9 ? it[8] : nullptr;
+      const Value* datetime = nullptr;
+      if (meta != nullptr && (kind == 'M' || kind == 'm') && meta->kind == Kind::kTuple &&
+          meta->items.size() == 2) {
+        datetime = meta->items[1];
+        meta = meta->items[0];
+      }
+      if (meta != nullptr && meta->kind != Kind::kNone &&
+          (meta->kind != Kind::kDict || !meta->items.empty())) {
+        return Refuse(v, shown + " carries metadata, which is not read");
+      }
+      if (datetime != nullptr) {
+        std::string u;
+        if (datetime->kind != Kind::kTuple || datetime->items.size() != 4 ||
+            !BytesOf(datetime->items[0], &u).ok() || datetime->items[1]->kind != Kind::kInt ||
+            datetime->items[1]->i < 1 || datetime->items[2]->kind != Kind::kInt ||
+            datetime->items[2]->i != 1 || datetime->items[3]->kind != Kind::kInt ||
+            datetime->items[3]->i != 1) {
+          return Bad(v, shown + " with a date unit that is not (unit, count, 1, 1)");
+        }
+        static const std::set<std::string> kUnits{"Y",  "M",  "W",  "D",  "h",  "m",  "s",
+                                                  "ms", "us", "ns", "ps", "fs", "as", "generic"};
+        if (kUnits.count(u) == 0) return Bad(v, shown + " with an unknown date unit");
+        const int64_t count = datetime->items[1]->i;
+        if (u != "generic") unit = "[" + (count == 1 ? "" : std::to_string(count)) + u + "]";
+      }
+    }
+    // numpy spells one-byte and byte-string dtypes '|', the rest '<' or '>'.
+    const bool no_order =
+        kind == 'b' || kind == 'S' || kind == 'V' || ((kind == 'i' || kind == 'u') && n == 1);
+    order = no_order ? '|' : (order == '>' ? '>' : '<');
+    *str = std::string(1, order) + kind + std::to_string(n) + unit;
+    return Status::OK();
+  }
+
+  // A numpy:ndarray node: (dtype, shape, bytes), the bytes as Bytes up to
+  // kInlineArrayBytes, else as a 1-D uint8 tensor at path/2.
+  Status NumpyArray(const std::string& dtype, const std::vector<int64_t>& shape, std::string data,
+                    const std::string& path, NodeOffset* out) {
+    std::vector<NodeOffset> dims;
+    for (int64_t d : shape) {
+      fb::NodeBuilder nb(b());
+      nb.add_kind(fb::NodeKind::Int);
+      nb.add_i(d);
+      dims.push_back(nb.Finish());
+    }
+    const NodeOffset shape_node = Seq(fb::NodeKind::Tuple, dims);
+    NodeOffset data_node = 0;
+    if (data.size() <= kInlineArrayBytes) {
+      data_node = Bytes(data);
+    } else {
+      owned_.push_back(std::make_unique<std::string>(std::move(data)));
+      Source src;
+      src.data = owned_.back().get();
+      src.dtype = fb::DType::UInt8;
+      src.shape = {static_cast<int64_t>(src.data->size())};
+      src.strides = {1};
+      at::Tensor meta = ValueOrThrow(TorchCall(TorchErrorKind::kStoredValue, where_, [&] {
+        return Result<at::Tensor>(
+            at::empty(src.shape, at::TensorOptions().dtype(at::kByte).device(at::kMeta)));
+      }));
+      sources_.emplace(meta.unsafeGetTensorImpl(), src);
+      RETURN_IF_ERROR(w_.Tensor(meta, StateTreeWriter::ChildPath(path, "2"), &data_node));
+    }
+    const NodeOffset t =
+        Seq(fb::NodeKind::Tuple, {Text(fb::NodeKind::String, dtype), shape_node, data_node});
+    *out = Object("numpy:ndarray", fb::ObjectForm::Builtin, {t});
+    return Status::OK();
+  }
+
+  // The bytes of an array of `shape` and `itemsize` from `raw` (in Fortran
+  // order when `fortran`), checked and put in C order.
+  Status ArrayBytes(const Value* v, const std::string& name, const std::vector<int64_t>& shape,
+                    uint64_t itemsize, bool fortran, std::string raw, std::string* out) {
+    uint64_t count = 1;
+    uint64_t bytes = 0;
+    for (int64_t d : shape) {
+      if (__builtin_mul_overflow(count, static_cast<uint64_t>(d), &count))
+        return Bad(v, name + " of an array whose element count overflows");
+    }
+    if (__builtin_mul_overflow(count, itemsize, &bytes) || bytes != raw.size()) {
+      return Bad(v, name + " of " + std::to_string(count) + " elements of " +
+                        std::to_string(itemsize) + " bytes holding " + std::to_string(raw.size()) +
+                        " bytes");
+    }
+    if (!fortran || shape.size() < 2 || count == 0) {
+      *out = std::move(raw);
+      return Status::OK();
+    }
+    // Element (i0, ..., ik) is at sum(i_d * prod(shape[:d])) in Fortran order.
+    out->assign(raw.size(), '\0');
+    std::vector<int64_t> idx(shape.size(), 0);
+    std::vector<uint64_t> fstride(shape.size(), 1);
+    for (size_t d = 1; d < shape.size(); ++d)
+      fstride[d] = fstride[d - 1] * static_cast<uint64_t>(shape[d - 1]);
+    for (uint64_t n = 0; n < count; ++n) {
+      uint64_t at = 0;
+      for (size_t d = 0; d < idx.size(); ++d) at += static_cast<uint64_t>(idx[d]) * fstride[d];
+      std::memcpy(out->data() + n * itemsize, raw.data() + at * itemsize, itemsize);
+      for (size_t d = idx.size(); d-- > 0;) {
+        if (++idx[d] < shape[d]) break;
+        idx[d] = 0;
+      }
+    }
+    return Status::OK();
+  }
+
+  Status NumpyShape(const Value* v, const std::string& name, const Value* t,
+                    std::vector<int64_t>* shape) {
+    if (t == nullptr || t->kind != Kind::kTuple || t->items.size() > 64)
+      return Bad(v, name + " of a shape that is not a tuple of at most 64 ints");
+    shape->clear();
+    for (const Value* x : t->items) {
+      if (x->kind != Kind::kInt || x->i < 0)
+        return Bad(v, name + " of a shape that is not of ints >= 0");
+      shape->push_back(x->i);
+    }
+    return Status::OK();
+  }
+
+  // numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), b'b') + BUILD
+  // of (1, shape, dtype, is_fortran, bytes): an ndarray.
+  Status NumpyReconstruct(const Value* v, const std::string& name, const std::string& path,
+                          NodeOffset* out) {
+    if (!v->appended.empty() || !v->set_items.empty() || ArgCount(v) != 3 ||
+        Arg(v, 0)->kind != Kind::kGlobal) {
+      return Bad(v, name + " with other arguments than (numpy.ndarray, shape, code)");
+    }
+    if (pickle::QualifiedName(Arg(v, 0)) != "numpy.ndarray") {
+      return Refuse(v, name + " of " + pickle::QualifiedName(Arg(v, 0)) +
+                           " (an ndarray subclass) is not allowed; only numpy.ndarray is read");
+    }
+    const Value* st = v->state;
+    if (st == nullptr || st->kind != Kind::kTuple ||
+        (st->items.size() != 5 && st->items.size() != 4)) {
+      return Bad(v, name + " without the state (version, shape, dtype, is_fortran, data)");
+    }
+    const size_t o = st->items.size() == 5 ? 1 : 0;
+    if (o == 1 && (st->items[0]->kind != Kind::kInt || st->items[0]->i != 1))
+      return Bad(v, name + " with a state of another version than 1");
+    std::vector<int64_t> shape;
+    RETURN_IF_ERROR(NumpyShape(v, name, st->items[o], &shape));
+    std::string dtype;
+    uint64_t itemsize = 0;
+    RETURN_IF_ERROR(NumpyDtype(st->items[o + 1], &dtype, &itemsize));
+    if (st->items[o + 2]->kind != Kind::kBool)
+      return Bad(v, name + " with an is_fortran that is not a bool");
+    std::string raw;
+    if (!BytesOf(st->items[o + 3], &raw).ok()) {
+      return Refuse(v, name +
+                           " of an array whose data are not bytes (an object array?) "
+                           "is not read");
+    }
+    std::string data;
+    RETURN_IF_ERROR(
+        ArrayBytes(v, name, shape, itemsize, st->items[o + 2]->b, std::move(raw), &data));
+    return NumpyArray(dtype, shape, std::move(data), path, out);
+  }
+
+  // numpy.core.numeric._frombuffer(buffer, dtype, shape, order), as
+  // protocol 5 writes arrays (the buffer in-band).
+  Status NumpyFromBuffer(const Value* v, const std::string& name, const std::string& path,
+                         NodeOffset* out) {
+    if (!Plain(v) || ArgCount(v) != 4 || Arg(v, 3)->kind != Kind::kString ||
+        (Arg(v, 3)->text != "C" && Arg(v, 3)->text != "F")) {
+      return Bad(v, name + " with other arguments than (buffer, dtype, shape, 'C' or 'F')");
+    }
+    std::string raw;
+    if (Arg(v, 0)->kind == Kind::kByteArray) {
+      raw = Arg(v, 0)->text;
+    } else if (!BytesOf(Arg(v, 0), &raw).ok()) {
+      return Bad(v, name + " of a buffer that is not bytes");
+    }
+    std::string dtype;
+    uint64_t itemsize = 0;
+    RETURN_IF_ERROR(NumpyDtype(Arg(v, 1), &dtype, &itemsize));
+    std::vector<int64_t> shape;
+    RETURN_IF_ERROR(NumpyShape(v, name, Arg(v, 2), &shape));
+    std::string data;
+    RETURN_IF_ERROR(
+        ArrayBytes(v, name, shape, itemsize, Arg(v, 3)->text == "F", std::move(raw), &data));
+    return NumpyArray(dtype, shape, std::move(data), path, out);
+  }
+
+  // numpy.core.multiarray.scalar(dtype, bytes): a numpy scalar.
+  Status NumpyScalar(const Value* v, const std::string& name, NodeOffset* out) {
+    if (!Plain(v) || ArgCount(v) != 2)
+      return Bad(v, name + " with other arguments than (dtype, bytes)");
+    std::string dtype;
+    uint64_t itemsize = 0;
+    RETURN_IF_ERROR(NumpyDtype(Arg(v, 0), &dtype, &itemsize));
+    std::string raw;
+    if (!BytesOf(Arg(v, 1), &raw).ok())
+      return Refuse(v, name + " of a value that is not bytes is not read");
+    if (raw.size() != itemsize) {
+      return Bad(v, name + " of " + std::to_string(raw.size()) + " bytes for a " +
+                        std::to_string(itemsize) + "-byte " + dtype);
+    }
+    const NodeOffset t = Seq(fb::NodeKind::Tuple, {Text(fb::NodeKind::String, dtype), Bytes(raw)});
+    *out = Object("numpy:scalar", fb::ObjectForm::Builtin, {t});
     return Status::OK();
   }
 
@@ -594,14 +967,14 @@ class Interpreter {
     return Bad(v, "an unknown value");
   }
 
-  const ZipArchive& zip_;
-  std::string prefix_;
+  const StorageSource& storages_;
   std::string where_;
   StateTreeWriter w_;
   std::map<std::string, fb::DType> storage_dtypes_;
   std::map<std::tuple<std::string, int64_t, std::vector<int64_t>, std::vector<int64_t>>, at::Tensor>
       views_;
   std::unordered_map<const c10::TensorImpl*, Source> sources_;
+  std::vector<std::unique_ptr<std::string>> owned_;  // numpy arrays' bytes
 };
 
 bool Contiguous(const Source& s) {
@@ -615,14 +988,15 @@ bool Contiguous(const Source& s) {
 }
 
 // The view's elements, in row-major order, read from its storage.
-Status Gather(const ZipArchive& zip, const Source& s, uint64_t numel, std::vector<uint8_t>* out) {
+Status Gather(const StorageSource& storages, const Source& s, uint64_t numel,
+              std::vector<uint8_t>* out) {
   const uint64_t es = DTypeSize(s.dtype);
   uint64_t last = static_cast<uint64_t>(s.offset);
   for (size_t d = 0; d < s.shape.size(); ++d)
     last += static_cast<uint64_t>(s.shape[d] - 1) * s.strides[d];
   const uint64_t first = static_cast<uint64_t>(s.offset);
   std::vector<uint8_t> span((last - first + 1) * es);
-  RETURN_IF_ERROR(zip.ReadRange(*s.entry, first * es, span.size(), span.data()));
+  RETURN_IF_ERROR(storages.Read(s.handle, first * es, span.size(), span.data()));
   out->resize(numel * es);
   std::vector<int64_t> idx(s.shape.size(), 0);
   for (uint64_t n = 0; n < numel; ++n) {
@@ -637,57 +1011,30 @@ Status Gather(const ZipArchive& zip, const Source& s, uint64_t numel, std::vecto
   return Status::OK();
 }
 
-// What a file that is not a torch.save zip is, for the message.
-std::string WhatIsIt(const std::string& path) {
+std::string Head(const std::string& path, size_t n) {
   std::ifstream in(path, std::ios::binary);
-  std::string head(512, '\0');
+  std::string head(n, '\0');
   in.read(head.data(), static_cast<std::streamsize>(head.size()));
   head.resize(static_cast<size_t>(in.gcount()));
-  if (head.size() >= 2 && static_cast<unsigned char>(head[0]) == 0x80 &&
-      head.find("\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") != std::string::npos) {
-    return "a torch.save file of the legacy format (torch < 1.6 or "
-           "_use_new_zipfile_serialization=False), which is not read yet";
-  }
-  if (head.size() >= 262 && head.compare(257, 5, "ustar") == 0) {
-    return "a tar archive (the pre-0.4 torch.save format), which is not read";
-  }
-  return "not a torch.save zip file";
+  return head;
 }
 
-}  // namespace
+// What a file that is not a torch.save file is, for the message.
+std::string WhatIsIt(const std::string& head) {
+  if (head.size() >= 262 && head.compare(257, 5, "ustar") == 0) {
+    return "a tar archive (the pre-0.4 torch.save format), which is not read; load it with "
+           "torch < 1.6 and save it again";
+  }
+  return "not a torch.save file (neither a zip file nor the legacy format)";
+}
 
-Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const std::string& file,
-                                   const std::string& path, TensorPlacer* placer) {
-  auto opened = ZipArchive::Open(path);
-  if (!opened.ok()) {
-    if (opened.status().IsCorruption()) {
-      return Status::InvalidArgument("'" + path + "' is " + WhatIsIt(path));
-    }
-    return opened.status();
-  }
-  const ZipArchive& zip = **opened;
-  const std::string prefix = zip.Prefix();
-  const bool torchscript =
-      std::any_of(zip.entries().begin(), zip.entries().end(), [&](const ZipEntry& e) {
-        return e.name == prefix + "/constants.pkl" || e.name.rfind(prefix + "/code/", 0) == 0;
-      });
-  if (torchscript) {
-    return Status::InvalidArgument("'" + path +
-                                   "' is a TorchScript archive (torch.jit.save); it holds code, "
-                                   "and only torch.save files are imported");
-  }
-  const ZipEntry* pkl = zip.Find(prefix + "/data.pkl");
-  if (pkl == nullptr) {
-    return Status::InvalidArgument("'" + path + "' is a zip file without " + prefix +
-                                   "/data.pkl: not a torch.save file");
-  }
-  ASSIGN_OR_RETURN(std::string bytes, zip.Read(*pkl, kMaxPickleBytes));
-  const std::string where = path;
-  ASSIGN_OR_RETURN(auto tree, pickle::Parse(bytes, where + " (" + pkl->name + ")",
-                                            pickle::Limits::ForSize(bytes.size())));
-  Interpreter in(zip, where);
-  ASSIGN_OR_RETURN(EncodedState enc, TorchCall(TorchErrorKind::kStoredValue, where,
-                                               [&] { return in.Run(tree->root()); }));
+// The interpreted tree of a file and its tensors' bytes into `file` of `tag`.
+Result<SaveReport> SaveInterpreted(Store& store, const std::string& tag, const std::string& file,
+                                   const std::string& where, const StorageSource& storages,
+                                   const Value* root, TensorPlacer* placer) {
+  Interpreter in(storages, where);
+  ASSIGN_OR_RETURN(EncodedState enc,
+                   TorchCall(TorchErrorKind::kStoredValue, where, [&] { return in.Run(root); }));
   TensorPlacer::Placements placements;
   if (placer != nullptr) {
     std::unordered_map<std::string, at::Tensor> by_param;
@@ -715,14 +1062,16 @@ Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const s
     ByteSource bytes_src;
     bytes_src.length = numel * es;
     std::vector<uint8_t> gathered;
-    if (Contiguous(*src)) {
+    if (src->data != nullptr) {
+      bytes_src.data = reinterpret_cast<const uint8_t*>(src->data->data());
+    } else if (Contiguous(*src)) {
       const uint64_t base = static_cast<uint64_t>(src->offset) * es;
-      const ZipEntry* entry = src->entry;
-      bytes_src.fill = [&zip, entry, base](uint64_t off, uint64_t len, uint8_t* dst) {
-        return zip.ReadRange(*entry, base + off, len, dst);
+      const void* handle = src->handle;
+      bytes_src.fill = [&storages, handle, base](uint64_t off, uint64_t len, uint8_t* dst) {
+        return storages.Read(handle, base + off, len, dst);
       };
     } else {
-      RETURN_IF_ERROR(Gather(zip, *src, numel, &gathered));
+      RETURN_IF_ERROR(Gather(storages, *src, numel, &gathered));
       bytes_src.data = gathered.data();
     }
     ASSIGN_OR_RETURN(WriteStats stats, store.PutTensor(tag, file, st.param, meta, bytes_src));
@@ -731,6 +1080,49 @@ Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const s
   }
   RETURN_IF_ERROR(store.PutFile(tag, file, std::move(enc.tree)));
   return report;
+}
+
+Result<SaveReport> ImportLegacyFile(Store& store, const std::string& tag, const std::string& file,
+                                    const std::string& path, TensorPlacer* placer) {
+  ASSIGN_OR_RETURN(auto legacy, LegacyArchive::Open(path, kMaxPickleBytes));
+  LegacyStorages storages(*legacy);
+  return SaveInterpreted(store, tag, file, path, storages, legacy->tree().root(), placer);
+}
+
+}  // namespace
+
+Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const std::string& file,
+                                   const std::string& path, TensorPlacer* placer) {
+  const std::string head = Head(path, 512);
+  if (LegacyArchive::LooksLegacy(head)) return ImportLegacyFile(store, tag, file, path, placer);
+  auto opened = ZipArchive::Open(path);
+  if (!opened.ok()) {
+    if (opened.status().IsCorruption() && head.compare(0, 4, "PK\x03\x04") != 0) {
+      return Status::InvalidArgument("'" + path + "' is " + WhatIsIt(head));
+    }
+    return opened.status();
+  }
+  const ZipArchive& zip = **opened;
+  const std::string prefix = zip.Prefix();
+  const bool torchscript =
+      std::any_of(zip.entries().begin(), zip.entries().end(), [&](const ZipEntry& e) {
+        return e.name == prefix + "/constants.pkl" || e.name.rfind(prefix + "/code/", 0) == 0;
+      });
+  if (torchscript) {
+    return Status::InvalidArgument("'" + path +
+                                   "' is a TorchScript archive (torch.jit.save); it holds code, "
+                                   "and only torch.save files are imported");
+  }
+  const ZipEntry* pkl = zip.Find(prefix + "/data.pkl");
+  if (pkl == nullptr) {
+    return Status::InvalidArgument("'" + path + "' is a zip file without " + prefix +
+                                   "/data.pkl: not a torch.save file");
+  }
+  ASSIGN_OR_RETURN(std::string bytes, zip.Read(*pkl, kMaxPickleBytes));
+  ASSIGN_OR_RETURN(auto tree, pickle::Parse(bytes, path + " (" + pkl->name + ")",
+                                            pickle::Limits::ForSize(bytes.size())));
+  ZipStorages storages(zip);
+  return SaveInterpreted(store, tag, file, path, storages, tree->root(), placer);
 }
 
 Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::string& tag_arg,
