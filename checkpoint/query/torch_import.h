@@ -11,16 +11,21 @@
 //   builtins.set / frozenset, torch.Size, torch.device, torch dtypes,
 //   _codecs.encode (bytes), builtins.bytearray, argparse.Namespace,
 //   DeepSpeed's ZeroStageEnum (both pickled forms), fragment_address,
-//   LossScaler, DynamicLossScaler (NEWOBJ + BUILD)
+//   LossScaler, DynamicLossScaler (NEWOBJ + BUILD), numpy arrays
+//   (numpy.core / numpy._core .multiarray._reconstruct + BUILD, and
+//   .numeric._frombuffer), scalars (.multiarray.scalar) and dtypes
+//   (numpy.dtype + BUILD), except object, structured and subarray dtypes
 //
-// Anything else — os.system, builtins.eval, numpy objects (not yet), any
-// class not listed — is refused with the file, the byte offset of the
-// opcode and module.name. Tensor bytes stream from the zip entry of their
-// storage (checked: one dtype per storage, numel * itemsize inside it, the
-// view's offset, sizes and strides in range); a view saves only its own
-// elements, two references to one view are one tensor. The legacy
-// (pre-1.6) format, TorchScript archives and tar files are refused saying
-// what they are.
+// Anything else — os.system, builtins.eval, any class not listed — is
+// refused with the file, the byte offset of the opcode and module.name.
+// Both container formats are read: the zip (torch >= 1.6) and the legacy
+// one (checkpoint/core/legacy_archive.h), one interpreter reading their
+// storages through one source. Tensor bytes stream from their storage's
+// zip entry or legacy record (checked: one dtype per storage, numel *
+// itemsize equal to it, a legacy view inside its root, the view's offset,
+// sizes and strides in range); a view saves only its own elements, two
+// references to one view are one tensor. TorchScript archives and pre-0.4
+// tar files are refused saying what they are.
 #ifndef CKPTKV_CHECKPOINT_QUERY_TORCH_IMPORT_H_
 #define CKPTKV_CHECKPOINT_QUERY_TORCH_IMPORT_H_
 
