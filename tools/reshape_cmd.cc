@@ -37,7 +37,8 @@ json LayoutJson(const TrainLayout& l) {
               {"pp", l.pp},
               {"dp", l.dp},
               {"zero_stage", l.zero_stage},
-              {"dtype", l.bf16 ? "bf16" : "fp32"}};
+              {"dtype", l.bf16 ? "bf16" : "fp32"},
+              {"layer_files", l.layer_files != checkpoint::LayerFiles::kNone}};
 }
 
 json Layout3dJson(const checkpoint::Model3dDesc& d) {
@@ -97,6 +98,9 @@ void CheckpointCommands::Add(CLI::App& app) {
       ->check(UintArg(0, std::numeric_limits<uint64_t>::max()));
   synth_->add_option("--iteration", iteration_, "training iteration recorded")
       ->check(IntArg(0, std::numeric_limits<int64_t>::max()));
+  synth_->add_flag("--layer-files", layer_files_,
+                   "save the weights as PipelineModule does: layer_XX-model_YY-model_states.pt "
+                   "files, module None in the mp_rank files (ZeRO 1/2)");
   synth_->add_flag("--overwrite", overwrite_, "replace an existing tag");
   synth_->add_flag("--json", json_, "JSON output");
 
@@ -133,6 +137,8 @@ void CheckpointCommands::Add(CLI::App& app) {
   import_->add_option("--dtype", dtype_, "training dtype")->check(CLI::IsMember({"bf16", "fp32"}));
   import_->add_option("--out-tag", out_tag_, "new tag")->required();
   import_->add_option("--device", device_, "cpu, cuda, cuda:N");
+  import_->add_flag("--layer-files", layer_files_,
+                    "write the weights as PipelineModule layer files (ZeRO 1/2)");
   import_->add_flag("--overwrite", overwrite_, "replace an existing out tag");
   import_->add_flag("--json", json_, "JSON output");
 
@@ -212,7 +218,13 @@ std::optional<int> CheckpointCommands::Run() {
     o.model.vocab = vocab_;
     o.model.vocab_multiple = vocab_multiple_;
     o.model.max_positions = positions_;
-    o.layout = TrainLayout{tp_, pp_, dp_, zero_stage_, dtype_ == "bf16"};
+    o.layout = TrainLayout{
+        tp_,
+        pp_,
+        dp_,
+        zero_stage_,
+        dtype_ == "bf16",
+        layer_files_ ? checkpoint::LayerFiles::kModelAxis : checkpoint::LayerFiles::kNone};
     o.seed = seed_;
     o.iteration = iteration_;
     w.set_latest = true;
@@ -266,8 +278,11 @@ std::optional<int> CheckpointCommands::Run() {
                                     out_tag_.empty() ? tag_ + "_universal" : out_tag_, w);
     what = "exported " + tag_ + " (universal)";
   } else {
-    r = checkpoint::ImportUniversal(
-        **store, tag_, TrainLayout{tp_, pp_, dp_, zero_stage_, dtype_ == "bf16"}, out_tag_, w);
+    r = checkpoint::ImportUniversal(**store, tag_,
+                                    TrainLayout{tp_, pp_, dp_, zero_stage_, dtype_ == "bf16",
+                                                layer_files_ ? checkpoint::LayerFiles::kModelAxis
+                                                             : checkpoint::LayerFiles::kNone},
+                                    out_tag_, w);
     what = "imported " + tag_;
   }
   if (!r.ok()) return ReportError(r.status());

@@ -73,6 +73,7 @@ ModelSpec ModelSpec::Gpt(const GptConfig& c, const ShardingRules& rules) {
   const int64_t h = c.hidden;
   add("tied_modules.embed.word_embeddings.weight", {c.padded_vocab(), h});
   add("tied_modules.embed.position_embeddings.weight", {c.max_positions, h});
+  for (ParamSpec& p : ps) p.layer_index = 1;  // GPTModelPipe's specs: 0 a cast, 1 the embedding
   for (int l = 0; l < c.layers; ++l) {
     const std::string p = std::to_string(l + 2) + ".";
     add(p + "input_layernorm.weight", {h});
@@ -128,6 +129,30 @@ void ModelSpec::Index() {
   for (int id : layer_ids) ordinal.emplace(id, static_cast<int>(ordinal.size()));
   for (size_t i = 0; i < params_.size(); ++i) {
     if (ids[i] >= 0) params_[i].layer = ordinal[ids[i]];
+  }
+  // PipelineModule layer files: `<i>.<key>` in layer i, a tied module's
+  // parameters in the layer before the first numbered one unless recorded.
+  int first_layer = -1;
+  for (const ParamSpec& p : params_) {
+    std::smatch m;
+    if (p.kind != ParamKind::kTied && std::regex_match(p.name, m, kLayerRe) &&
+        m[1].str().size() < 9) {
+      const int id = std::stoi(m[1].str());
+      if (first_layer < 0 || id < first_layer) first_layer = id;
+    }
+  }
+  for (ParamSpec& p : params_) {
+    if (!p.layer_key.empty() && p.layer_index >= 0) continue;
+    std::smatch m;
+    if (p.kind == ParamKind::kTied) {
+      const size_t module_end = p.name.find('.', 13);  // after "tied_modules."
+      if (module_end == std::string::npos) continue;
+      p.layer_key = p.name.substr(module_end + 1);
+      if (p.layer_index < 0) p.layer_index = std::max(0, first_layer - 1);
+    } else if (std::regex_match(p.name, m, kLayerRe) && m[1].str().size() < 9) {
+      p.layer_index = std::stoi(m[1].str());
+      p.layer_key = m[2].str();
+    }
   }
   transformer_layers_ = static_cast<int>(layer_ids.size());
 }
@@ -194,6 +219,23 @@ Result<std::vector<int>> ModelSpec::Stage(int stage, int pp) const {
         break;
       }
     }
+  }
+  return out;
+}
+
+Result<std::map<int, std::vector<int>>> ModelSpec::StageLayers(int stage, int pp) const {
+  std::map<int, std::vector<int>> out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const ParamSpec& p = params_[i];
+    ASSIGN_OR_RETURN(std::vector<int> st, StagesOf(p, pp));
+    if (st.empty() || st.front() != stage) continue;
+    if (p.layer_index < 0 || p.layer_key.empty()) {
+      return Status::InvalidArgument("parameter " + p.name +
+                                     " belongs to no PipelineModule layer (names are "
+                                     "<layer>.<key> or tied_modules.<module>.<key>); cannot plan "
+                                     "layer files for it");
+    }
+    out[p.layer_index].push_back(static_cast<int>(i));
   }
   return out;
 }

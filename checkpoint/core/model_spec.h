@@ -53,6 +53,14 @@ struct ParamSpec {
   ParamKind kind = ParamKind::kOther;
   int layer = -1;  // kLayer: ordinal among transformer layers
   bool vocab = false;
+  // Where PipelineModule saves it: the layer index of its
+  // layer_XX-model_YY-model_states.pt file and its key in that file's
+  // state dict; -1 when the name places it in no layer. `<i>.<key>` is
+  // layer i; a tied module's `tied_modules.<m>.<key>` is saved with the
+  // layer that first uses the module (GPTModelPipe's embedding: layer 1;
+  // without a recorded index, the layer before the first numbered one).
+  int layer_index = -1;
+  std::string layer_key;
 };
 
 struct GptConfig {
@@ -88,6 +96,12 @@ class ModelSpec {
   Result<std::vector<int64_t>> ShardShape(const ParamSpec& p, int tp) const;
   // Checks that every parameter splits evenly for tp and layers for pp.
   Status CheckLayout(int tp, int pp) const;
+  // The PipelineModule layer files a stage saves: layer index -> the
+  // parameters (indices, module order) of that layer file. A layer's file
+  // is saved by the first stage holding its parameters (a tied module's
+  // only by the first of its stages). InvalidArgument naming a parameter
+  // that belongs to no layer.
+  Result<std::map<int, std::vector<int>>> StageLayers(int stage, int pp) const;
 
  private:
   void Index();

@@ -86,6 +86,7 @@ struct Builder {
     f.name = z3 ? ZeroModelFileName(dp_rank, mp) : ModelFileName(mp);
     GenericDict module = StrDict();
     ASSIGN_OR_RETURN(std::vector<int> idx, spec.Stage(pp, L.pp));
+    if (L.layer_files != LayerFiles::kNone) idx.clear();  // the weights are in layer files
     for (int i : idx) {
       const ParamSpec& p = spec.params()[i];
       ASSIGN_OR_RETURN(auto shape, spec.ShardShape(p, L.tp));
@@ -97,7 +98,12 @@ struct Builder {
       }
     }
     GenericDict sd = StrDict();
-    sd.insert("module", module);
+    // PipelineModule saves the weights in layer files; `module` is None.
+    if (L.layer_files != LayerFiles::kNone) {
+      sd.insert("module", IValue());
+    } else {
+      sd.insert("module", module);
+    }
     sd.insert("buffer_names", IValue(c10::List<std::string>()));
     sd.insert("optimizer", IValue());
     ASSIGN_OR_RETURN(IValue shapes, ParamShapes(pp));
@@ -147,6 +153,31 @@ struct Builder {
     if (!sd.contains("ds_version")) sd.insert("ds_version", IValue(meta.ds_version));
     f.state = sd;
     return f;
+  }
+
+  // The layer files stage `pp` saves at TP rank `tp`: each layer's own
+  // state dict (keys relative to the layer), its tensors TP shards.
+  Result<std::vector<PlannedFile>> StageLayerFiles(int pp, int tp) const {
+    ASSIGN_OR_RETURN(auto layers, spec.StageLayers(pp, L.pp));
+    std::vector<PlannedFile> out;
+    const bool axis = L.layer_files == LayerFiles::kModelAxis || L.tp > 1;
+    for (const auto& [layer, idx] : layers) {
+      PlannedFile f;
+      f.name = LayerFileName(layer, axis ? std::optional<int>(tp) : std::nullopt);
+      GenericDict sd = StrDict();
+      for (int i : idx) {
+        const ParamSpec& p = spec.params()[i];
+        if (sd.contains(p.layer_key)) {
+          return Status::InvalidArgument("parameters " + p.name + " and another of layer " +
+                                         std::to_string(layer) + " share the key " + p.layer_key);
+        }
+        ASSIGN_OR_RETURN(auto shape, spec.ShardShape(p, L.tp));
+        sd.insert(p.layer_key, Add(f, shape, lp_dtype(), RectPlacement(p, tp, "param")));
+      }
+      f.state = sd;
+      out.push_back(std::move(f));
+    }
+    return out;
   }
 
   IValue GroupState(int g, const IValue& exp_avg, const IValue& exp_avg_sq) const {
@@ -267,7 +298,8 @@ Placement FlatPlacement(const std::vector<std::string>& names, const FlatLayout&
 
 std::string TrainLayout::ToString() const {
   return "tp" + std::to_string(tp) + " x pp" + std::to_string(pp) + " x dp" + std::to_string(dp) +
-         " ZeRO-" + std::to_string(zero_stage) + (bf16 ? " bf16" : " fp32");
+         " ZeRO-" + std::to_string(zero_stage) + (bf16 ? " bf16" : " fp32") +
+         (layer_files == LayerFiles::kNone ? "" : " layer files");
 }
 
 at::Tensor Placeholder(const std::vector<int64_t>& shape, c10::ScalarType dtype) {
@@ -282,6 +314,10 @@ Result<std::vector<PlannedFile>> PlanFiles(const ModelSpec& spec, const TrainLay
   }
   if (layout.dp < 1) return Status::InvalidArgument("dp must be >= 1");
   RETURN_IF_ERROR(spec.CheckLayout(layout.tp, layout.pp));
+  if (layout.layer_files != LayerFiles::kNone && layout.zero_stage == 3) {
+    return Status::InvalidArgument(
+        "PipelineModule layer files with ZeRO-3: DeepSpeed's pipeline engine runs ZeRO 0-2 only");
+  }
   Builder b{spec, layout, meta, {}};
   RETURN_IF_ERROR(b.MakeGroups());
   std::vector<PlannedFile> files;
@@ -293,6 +329,10 @@ Result<std::vector<PlannedFile>> PlanFiles(const ModelSpec& spec, const TrainLay
           files.push_back(std::move(f));
         }
       } else {
+        if (layout.layer_files != LayerFiles::kNone) {
+          ASSIGN_OR_RETURN(std::vector<PlannedFile> layers, b.StageLayerFiles(pp, tp));
+          for (auto& f : layers) files.push_back(std::move(f));
+        }
         ASSIGN_OR_RETURN(PlannedFile f, b.ModelFile(pp, tp, 0));
         files.push_back(std::move(f));
       }

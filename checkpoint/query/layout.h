@@ -22,14 +22,25 @@
 
 namespace ckptkv::checkpoint {
 
+// How the model's weights are saved: in the `module` of the mp_rank files
+// (DeepSpeedEngine), or, as PipelineModule saves them, one file per layer
+// and TP rank with the layer's own state dict and `module` None in the
+// mp_rank files: layer_XX-model_YY-model_states.pt (a topology with a
+// model axis, as Megatron-DeepSpeed's) or layer_XX-model_states.pt (no
+// model axis; tp 1 only, a wider TP gets the model axis).
+enum class LayerFiles { kNone, kModelAxis, kNoModelAxis };
+
 // A training run's layout: the store's Layout (the degrees and ZeRO stage a
-// commit records; DeepSpeed's Model3dDesc is its (pp, tp, dp)) and the
-// training dtype. TrainLayout{tp, pp, dp, zero_stage, bf16}.
+// commit records; DeepSpeed's Model3dDesc is its (pp, tp, dp)), the
+// training dtype and where the weights are saved.
+// TrainLayout{tp, pp, dp, zero_stage, bf16, layer_files}.
 struct TrainLayout : Layout {
   bool bf16 = true;  // training weights in bf16 (else fp32), bf16_ file prefix
+  LayerFiles layer_files = LayerFiles::kNone;
 
-  TrainLayout(int tp = 1, int pp = 1, int dp = 1, int zero_stage = 2, bool bf16 = true)
-      : Layout{tp, pp, dp, zero_stage}, bf16(bf16) {}
+  TrainLayout(int tp = 1, int pp = 1, int dp = 1, int zero_stage = 2, bool bf16 = true,
+              LayerFiles layer_files = LayerFiles::kNone)
+      : Layout{tp, pp, dp, zero_stage}, bf16(bf16), layer_files(layer_files) {}
   // What a commit records (everything but the dtype).
   const Layout& stored() const { return *this; }
   std::string ToString() const;
@@ -59,6 +70,9 @@ struct PlannedFile {
   std::map<const c10::TensorImpl*, Placement> placements;
 };
 
+// With layout.layer_files, each stage's layer files (in layer order) come
+// before its mp_rank files, as PipelineModule saves them; ZeRO-3 with layer
+// files is refused (DeepSpeed's pipeline engine does not run ZeRO-3).
 // REQUIRES: spec.CheckLayout(layout.tp, layout.pp) is OK.
 Result<std::vector<PlannedFile>> PlanFiles(const ModelSpec& spec, const TrainLayout& layout,
                                            const CheckpointMeta& meta);

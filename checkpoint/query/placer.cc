@@ -96,20 +96,50 @@ TensorPlacer::Placements DeepSpeedPlacer::Place(const std::string& tag, const st
 
 void DeepSpeedPlacer::EndTag(const std::string& tag) {
   std::lock_guard<std::mutex> lock(mu_);
-  tags_.erase(tag);
+  guessed_.erase(tag);
+  auto it = tags_.find(tag);
+  if (it == tags_.end()) return;
+  if (!it->second.empty()) last_ = std::move(it->second);
+  tags_.erase(it);
+}
+
+namespace {
+
+int PlacementRank(const std::string& file) {
+  std::optional<FileCoordinates> c = ParseFileName(file);
+  if (!c) return 2;
+  switch (c->kind) {
+    case FileKind::kModelStates:
+    case FileKind::kZeroModelStates:
+      return 0;
+    case FileKind::kLayer:
+      return 1;
+    case FileKind::kOptimStates:
+      return 3;
+    default:
+      return 2;
+  }
+}
+
+}  // namespace
+
+bool PlacedBefore(const std::string& a, const std::string& b) {
+  return PlacementRank(a) < PlacementRank(b);
 }
 
 Result<TensorPlacer::Placements> DeepSpeedPlacer::TryPlace(const std::string& tag,
                                                            const std::string& file,
                                                            const IValue& state) {
   std::optional<FileCoordinates> c = ParseFileName(file);
-  if (!c || c->mp_rank < 0) return Placements{};
+  if (!c || (c->mp_rank < 0 && c->kind != FileKind::kLayer)) return Placements{};
   const std::string where = FileName(tag, file);
   if (!state.isGenericDict()) {
     return Status::InvalidArgument(where + " is not a dict; DeepSpeed files are");
   }
   Result<Placements> r = Placements{};
-  if (c->kind == FileKind::kModelStates || c->kind == FileKind::kZeroModelStates) {
+  if (c->kind == FileKind::kLayer) {
+    r = PlaceLayer(tag, c->layer, std::max(0, c->tp_rank), state);
+  } else if (c->kind == FileKind::kModelStates || c->kind == FileKind::kZeroModelStates) {
     r = PlaceModel(tag, c->mp_rank, state);
   } else if (c->kind == FileKind::kOptimStates) {
     r = PlaceOptim(tag, c->mp_rank, c->dp_rank, state);
@@ -131,6 +161,22 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& 
   saved.mp_world_size = DictInt(state, "mp_world_size");
   saved.dp_world_size = DictInt(state, "dp_world_size");
   ASSIGN_OR_RETURN(info.tp, SavedTpDegree(saved));
+  const IValue* module = DictField(state, "module");
+  if (!saved.has_parallel_dims && module != nullptr && module->isNone() && info.tp > 1) {
+    // PipelineEngine's file (weights in layer files): mp_world_size is
+    // pp * tp there. Megatron's args name tp; without them it is unknown.
+    std::optional<int64_t> args_tp;
+    if (const IValue* args = DictField(state, "args"); args != nullptr && args->isGenericDict()) {
+      args_tp = DictInt(*args, "tensor_model_parallel_size");
+    }
+    if (!args_tp || *args_tp < 1 || info.tp % *args_tp != 0) {
+      return Status::InvalidArgument(
+          "a pipeline model-state file (module None) without checkpoint_parallel_dimensions: "
+          "mp_world_size " +
+          std::to_string(info.tp) + " is pp x tp, and tp is not recorded");
+    }
+    info.tp = static_cast<int>(*args_tp);
+  }
   if (std::optional<int> dp = SavedDpDegree(saved)) info.dp = *dp;
   const int tp_rank = TpOfMp(mp, info.tp);
   std::map<std::string, std::vector<int64_t>> shapes;
@@ -157,10 +203,7 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& 
   Placements out;
   // Module tensors, nested dicts joined with '.', as named_parameters does.
   std::vector<std::pair<std::string, IValue>> todo;
-  if (const IValue* module = DictField(state, "module");
-      module != nullptr && module->isGenericDict()) {
-    todo.emplace_back("", *module);
-  }
+  if (module != nullptr && module->isGenericDict()) todo.emplace_back("", *module);
   while (!todo.empty()) {
     auto [prefix, v] = std::move(todo.back());
     todo.pop_back();
@@ -192,6 +235,19 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& 
     }
   }
   std::lock_guard<std::mutex> lock(mu_);
+  // Layer files of this tag placed from the last tag's layout must agree
+  // with this one's; they cannot be re-placed now, so say so.
+  for (const auto& [name, shape_tp] : guessed_[tag]) {
+    auto it = shapes.find(name);
+    if (it == shapes.end()) continue;
+    if (it->second != shape_tp.first || info.tp != shape_tp.second) {
+      spdlog::warn(
+          "[ckptkv] {}: layer files were placed from the last tag's layout (tp {}), which {} "
+          "contradicts for {} (tp {}); place tag {} again after its commit (ckptkv place)",
+          tag, shape_tp.second, ModelFileName(mp), name, info.tp, tag);
+      break;
+    }
+  }
   tags_[tag][mp] = std::move(info);
   return out;
 }
@@ -319,6 +375,98 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceOptim(const std::string& 
   return out;
 }
 
+Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceLayer(const std::string& tag, int layer,
+                                                             int tp_rank, const IValue& state) {
+  // The layer's tensors, by key (a layer's state dict is flat; nested
+  // dicts are joined with '.' as named_parameters does).
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  std::vector<std::pair<std::string, IValue>> todo{{"", state}};
+  while (!todo.empty()) {
+    auto [prefix, v] = std::move(todo.back());
+    todo.pop_back();
+    for (const auto& kv : v.toGenericDict()) {
+      if (!kv.key().isString()) continue;
+      const std::string key = prefix + kv.key().toStringRef();
+      if (kv.value().isGenericDict()) {
+        todo.emplace_back(key + ".", kv.value());
+      } else if (kv.value().isTensor()) {
+        tensors.emplace_back(key, kv.value().toTensor());
+      }
+    }
+  }
+  if (tensors.empty()) return Placements{};
+  // (from the last tag, model infos by mp rank): this tag's first.
+  std::vector<std::pair<bool, std::map<int, ModelInfo>>> sources;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto t = tags_.find(tag); t != tags_.end() && !t->second.empty()) {
+      sources.emplace_back(false, t->second);
+    }
+    if (!last_.empty()) sources.emplace_back(true, last_);
+  }
+  const std::string index = std::to_string(layer) + ".";
+  for (const auto& [from_last, infos] : sources) {
+    for (const auto& [mp, info] : infos) {
+      // Every TP rank of a stage has the same names and local shapes: any
+      // model file of the stage will do; the TP rank is the file's.
+      if (tp_rank >= info.tp) continue;
+      // This stage's parameter names and local shapes, and its tied ones.
+      std::map<std::string, const std::vector<int64_t>*> shapes;
+      std::vector<std::string> tied;
+      for (const auto& group : info.groups) {
+        for (const auto& [name, shape] : group) {
+          shapes[name] = &shape;
+          if (name.rfind("tied_modules.", 0) == 0) tied.push_back(name);
+        }
+      }
+      // Each key to its parameter: `<layer>.<key>`, or the one tied
+      // parameter `tied_modules.<m>.<key>`.
+      std::vector<std::pair<const at::Tensor*, std::string>> named;
+      for (const auto& [key, t] : tensors) {
+        std::string name;
+        if (shapes.count(index + key)) {
+          name = index + key;
+        } else {
+          int found = 0;
+          for (const std::string& n : tied) {
+            const size_t dot = n.find('.', 13);
+            if (dot != std::string::npos && n.compare(dot + 1, std::string::npos, key) == 0) {
+              name = n;
+              found++;
+            }
+          }
+          if (found != 1) name.clear();
+        }
+        if (!name.empty()) named.emplace_back(&t, name);
+      }
+      if (named.empty()) continue;  // another stage's model file
+      Placements out;
+      for (const auto& [t, name] : named) {
+        std::vector<int64_t> local = t->sizes().vec();
+        if (local != *shapes[name]) {
+          return Status::InvalidArgument("layer tensor for " + name + " has shape " + Str(local) +
+                                         " but param_shapes of " + ModelFileName(mp) + " says " +
+                                         Str(*shapes[name]));
+        }
+        out[t->unsafeGetTensorImpl()] =
+            ShardPlacement(SpecOf(rules_, name, local, info.tp), tp_rank, info.tp, "param");
+      }
+      if (from_last) {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (const auto& [t, name] : named) guessed_[tag][name] = {t->sizes().vec(), info.tp};
+      }
+      return out;
+    }
+  }
+  return Status::InvalidArgument(
+      "no model-state file with TP rank " + std::to_string(tp_rank) +
+      " saved before it (in this tag or the last one) names a parameter of layer " +
+      std::to_string(layer) + " (" + index + tensors.front().first + " or tied_modules.<module>." +
+      tensors.front().first +
+      " in param_shapes); DeepSpeed saves layer files before their mp_rank file, so "
+      "place the tag after its commit (ckptkv place)");
+}
+
 Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std::string& out_tag,
                                 DeepSpeedPlacer& placer) {
   PlaceTagReport report;
@@ -326,14 +474,8 @@ Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std:
   ASSIGN_OR_RETURN(TagInfo info, store.GetTag(tag));
   ASSIGN_OR_RETURN(std::optional<std::string> latest, store.Latest());
   std::vector<std::string> files = info.files;
-  // Model-state files first: optimizer files are laid out from them.
-  std::stable_sort(files.begin(), files.end(), [](const std::string& a, const std::string& b) {
-    auto optim = [](const std::string& f) {
-      auto c = ParseFileName(f);
-      return c && c->kind == FileKind::kOptimStates;
-    };
-    return !optim(a) && optim(b);
-  });
+  // Model-state files first: layer and optimizer files are placed from them.
+  std::stable_sort(files.begin(), files.end(), PlacedBefore);
   const std::string work = "\x01place:" + tag;  // the placer's cache key for this pass
   RETURN_IF_ERROR(store.BeginTag(report.out_tag, /*overwrite=*/true));
   auto staged = [&]() -> Status {

@@ -20,7 +20,24 @@
 //   group_paddings and tensor sizes must agree with that layout exactly;
 //   otherwise the file is saved without placements and the log says why.
 //
-// Files of other names (layer_* files, client files) get no placements.
+//   layer_XX-model_YY-model_states.pt (and layer_XX-model_states.pt,
+//   layer_XX-model_YY_model_states.pt): PipelineModule's state dict of layer
+//   XX at TP rank YY (0 without a model axis). Key K is the parameter the
+//   model-state files' param_shapes name `XX.K`, or for a tied module the
+//   one `tied_modules.<m>.K`, sharded as the rules say, at the TP degree
+//   of the model file that names it. DeepSpeed saves a stage's layer files
+//   before its mp_rank file, so those are taken from the model files saved
+//   earlier in the tag or else in the last tag this placer ended (a run
+//   saves every checkpoint at one layout); the first tag of a run saved in
+//   DeepSpeed's order thus has unplaced layer files, which PlaceTag (which
+//   takes model files first) places after the commit. Every tensor must
+//   have the shape param_shapes gives it.
+//
+// Files of other names (client files, MoE expert files) get no placements.
+// PlacedBefore orders a tag's files so that each can be placed when its
+// turn comes (model-state files, then layer files, then the rest, then
+// optimizer files): sort a directory's files with it before placing them
+// one by one, as an import does.
 #ifndef CKPTKV_CHECKPOINT_QUERY_PLACER_H_
 #define CKPTKV_CHECKPOINT_QUERY_PLACER_H_
 
@@ -62,11 +79,20 @@ class DeepSpeedPlacer : public TensorPlacer {
   Result<Placements> PlaceModel(const std::string& tag, int mp, const c10::IValue& state);
   Result<Placements> PlaceOptim(const std::string& tag, int mp, int dp_rank,
                                 const c10::IValue& state);
+  Result<Placements> PlaceLayer(const std::string& tag, int layer, int tp_rank,
+                                const c10::IValue& state);
 
   ShardingRules rules_;
   std::mutex mu_;
   std::map<std::string, std::map<int, ModelInfo>> tags_;  // tag -> mp rank -> model info
+  std::map<int, ModelInfo> last_;  // the model infos of the last tag ended that had any
+  // tag -> layer parameters placed from last_: name -> (local shape, tp).
+  std::map<std::string, std::map<std::string, std::pair<std::vector<int64_t>, int>>> guessed_;
 };
+
+// Whether `a` must be placed before `b` (see above); a strict weak order
+// on file names, by kind only, so a stable sort keeps the rest in place.
+bool PlacedBefore(const std::string& a, const std::string& b);
 
 // Records placements for a committed tag saved without them (by an engine
 // with no placer, or before the placer existed): reads the files' state

@@ -166,6 +166,16 @@ Result<ModelSpec> ModelOf(const Store& store, const TagIndex& index, const DeepS
   const std::string& tag = index.tag();
   std::vector<ParamSpec> params;
   std::set<std::string> seen;
+  // Where PipelineModule saved each parameter's weights: its layer file's
+  // index and the key in that file (from the placed layer-file tensors).
+  std::map<std::string, std::pair<int, std::string>> layer_of;
+  for (const StoredTensor& st : index.tensors()) {
+    if (st.placement.param.empty() || st.placement.state != "param") continue;
+    std::optional<FileCoordinates> c = ParseFileName(st.file);
+    if (c && c->kind == FileKind::kLayer) {
+      layer_of.try_emplace(st.placement.param, c->layer, st.path);
+    }
+  }
   for (int s = 0; s < L.pp; ++s) {
     auto it = files.model_by_mp.find(MpRank(s, 0, L.tp));
     if (it == files.model_by_mp.end()) {
@@ -196,6 +206,10 @@ Result<ModelSpec> ModelOf(const Store& store, const TagIndex& index, const DeepS
         p.global_shape = pi->second.global_shape;
         p.shard_dim = pi->second.shard_dim;
         p.group = static_cast<int>(g);
+        if (auto l = layer_of.find(name); l != layer_of.end()) {
+          p.layer_index = l->second.first;
+          p.layer_key = l->second.second;
+        }
         params.push_back(std::move(p));
       }
     }
@@ -205,9 +219,11 @@ Result<ModelSpec> ModelOf(const Store& store, const TagIndex& index, const DeepS
 
 // The training dtype and the model files' metadata besides DeepSpeed's own
 // per-rank keys, from the first model file.
-void ReadModelMeta(const PlannedFile& m0, SourceInfo* info) {
+// `weights` is the file whose tensors have the training dtype: the first
+// model file, or with PipelineModule layer files the first of them.
+void ReadModelMeta(const PlannedFile& m0, const PlannedFile& weights, SourceInfo* info) {
   info->layout.bf16 = true;  // the first module tensor's dtype
-  for (const auto& [impl, pl] : m0.placements) {
+  for (const auto& [impl, pl] : weights.placements) {
     if (pl.state == "param" || pl.state == "placeholder") {
       info->layout.bf16 = impl->dtype() == caffe2::TypeMeta::Make<c10::BFloat16>();
       break;
@@ -312,7 +328,20 @@ Result<SourceInfo> DescribeTag(const Store& store, const TagIndex& index) {
   }
   ASSIGN_OR_RETURN(PlannedFile m0, LoadPlanned(store, tag, files.model_by_mp.begin()->second));
   ASSIGN_OR_RETURN(info.spec, ModelOf(store, index, files, L));
-  ReadModelMeta(m0, &info);
+  // PipelineModule layer files: the weights are there, `module` is None.
+  PlannedFile weights;
+  std::string first_layer;
+  for (const std::string& f : files.layer) {
+    std::optional<FileCoordinates> c = ParseFileName(f);
+    if (!c || c->kind != FileKind::kLayer) continue;  // MoE expert files share the prefix
+    if (first_layer.empty()) first_layer = f;
+    if (L.layer_files == LayerFiles::kNone) L.layer_files = LayerFiles::kNoModelAxis;
+    if (c->tp_rank >= 0) L.layer_files = LayerFiles::kModelAxis;
+  }
+  if (!first_layer.empty()) {
+    ASSIGN_OR_RETURN(weights, LoadPlanned(store, tag, first_layer));
+  }
+  ReadModelMeta(m0, first_layer.empty() ? m0 : weights, &info);
   RETURN_IF_ERROR(ReadOptimMeta(store, tag, files, &info));
   return info;
 }
@@ -397,7 +426,9 @@ Result<ReshapePlan> PlanReshape(const Store& store, const std::string& tag, int 
       }));
   for (const PlannedFile& f : files) {
     const auto& [c, from_files] = sources[&f];
-    if (!c) continue;
+    // DeepSpeed's maps index mp_rank and ZeRO files; layer files have no
+    // mp rank in their names.
+    if (!c || c->kind == FileKind::kLayer) continue;
     const int new_pp = PpOfMp(c->mp_rank, tp), new_tp = TpOfMp(c->mp_rank, tp);
     const std::string key = std::to_string(new_pp) + "," + std::to_string(new_tp);
     const bool optim = c->kind == FileKind::kOptimStates;

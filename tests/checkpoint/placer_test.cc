@@ -150,7 +150,7 @@ size_t CountPlacements(const std::string& dir, const std::string& tag, const std
 // `tag` in the store at `dir` reshapes to what synth writes at tp1 pp1 dp2.
 void RequireReshapesLikeSynth(const std::string& dir, const std::string& tag,
                               const TrainLayout& from) {
-  const TrainLayout to{1, 1, 2, from.zero_stage, from.bf16};
+  const TrainLayout to{1, 1, 2, from.zero_stage, from.bf16, from.layer_files};
   auto store = OpenStore(dir);
   SynthTag(*store, "expect", to);
   ReshapeOptions ro;
@@ -295,4 +295,158 @@ TEST_CASE("PlaceTag adds placements to a tag saved without them, reading no tens
   }
   CHECK(RequireSamePlacements(a.path(), b.path(), "t") > 0);
   RequireReshapesLikeSynth(b.path(), "t", from);
+}
+
+namespace {
+
+// The files of a synthetic PipelineModule tag in the order DeepSpeed saves
+// them: rank by rank, a stage's layer files, then its mp_rank file; the
+// optimizer files after them.
+std::vector<std::string> DeepSpeedOrder(const TrainLayout& layout) {
+  SynthOptions o;
+  o.model = SmallGpt();
+  o.layout = layout;
+  ModelSpec spec = ModelSpec::Gpt(o.model, ShardingRules::MegatronDefaults());
+  auto planned = PlanFiles(spec, layout, SynthMeta(o));
+  REQUIRE(planned.ok());
+  std::vector<std::string> names;
+  for (const auto& f : *planned) names.push_back(f.name);
+  return names;
+}
+
+size_t CountPlacedLayerFiles(const std::string& dir, const std::string& tag, size_t* layer_files) {
+  auto s = Store::Open(dir, StoreOptions());
+  REQUIRE(s.ok());
+  size_t placed = 0;
+  *layer_files = 0;
+  const std::vector<std::string> files = (*s)->ListFiles(tag).value();
+  for (const auto& f : files) {
+    auto c = ParseFileName(f);
+    if (!c || c->kind != FileKind::kLayer) continue;
+    (*layer_files)++;
+    const std::vector<std::string> params = (*s)->ListParams(tag, f).value();
+    bool all = !params.empty();
+    for (const auto& p : params) {
+      if ((*s)->GetTensorRecord(tag, f, p).value()->placement() == nullptr) all = false;
+    }
+    if (all) placed++;
+  }
+  return placed;
+}
+
+}  // namespace
+
+TEST_CASE("PipelineModule layer files saved through the engine get the placements synth writes",
+          "[unit][checkpoint][reshape]") {
+  const TrainLayout layouts[] = {
+      {2, 2, 2, 2, true, LayerFiles::kModelAxis},   // ZeRO-2 bf16
+      {2, 2, 3, 1, false, LayerFiles::kModelAxis},  // ZeRO-1 fp32, padding at dp 3
+      {1, 2, 2, 1, true, LayerFiles::kNoModelAxis},
+  };
+  for (const TrainLayout& from : layouts) {
+    DYNAMIC_SECTION(from.ToString()
+                    << (from.layer_files == LayerFiles::kNoModelAxis ? " (no model axis)" : "")) {
+      TempDir a, b;
+      SynthTag(*OpenStore(a.path()), "t", from);
+      SynthTag(*OpenStore(a.path()), "t2", from);
+      const std::vector<std::string> order = DeepSpeedOrder(from);
+      REQUIRE(order.size() == OpenStore(a.path())->ListFiles("t").value().size());
+      auto placer = std::make_shared<DeepSpeedPlacer>();
+
+      SECTION("in DeepSpeed's order: later tags from the last one's model files") {
+        // The first tag's layer files that come before a model file of
+        // their stage have nothing to be placed from ...
+        Resave(a.path(), b.path(), "t", order, placer);
+        size_t layer_files = 0;
+        const size_t placed = CountPlacedLayerFiles(b.path(), "t", &layer_files);
+        CHECK(layer_files > 0);
+        CHECK(placed < layer_files);
+        // ... the next tag of the run is placed whole ...
+        Resave(a.path(), b.path(), "t2", order, placer);
+        CHECK(RequireSamePlacements(a.path(), b.path(), "t2") > 0);
+        CHECK(CountPlacedLayerFiles(b.path(), "t2", &layer_files) == layer_files);
+        RequireReshapesLikeSynth(b.path(), "t2", from);
+        // ... and the first is placed after its commit.
+        auto store = OpenStore(b.path());
+        DeepSpeedPlacer later;
+        auto rep = PlaceTag(*store, "t", "", later);
+        INFO(rep.status().ToString());
+        REQUIRE(rep.ok());
+        CHECK(rep->unplaced_files.empty());
+        store.reset();
+        CHECK(RequireSamePlacements(a.path(), b.path(), "t") > 0);
+      }
+
+      SECTION("model-state files first (PlacedBefore): placed in the first tag") {
+        std::vector<std::string> files = order;
+        std::stable_sort(files.begin(), files.end(), PlacedBefore);
+        Resave(a.path(), b.path(), "t", files, placer);
+        CHECK(RequireSamePlacements(a.path(), b.path(), "t") > 0);
+        RequireReshapesLikeSynth(b.path(), "t", from);
+      }
+    }
+  }
+}
+
+TEST_CASE("PlacedBefore orders model-state files, layer files, the rest, optimizer files",
+          "[unit][checkpoint]") {
+  std::vector<std::string> files = {"bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                    "client.pt",
+                                    "layer_01-model_00-model_states.pt",
+                                    "mp_rank_00_model_states.pt",
+                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                    "layer_02-model_states.pt"};
+  std::stable_sort(files.begin(), files.end(), PlacedBefore);
+  CHECK(files == std::vector<std::string>{"mp_rank_00_model_states.pt",
+                                          "layer_01-model_00-model_states.pt",
+                                          "layer_02-model_states.pt", "client.pt",
+                                          "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                          "zero_pp_rank_0_mp_rank_00_optim_states.pt"});
+}
+
+TEST_CASE("the placer refuses a layer tensor whose shape disagrees with param_shapes",
+          "[unit][checkpoint][reshape]") {
+  TempDir a;
+  const TrainLayout layout{2, 2, 1, 2, true, LayerFiles::kModelAxis};
+  SynthTag(*OpenStore(a.path()), "t", layout);
+  const std::string layer = LayerFileName(2, 1);
+  c10::IValue model_state, layer_state;
+  {
+    KvCheckpointEngine src(Config(a.path()));
+    REQUIRE(src.open(a.path(), "t").value() == "t");
+    model_state = src.load(a.path() + "/t/" + ModelFileName(0));
+    layer_state = src.load(a.path() + "/t/" + layer);
+  }
+  DeepSpeedPlacer placer;
+  auto none = placer.TryPlace("u", layer, layer_state);
+  REQUIRE_FALSE(none.ok());
+  CHECK_THAT(none.status().ToString(), Catch::Contains("ckptkv place"));
+  REQUIRE(placer.TryPlace("u", ModelFileName(0), model_state).ok());
+  auto placed = placer.TryPlace("u", layer, layer_state);
+  REQUIRE(placed.ok());
+  CHECK(placed->size() == layer_state.toGenericDict().size());
+  for (const auto& [impl, pl] : *placed) {
+    CHECK(pl.tp_rank == 1);
+    CHECK(pl.tp_degree == 2);
+    CHECK(pl.param.rfind("2.", 0) == 0);
+  }
+  // Without checkpoint_parallel_dimensions, a pipeline file's
+  // mp_world_size is pp x tp: tp comes from Megatron's args, or is unknown.
+  c10::IValue old = model_state.deepcopy();
+  old.toGenericDict().erase("checkpoint_parallel_dimensions");
+  auto from_args = placer.TryPlace("v", ModelFileName(0), old);
+  REQUIRE(from_args.ok());
+  auto via_args = placer.TryPlace("v", layer, layer_state);
+  REQUIRE(via_args.ok());
+  for (const auto& [impl, pl] : *via_args) CHECK(pl.tp_degree == 2);
+  old.toGenericDict().erase("args");
+  auto unknown = placer.TryPlace("w", ModelFileName(0), old);
+  REQUIRE_FALSE(unknown.ok());
+  CHECK_THAT(unknown.status().ToString(), Catch::Contains("pp x tp"));
+
+  c10::IValue bad = layer_state.deepcopy();
+  bad.toGenericDict().insert_or_assign("mlp.dense_h_to_4h.weight", at::zeros({3, 5}));
+  auto r = placer.TryPlace("u", layer, bad);
+  REQUIRE_FALSE(r.ok());
+  CHECK_THAT(r.status().ToString(), Catch::Contains("2.mlp.dense_h_to_4h.weight"));
 }

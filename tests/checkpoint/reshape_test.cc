@@ -2,12 +2,14 @@
 // layout equals, bit for bit, the one synthesized at that layout.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <functional>
 #include <random>
 #include <set>
 #include <tuple>
 
+#include "checkpoint/core/file_names.h"
 #include "checkpoint/query/fragments.h"
 #include "checkpoint/core/tag_layout.h"
 #include "checkpoint/query/reshape.h"
@@ -901,4 +903,169 @@ TEST_CASE("a random stored placement change is Corruption or changes nothing (se
       CHECK(store->GetTag(o.out_tag).status().IsNotFound());
     }
   }
+}
+
+namespace {
+
+// Synth of a PipelineModule checkpoint: layer files, module None.
+void SynthPipe(Store& s, const std::string& tag, int tp, int pp, int dp, int zero, bool bf16,
+               const GptConfig& model = SmallGpt()) {
+  SynthOptions o;
+  o.model = model;
+  o.layout = TrainLayout{tp, pp, dp, zero, bf16, LayerFiles::kModelAxis};
+  o.seed = 42;
+  auto r = Synth(s, tag, o, WriteOptions());
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+}
+
+}  // namespace
+
+TEST_CASE("PipelineModule layer files: synth with layer files reshaped equals synth at the target",
+          "[unit][checkpoint][reshape]") {
+  struct Case {
+    int tp, pp, dp, zero;
+    int ntp, npp, ndp;
+    bool bf16;
+  };
+  const Case cases[] = {
+      {2, 2, 2, 1, 1, 1, 4, true},   // 2x2x2 -> 1x1x4, ZeRO-1
+      {2, 2, 2, 2, 1, 1, 4, true},   // 2x2x2 -> 1x1x4, ZeRO-2
+      {1, 2, 2, 2, 2, 1, 1, false},  // 1x2x2 -> 2x1x1
+      {2, 2, 1, 1, 2, 4, 3, true},   // 2 layers per stage -> 1, padding at dp 3
+      {1, 4, 2, 2, 4, 2, 1, true},   // 1 layer per stage -> 2, TP split 4 ways
+  };
+  for (const Case& c : cases) {
+    DYNAMIC_SECTION("tp" << c.tp << "pp" << c.pp << "dp" << c.dp << " z" << c.zero << " -> tp"
+                         << c.ntp << "pp" << c.npp << "dp" << c.ndp) {
+      TempDir dir;
+      auto store = OpenStore(dir.path());
+      SynthPipe(*store, "src", c.tp, c.pp, c.dp, c.zero, c.bf16);
+      SynthPipe(*store, "want", c.ntp, c.npp, c.ndp, c.zero, c.bf16);
+      // The source is what GPTModelPipe saves: a file per layer and TP
+      // rank, and mp_rank files whose module is None.
+      const std::vector<std::string> src_files = store->ListFiles("src").value();
+      CHECK(std::count(src_files.begin(), src_files.end(), LayerFileName(1, c.tp - 1)) ==
+            1);  // the embedding
+      CHECK(std::count(src_files.begin(), src_files.end(),
+                       LayerFileName(SmallGpt().layers + 3, 0)) == 1);  // the final norm
+      auto m0 = LoadPlanned(*store, "src", ModelFileName(0));
+      REQUIRE(m0.ok());
+      REQUIRE(DictField(m0->state, "module") != nullptr);
+      CHECK(DictField(m0->state, "module")->isNone());
+      ReshapeOptions o;
+      o.tp = c.ntp;
+      o.pp = c.npp;
+      o.dp = c.ndp;
+      o.out_tag = "got";
+      auto r = Reshape(*store, "src", o);
+      INFO(r.status().ToString());
+      REQUIRE(r.ok());
+      CHECK(r->to.layer_files == LayerFiles::kModelAxis);
+      RequireSameTensors(*store, "got", "want");
+      // The plan reads only fragments: no more than the source holds.
+      auto plan = PlanReshape(*store, "src", c.ntp, c.npp, c.ndp);
+      REQUIRE(plan.ok());
+      CHECK(plan->bytes_to_read > 0);
+    }
+  }
+}
+
+TEST_CASE("PipelineModule layer files: the global tensors equal those of mp_rank files",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthPipe(*store, "pipe", 2, 2, 2, 2, true);
+  SynthTag(*store, "flat", 1, 1, 1, 2, true);
+  auto pipe = TagIndex::Build(*store, "pipe");
+  auto flat = TagIndex::Build(*store, "flat");
+  REQUIRE(pipe.ok());
+  REQUIRE(flat.ok());
+  size_t params = 0;
+  for (const auto& [name, info] : (*flat)->params()) {
+    for (const char* state : {"param", "fp32", "exp_avg", "exp_avg_sq"}) {
+      INFO(name << " " << state);
+      auto a = (*pipe)->Assemble(name, state);
+      auto b = (*flat)->Assemble(name, state);
+      REQUIRE(a.ok());
+      REQUIRE(b.ok());
+      CHECK(at::equal(*a, *b));
+    }
+    params++;
+  }
+  CHECK(params == (*pipe)->params().size());
+  // A layer file's key is the parameter's name without its layer prefix.
+  auto rec = store->GetTensorRecord("pipe", LayerFileName(2, 1), "self_attention.dense.weight");
+  REQUIRE(rec.ok());
+  REQUIRE(rec.value()->placement() != nullptr);
+  const Placement pl = PlacementOf(*rec.value()->placement());
+  CHECK(pl.param == "2.self_attention.dense.weight");
+  CHECK(pl.shard_dim == 1);
+  CHECK(pl.tp_rank == 1);
+}
+
+TEST_CASE("PipelineModule layer files: universal export equals the globals and imports back",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthPipe(*store, "pipe", 2, 2, 2, 1, true);
+  SynthTag(*store, "flat", 1, 1, 1, 1, true);
+  auto u = ExportUniversal(*store, "pipe", "uni_pipe", WriteOptions());
+  INFO(u.status().ToString());
+  REQUIRE(u.ok());
+  REQUIRE(ExportUniversal(*store, "flat", "uni_flat", WriteOptions()).ok());
+  // Every zero/<param>/<state>.pt is the same as the one of the same model
+  // saved without pipeline or tensor parallelism.
+  size_t compared = 0;
+  const std::vector<std::string> flat_files = store->ListFiles("uni_flat").value();
+  for (const auto& f : flat_files) {
+    if (f.rfind("zero/", 0) != 0 || f == "zero/optimizer_state.pt") continue;
+    const std::vector<std::string> params = store->ListParams("uni_flat", f).value();
+    for (const auto& p : params) {
+      INFO(f << ":" << p);
+      CHECK(at::equal(Read(*store, "uni_pipe", f, p), Read(*store, "uni_flat", f, p)));
+      compared++;
+    }
+  }
+  CHECK(compared > 0);
+  auto files = store->ListFiles("uni_pipe").value();
+  CHECK(std::count(files.begin(), files.end(), ModelFileName(3)) == 1);
+  // Imported back into a pipeline layout with layer files.
+  SynthPipe(*store, "want", 1, 4, 3, 2, true);
+  auto r =
+      ImportUniversal(*store, "uni_pipe", TrainLayout{1, 4, 3, 2, true, LayerFiles::kModelAxis},
+                      "got", WriteOptions());
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  RequireSameTensors(*store, "got", "want");
+}
+
+TEST_CASE("PipelineModule layer files: names without a model axis, and ZeRO-3 refused",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthOptions o;
+  o.model = SmallGpt();
+  o.layout = TrainLayout{1, 2, 2, 2, true, LayerFiles::kNoModelAxis};
+  o.seed = 42;
+  REQUIRE(Synth(*store, "src", o, WriteOptions()).ok());
+  auto files = store->ListFiles("src").value();
+  CHECK(std::count(files.begin(), files.end(), LayerFileName(1, std::nullopt)) == 1);
+  ReshapeOptions ro;
+  ro.tp = 1;
+  ro.pp = 1;
+  ro.dp = 3;
+  ro.out_tag = "got";
+  auto r = Reshape(*store, "src", ro);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  o.layout.pp = 1;
+  o.layout.dp = 3;
+  REQUIRE(Synth(*store, "want", o, WriteOptions()).ok());
+  RequireSameTensors(*store, "got", "want");
+
+  o.layout.zero_stage = 3;
+  auto z3 = Synth(*store, "z3", o, WriteOptions());
+  CHECK(z3.status().IsInvalidArgument());
+  CHECK_THAT(z3.status().message(), Catch::Contains("ZeRO-3"));
 }
