@@ -1,5 +1,5 @@
 // The readers of torch.save files (checkpoint/core/pickle_machine.h,
-// zip_archive.h): files written by Debian's Python and torch in the test
+// zip_archive.h, legacy_archive.h): files written by Debian's Python and torch in the test
 // read into the trees Python's unpickler would act on, and hostile input is
 // a Corruption naming its byte offset, with nothing run.
 #include <sys/stat.h>
@@ -13,6 +13,7 @@
 #include <sstream>
 #include <string>
 
+#include "checkpoint/core/legacy_archive.h"
 #include "checkpoint/core/pickle_machine.h"
 #include "checkpoint/core/zip_archive.h"
 
@@ -319,4 +320,202 @@ TEST_CASE("hostile pickles are Corruption at their offset and run nothing", "[un
   REQUIRE(loop.ok());
   CHECK((*loop)->root()->items.size() == 1);
   CHECK((*loop)->root()->items[0] == (*loop)->root());
+}
+
+namespace {
+
+std::string Le(uint64_t v, int n) {
+  std::string out;
+  for (int i = 0; i < n; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+  return out;
+}
+std::string Str(const std::string& s) { return "X" + Le(s.size(), 4) + s; }
+// A protocol-2 pickle of a storage id ('storage', torch.<type>, key, 'cpu',
+// numel, None) as the legacy format writes it (numel as LONG1, 8 bytes).
+std::string StorageId(const std::string& type, const std::string& key, uint64_t numel) {
+  return "(" + Str("storage") + "ctorch\n" + type + "\n" + Str(key) + Str("cpu") + "\x8a\x08" +
+         Le(numel, 8) + "Nt" + "Q";
+}
+// A legacy file: the magic, version and sys_info pickles, `main`, a list
+// of `keys`, then `records` as they are.
+std::string LegacyFile(const std::string& main, const std::vector<std::string>& keys,
+                       const std::string& records, bool little_endian = true) {
+  std::string out = "\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19."s;
+  out += "\x80\x02M\xe9\x03."s;
+  out += "\x80\x02}(" + Str("protocol_version") + "M\xe9\x03" + Str("little_endian") +
+         (little_endian ? "\x88" : "\x89") + "u.";
+  out += "\x80\x02" + main + ".";
+  out += "\x80\x02](";
+  for (const auto& k : keys) out += Str(k);
+  out += "e.";
+  return out + records;
+}
+std::string Record(uint64_t count, const std::string& bytes) { return Le(count, 8) + bytes; }
+// The file with its (empty) storage list replaced by None.
+std::string NotAList(const std::string& file) {
+  return file.substr(0, file.size() - 6) + "\x80\x02N.";
+}
+
+}  // namespace
+
+TEST_CASE("torch.save's legacy files: pickles, storage records and the main tree",
+          "[unit][checkpoint]") {
+  TempDir dir;
+  REQUIRE(RunPython(dir.path, R"(
+import sys, torch
+base = torch.arange(12, dtype=torch.float32)
+sd = {"w": base.view(3, 4), "view": base[2:5], "bf": torch.ones(2, dtype=torch.bfloat16),
+      "long": torch.arange(3), "s": "x" * 200000}
+for proto in (2, 4):
+    torch.save(sd, "%s/legacy%d.pt" % (sys.argv[1], proto), _use_new_zipfile_serialization=False,
+               pickle_protocol=proto)
+torch.save(sd, sys.argv[1] + "/zip.pt")
+)"));
+  for (int proto : {2, 4}) {
+    INFO("protocol " << proto);
+    const std::string path = dir.path + "/legacy" + std::to_string(proto) + ".pt";
+    const std::string bytes = ReadFile(path);
+    CHECK(LegacyArchive::LooksLegacy(bytes.substr(0, 32)));
+    auto a = LegacyArchive::Open(path);
+    REQUIRE(a.ok());
+    // A main pickle of more than the first 64 KiB window (the long str).
+    CHECK((*a)->pickle_size() > 200000);
+    const pickle::Value* root = (*a)->tree().root();
+    CHECK(root->offset >= (*a)->pickle_offset());
+    CHECK(root->offset < (*a)->pickle_offset() + 16);
+    const std::string s = Show(root);
+    INFO(s.substr(0, 2000));
+    CHECK(s.find("torch._utils._rebuild_tensor_v2(pid('storage', torch.FloatStorage, '") !=
+          std::string::npos);
+    CHECK(s.find("', 'cpu', 12, None), 2, (3,), (1,)") != std::string::npos);
+    REQUIRE((*a)->storages().size() == 3);
+    uint64_t end = 0;
+    for (const auto& st : (*a)->storages()) {
+      CHECK(st.size == st.numel * st.itemsize);
+      CHECK(st.data_offset >= end + 8);
+      end = st.data_offset + st.size;
+      CHECK((*a)->Find(st.key) == &st);
+      if (st.type == "FloatStorage") {
+        CHECK(st.numel == 12);
+        float row[4];
+        REQUIRE((*a)->ReadRange(st, 16, 16, reinterpret_cast<uint8_t*>(row)).ok());
+        CHECK(row[0] == 4.0f);
+        CHECK(row[3] == 7.0f);
+        CHECK((*a)->ReadRange(st, 40, 16, reinterpret_cast<uint8_t*>(row)).IsCorruption());
+      } else {
+        CHECK((st.type == "BFloat16Storage" || st.type == "LongStorage"));
+      }
+    }
+    CHECK(end == bytes.size());
+    CHECK((*a)->Find("nope") == nullptr);
+    // Cut anywhere (in a record, in a count, in a pickle): Corruption.
+    for (size_t cut : {bytes.size() - 1, end - (*a)->storages().back().size - 4,
+                       static_cast<size_t>((*a)->pickle_offset() + 100000), size_t{20}}) {
+      INFO("cut at " << cut);
+      std::ofstream(dir.path + "/cut.pt", std::ios::binary) << bytes.substr(0, cut);
+      auto c = LegacyArchive::Open(dir.path + "/cut.pt");
+      REQUIRE_FALSE(c.ok());
+      CHECK(c.status().IsCorruption());
+      CHECK(c.status().message().find("at byte ") != std::string::npos);
+    }
+  }
+  // A zip file is not a legacy file.
+  CHECK_FALSE(LegacyArchive::LooksLegacy(ReadFile(dir.path + "/zip.pt").substr(0, 32)));
+  auto z = LegacyArchive::Open(dir.path + "/zip.pt");
+  CHECK(z.status().IsCorruption());
+  CHECK(z.status().message().find("not a legacy torch.save file") != std::string::npos);
+}
+
+TEST_CASE("hostile legacy files are Corruption at their offset, never a huge read",
+          "[unit][checkpoint]") {
+  TempDir dir;
+  const std::string floats(16, '\x01');  // 4 float32
+  struct Case {
+    std::string name, bytes, what;
+    bool not_supported = false;
+  };
+  const std::vector<Case> cases{
+      {"good", LegacyFile(StorageId("FloatStorage", "k", 4), {"k"}, Record(4, floats)), ""},
+      {"truncated", LegacyFile(StorageId("FloatStorage", "k", 4), {"k"}, Record(4, "abc")),
+       "runs past the end"},
+      {"count", LegacyFile(StorageId("FloatStorage", "k", 4), {"k"}, Record(5, floats)),
+       "holds 5 elements; its id"},
+      {"beyond",
+       LegacyFile(StorageId("FloatStorage", "k", 1000000), {"k"}, Record(1000000, floats)),
+       "runs past the end"},
+      {"overflow",
+       LegacyFile(StorageId("FloatStorage", "k", uint64_t{1} << 62), {"k"},
+                  Record(uint64_t{1} << 62, floats)),
+       "runs past the end"},
+      {"no count", LegacyFile(StorageId("FloatStorage", "k", 4), {"k"}, "\x04\x00"), "count"},
+      {"unknown key",
+       LegacyFile(StorageId("FloatStorage", "k", 4), {"k", "other"},
+                  Record(4, floats) + Record(4, floats)),
+       "no storage id of the pickle names"},
+      {"twice", LegacyFile(StorageId("FloatStorage", "k", 4), {"k", "k"}, Record(4, floats)),
+       "names k twice"},
+      {"unlisted", LegacyFile(StorageId("FloatStorage", "k", 4), {}, ""),
+       "not in the storage list"},
+      {"two types",
+       LegacyFile("(" + StorageId("FloatStorage", "k", 4) + StorageId("IntStorage", "k", 4) + "l",
+                  {"k"}, Record(4, floats)),
+       "is named as"},
+      {"unknown type", LegacyFile(StorageId("QInt8Storage", "k", 4), {"k"}, Record(4, "abcd")),
+       "not read", true},
+      {"big-endian", LegacyFile(StorageId("FloatStorage", "k", 4), {"k"}, Record(4, floats), false),
+       "big-endian", true},
+      {"list", NotAList(LegacyFile(StorageId("FloatStorage", "k", 4), {}, "")),
+       "the storage list is not a list"},
+      // A string claiming 2 GiB of a small file fails at once.
+      {"claim",
+       LegacyFile("X\xff\xff\xff\x7f"
+                  "abc"s,
+                  {}, ""),
+       "at byte"},
+      {"no magic", "\x80\x02K\x01."s, "not a legacy torch.save file"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    const std::string path = dir.path + "/" + c.name + ".pt";
+    std::ofstream(path, std::ios::binary) << c.bytes;
+    auto a = LegacyArchive::Open(path);
+    if (c.what.empty()) {
+      REQUIRE(a.ok());
+      REQUIRE((*a)->storages().size() == 1);
+      CHECK((*a)->storages()[0].size == 16);
+      continue;
+    }
+    REQUIRE_FALSE(a.ok());
+    INFO(a.status().ToString());
+    CHECK(a.status().message().find(c.what) != std::string::npos);
+    if (c.not_supported) {
+      CHECK(a.status().code() == Status::Code::kNotSupported);
+    } else {
+      CHECK(a.status().IsCorruption());
+      CHECK(a.status().message().find("at byte ") != std::string::npos);
+    }
+  }
+}
+
+TEST_CASE("a pickle cut short says how much more it needs", "[unit][checkpoint]") {
+  const std::string full = "\x80\x02X\x05\x00\x00\x00hello."s;
+  pickle::ParseOptions o;
+  uint64_t needed = 0;
+  o.needed = &needed;
+  o.base = 1000;
+  auto cut = pickle::Parse(full.substr(0, 9), "p", pickle::Limits::ForSize(9), nullptr, o);
+  REQUIRE_FALSE(cut.ok());
+  CHECK(needed == 12);  // the string's 5 bytes end at 12
+  CHECK(cut.status().message().find("pickle at byte 1002") != std::string::npos);
+  auto nostop = pickle::Parse(full.substr(0, 12), "p", pickle::Limits::ForSize(12), nullptr, o);
+  CHECK(needed == 13);
+  uint64_t consumed = 0;
+  auto whole = pickle::Parse(full, "p", pickle::Limits::ForSize(full.size()), &consumed, o);
+  REQUIRE(whole.ok());
+  CHECK(needed == 0);
+  CHECK((*whole)->root()->offset == 1002);
+  // Other errors need nothing more.
+  auto bad = pickle::Parse("\x80\x02NN."s, "p", pickle::Limits::ForSize(5), nullptr, o);
+  REQUIRE_FALSE(bad.ok());
+  CHECK(needed == 0);
 }
