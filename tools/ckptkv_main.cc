@@ -155,22 +155,7 @@ int RunExport(const std::string& db, const std::string& tag, const std::string& 
   if (bar) bar->Done();
   if (!r.ok()) return kvb::ReportError(r.status());
   if (json) {
-    nlohmann::ordered_json files = nlohmann::ordered_json::array();
-    for (const auto& f : r->files) {
-      files.push_back({{"path", f.path}, {"bytes", f.bytes}, {"tensors", f.tensors}});
-    }
-    nlohmann::ordered_json j{{"tag", r->tag},
-                             {"format", r->format},
-                             {"out", r->out_dir},
-                             {"files", files},
-                             {"tensors", r->tensors},
-                             {"tensor_bytes", r->tensor_bytes},
-                             {"bytes_written", r->bytes_written},
-                             {"verified", true},
-                             {"converted", r->converted},
-                             {"replaced", r->replaced},
-                             {"seconds", r->seconds}};
-    std::cout << ckptkv::tools::JsonText(j, 2) << std::endl;
+    std::cout << ckptkv::checkpoint::TorchExportJson(*r, 2) << std::endl;
   } else {
     std::cout << "exported tag " << tag << " as " << format << " to " << out << ": "
               << r->files.size() << " files, " << r->tensors << " tensors, "

@@ -10,6 +10,8 @@
 #include <set>
 #include <utility>
 
+#include <nlohmann/json.hpp>
+
 #include "checkpoint/core/pickle_machine.h"
 #include "checkpoint/core/pickle_writer.h"
 #include "checkpoint/core/zip_archive.h"
@@ -381,6 +383,25 @@ Result<TorchExportReport> ExportTorch(Store& store, const std::string& tag,
   report.replaced = std::move(existing);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
+}
+
+std::string TorchExportJson(const TorchExportReport& r, int indent) {
+  nlohmann::ordered_json files = nlohmann::ordered_json::array();
+  for (const auto& f : r.files) {
+    files.push_back({{"path", f.path}, {"bytes", f.bytes}, {"tensors", f.tensors}});
+  }
+  nlohmann::ordered_json j{{"tag", r.tag},
+                           {"format", r.format},
+                           {"out", r.out_dir},
+                           {"files", files},
+                           {"tensors", r.tensors},
+                           {"tensor_bytes", r.tensor_bytes},
+                           {"bytes_written", r.bytes_written},
+                           {"verified", true},
+                           {"converted", r.converted},
+                           {"replaced", r.replaced},
+                           {"seconds", r.seconds}};
+  return j.dump(indent, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
 }
 
 }  // namespace ckptkv::checkpoint

@@ -64,6 +64,11 @@ struct TorchExportReport {
 Result<TorchExportReport> ExportTorch(Store& store, const std::string& tag,
                                       const TorchExportOptions& options);
 
+// The report as the CLI's --json prints it (and ckptkv.export returns):
+// {tag, format, out, files: [{path, bytes, tensors}], tensors, tensor_bytes,
+// bytes_written, verified, converted, replaced, seconds}.
+std::string TorchExportJson(const TorchExportReport& r, int indent = -1);
+
 // The formats ExportTorch writes.
 inline constexpr const char* kTorchExportFormats[] = {"pt", "deepspeed", "universal"};
 

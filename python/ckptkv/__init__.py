@@ -86,5 +86,27 @@ def import_path(store, path, tag=None, *, overwrite=False, all_tags=False):
             s.close()
 
 
-__all__ = ["save", "load", "import_path", "Store", "Writer", "SafeOpen", "TensorSlice", "Record", "allow",
+def export(store, tag, out_dir, format="pt", overwrite=False):
+    """``ckptkv export``: the files of ``tag`` written into ``out_dir`` as
+    files torch.load and DeepSpeed read (docs/export.md). ``format``: "pt"
+    (each file of the tag as a torch.save file), "deepspeed"
+    (``out_dir/<tag>/...`` and ``latest``), "universal" (DeepSpeed's
+    universal folder and ``latest_universal``) or "safetensors"
+    (kv-browser's export). Every file is re-read and checked before it is
+    renamed into place; existing files are refused unless ``overwrite``.
+    Returns the CLI's --json report as a dict."""
+    import json
+    from ._ckptkv import checkpoint as _cc
+    if format not in ("pt", "deepspeed", "universal", "safetensors"):
+        raise InvalidArgumentError("unknown export format %r; valid: pt, deepspeed, universal, "
+                                   "safetensors" % (format,))
+    s, owned = _open(store, read_only=format != "universal")
+    try:
+        return json.loads(_cc.export_tag(s._s, tag, os.fspath(out_dir), format, bool(overwrite)))
+    finally:
+        if owned:
+            s.close()
+
+
+__all__ = ["save", "load", "import_path", "export", "Store", "Writer", "SafeOpen", "TensorSlice", "Record", "allow",
            "disallow", "allowed", "KNOWN_CLASSES"] + errors.__all__

@@ -16,11 +16,14 @@
 #include <vector>
 
 #include "checkpoint/core/reshape_maps.h"
+#include "checkpoint/query/torch_export.h"
 #include "checkpoint/query/torch_import.h"
 #include "checkpoint/core/tag_layout.h"
 #include "checkpoint/query/reshape.h"
 #include "checkpoint/query/synth.h"
 #include "python/src/py_store.h"
+#include "tools/json_text.h"
+#include "tools/kv_browser/safetensors.h"
 
 namespace ckptkv::py {
 namespace {
@@ -261,6 +264,35 @@ void BindQueries(pyb::module_& m) {
         return ImportDict(info.tag, r);
       },
       pyb::arg("store"), pyb::arg("path"), pyb::arg("tag") = "", pyb::arg("overwrite") = false);
+  m.def(
+      "export_tag",
+      [](PyStore& ps, const std::string& tag, const std::string& out, const std::string& format,
+         bool overwrite) {
+        auto held = ps.Hold();
+        std::string text;
+        bool converted = false;
+        {
+          pyb::gil_scoped_release nogil;
+          if (format == "safetensors") {
+            kvb::ExportOptions eo;  // kv-browser's export, the same code
+            eo.out_dir = out;
+            eo.overwrite = overwrite;
+            text = tools::JsonText(ValueOrThrow(kvb::ExportSafetensors(*held, tag, eo)), -1);
+          } else {
+            checkpoint::TorchExportOptions eo;
+            eo.out_dir = out;
+            eo.format = format;
+            eo.overwrite = overwrite;
+            auto r = ValueOrThrow(checkpoint::ExportTorch(held->store(), tag, eo));
+            converted = r.converted;
+            text = checkpoint::TorchExportJson(r);
+          }
+        }
+        if (converted) ps.Invalidate();  // a temporary universal tag came and went
+        return text;
+      },
+      pyb::arg("store"), pyb::arg("tag"), pyb::arg("out"), pyb::arg("format") = "pt",
+      pyb::arg("overwrite") = false);
   m.def(
       "import_save_dir",
       [](PyStore& ps, const std::string& path, bool overwrite) {
