@@ -381,11 +381,30 @@ Result<ReshapePlan> PlanReshape(const Store& store, const std::string& tag, int 
   // Each name parsed once: source files (the model-file index mp, and for
   // optimizer files the zero-file index dp * (tp * pp) + mp; -1 if none) ...
   std::map<std::string, std::pair<int, int>> source_index;  // file -> (model, zero)
+  // A layer file's mp index is its stage's (the stage that saves the layer
+  // at that pp) with the TP rank of its name: mp_rank file and layer files
+  // of one rank map alike.
+  auto stages_of_layers = [&](int pp) {
+    std::map<int, int> out;
+    for (const ParamSpec& p : info.spec.params()) {
+      if (p.layer_index < 0 || out.count(p.layer_index)) continue;
+      auto st = info.spec.StagesOf(p, pp);
+      if (st.ok() && !st->empty()) out[p.layer_index] = st->front();
+    }
+    return out;
+  };
+  const std::map<int, int> from_stage = stages_of_layers(from.pp);
+  const std::map<int, int> to_stage = stages_of_layers(pp);
+  auto layer_mp = [](const FileCoordinates& c, const std::map<int, int>& stage, int tp_degree) {
+    auto it = stage.find(c.layer);
+    return it == stage.end() ? -1 : MpRank(it->second, std::max(0, c.tp_rank), tp_degree);
+  };
   auto source_of = [&](const std::string& file) {
     auto [it, fresh] = source_index.try_emplace(file, -1, -1);
     if (fresh) {
       if (auto sc = ParseFileName(file)) {
-        it->second.first = sc->mp_rank;
+        it->second.first =
+            sc->kind == FileKind::kLayer ? layer_mp(*sc, from_stage, from.tp) : sc->mp_rank;
         if (sc->kind == FileKind::kOptimStates) {
           it->second.second = sc->dp_rank * from.tp * from.pp + sc->mp_rank;
         }
@@ -426,10 +445,10 @@ Result<ReshapePlan> PlanReshape(const Store& store, const std::string& tag, int 
       }));
   for (const PlannedFile& f : files) {
     const auto& [c, from_files] = sources[&f];
-    // DeepSpeed's maps index mp_rank and ZeRO files; layer files have no
-    // mp rank in their names.
-    if (!c || c->kind == FileKind::kLayer) continue;
-    const int new_pp = PpOfMp(c->mp_rank, tp), new_tp = TpOfMp(c->mp_rank, tp);
+    if (!c) continue;
+    const int mp = c->kind == FileKind::kLayer ? layer_mp(*c, to_stage, tp) : c->mp_rank;
+    if (mp < 0) continue;
+    const int new_pp = PpOfMp(mp, tp), new_tp = TpOfMp(mp, tp);
     const std::string key = std::to_string(new_pp) + "," + std::to_string(new_tp);
     const bool optim = c->kind == FileKind::kOptimStates;
     auto& target = optim ? plan.zero_files[c->dp_rank][key] : plan.model_files[key];

@@ -1075,3 +1075,24 @@ TEST_CASE("PipelineModule layer files: names without a model axis, and ZeRO-3 re
   CHECK(z3.status().IsInvalidArgument());
   CHECK_THAT(z3.status().message(), Catch::Contains("ZeRO-3"));
 }
+
+TEST_CASE("PipelineModule layer files: the reshape plan maps files as for mp_rank files",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthPipe(*store, "pipe", 2, 2, 2, 2, true);
+  SynthTag(*store, "flat", 2, 2, 2, 2, true);
+  // A layer file counts as the mp index of its stage and TP rank. Onto one
+  // stage both read the same files (onto several, a later stage of the
+  // flat tag also reads the tied embedding, which only layer_01 holds).
+  for (auto [tp, pp, dp] : {std::tuple{1, 1, 1}, std::tuple{2, 1, 1}, std::tuple{1, 1, 4}}) {
+    INFO("-> tp" << tp << " pp" << pp << " dp" << dp);
+    auto a = PlanReshape(*store, "pipe", tp, pp, dp);
+    auto b = PlanReshape(*store, "flat", tp, pp, dp);
+    REQUIRE(a.ok());
+    REQUIRE(b.ok());
+    CHECK(a->model_files == b->model_files);
+    CHECK(a->zero_files == b->zero_files);
+    CHECK_FALSE(a->model_files.begin()->second.empty());
+  }
+}
