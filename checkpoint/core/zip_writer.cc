@@ -36,7 +36,38 @@ constexpr uint32_t kLocalSig = 0x04034b50, kCentralSig = 0x02014b50, kEndSig = 0
                    kEnd64Sig = 0x06064b50, kEnd64LocatorSig = 0x07064b50;
 constexpr uint16_t kDosDate = 0x0021;  // 1980-01-01: exports are reproducible
 
+struct CrcTables {
+  uint32_t t[8][256];
+  CrcTables() {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; ++i) {
+      for (int k = 1; k < 8; ++k) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFF];
+    }
+  }
+};
+
 }  // namespace
+
+uint32_t Crc32Sliced(const uint8_t* p, size_t n, uint32_t crc) {
+  static const CrcTables kT;
+  const auto& t = kT.t;
+  crc = ~crc;
+  while (n >= 8) {
+    const uint32_t lo =
+        crc ^ (static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |
+               static_cast<uint32_t>(p[2]) << 16 | static_cast<uint32_t>(p[3]) << 24);
+    crc = t[7][lo & 0xFF] ^ t[6][(lo >> 8) & 0xFF] ^ t[5][(lo >> 16) & 0xFF] ^ t[4][lo >> 24] ^
+          t[3][p[4]] ^ t[2][p[5]] ^ t[1][p[6]] ^ t[0][p[7]];
+    p += 8;
+    n -= 8;
+  }
+  while (n-- > 0) crc = t[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+  return ~crc;
+}
 
 // ---------------------------------------------------------------- TempFile
 
@@ -317,7 +348,7 @@ Status ZipWriter::Append(const void* data, size_t n) {
     return Status::FailedPrecondition("zip entry " + e.name + " gets more than its " +
                                       std::to_string(e.size) + " bytes");
   }
-  e.crc = Crc32(static_cast<const uint8_t*>(data), n, e.crc);
+  e.crc = Crc32Sliced(static_cast<const uint8_t*>(data), n, e.crc);
   written_ += n;
   return out_->Write(data, n);
 }

@@ -100,6 +100,11 @@ class ExportDir {
   uint64_t temps_ = 0;
 };
 
+// CRC-32 of the zip polynomial, continued from `crc` (the same values as
+// zip_archive.h's Crc32), eight bytes a step: several times faster on
+// tensors' bytes.
+uint32_t Crc32Sliced(const uint8_t* data, size_t n, uint32_t crc = 0);
+
 struct ZipWriterOptions {
   bool force_zip64 = false;  // ZIP64 records even when nothing needs them (tests)
 };

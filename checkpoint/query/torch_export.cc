@@ -210,7 +210,7 @@ class Exporter {
       auto check = [&](uint64_t off, uint64_t n, const Digest& want, const std::string& part) {
         buf.resize(n);
         RETURN_IF_ERROR(zip->ReadRange(*e, off, n, buf.data()));
-        crc = Crc32(buf.data(), n, crc);
+        crc = Crc32Sliced(buf.data(), n, crc);
         if (Digest::Of(buf.data(), n) != want) {
           return Status::Corruption(what + part + " does not match its stored digest");
         }
