@@ -87,6 +87,14 @@ TensorPlacer::Placements DeepSpeedPlacer::Place(const std::string& tag, const st
                                                 const IValue& state) {
   Result<Placements> r = TryPlace(tag, file, state);
   if (r.ok()) return std::move(r).value();
+  if (std::optional<FileCoordinates> c = ParseFileName(file); c && c->kind == FileKind::kLayer) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (std::find(unplaced_layers_.begin(), unplaced_layers_.end(), tag) ==
+        unplaced_layers_.end()) {
+      unplaced_layers_.push_back(tag);
+      if (unplaced_layers_.size() > kUnplacedTags) unplaced_layers_.pop_front();
+    }
+  }
   spdlog::warn(
       "[ckptkv] {}/{}: saved without fragment placements ({}); reshape and universal export "
       "of tag {} will refuse it",
@@ -465,6 +473,22 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceLayer(const std::string& 
       tensors.front().first +
       " in param_shapes); DeepSpeed saves layer files before their mp_rank file, so "
       "place the tag after its commit (ckptkv place)");
+}
+
+Result<std::optional<PlaceTagReport>> DeepSpeedPlacer::FinishTag(Store& store,
+                                                                 const std::string& tag) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = std::find(unplaced_layers_.begin(), unplaced_layers_.end(), tag);
+    if (it == unplaced_layers_.end()) return std::optional<PlaceTagReport>();
+    unplaced_layers_.erase(it);
+  }
+  ASSIGN_OR_RETURN(PlaceTagReport report, PlaceTag(store, tag, "", *this));
+  if (!report.unplaced_files.empty()) {
+    spdlog::warn("[ckptkv] {}: {} files still without fragment placements after the commit", tag,
+                 report.unplaced_files.size());
+  }
+  return std::optional<PlaceTagReport>(std::move(report));
 }
 
 Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std::string& out_tag,

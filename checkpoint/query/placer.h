@@ -41,8 +41,10 @@
 #ifndef CKPTKV_CHECKPOINT_QUERY_PLACER_H_
 #define CKPTKV_CHECKPOINT_QUERY_PLACER_H_
 
+#include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -53,6 +55,8 @@
 
 namespace ckptkv::checkpoint {
 
+struct PlaceTagReport;
+
 class DeepSpeedPlacer : public TensorPlacer {
  public:
   explicit DeepSpeedPlacer(ShardingRules rules = ShardingRules::MegatronDefaults());
@@ -61,6 +65,14 @@ class DeepSpeedPlacer : public TensorPlacer {
   Placements Place(const std::string& tag, const std::string& file,
                    const c10::IValue& state) override;
   void EndTag(const std::string& tag) override;
+
+  // After `tag` was committed: if Place left layer files of it unplaced
+  // (DeepSpeed's save order, first tag of a run), places the committed tag
+  // with PlaceTag (records only, no tensor bytes; the tag is re-committed
+  // atomically) and returns its report; nullopt when there was nothing to
+  // do. Call it before EndTag(tag) or after: the last 16 such tags are
+  // remembered until then.
+  Result<std::optional<PlaceTagReport>> FinishTag(Store& store, const std::string& tag);
 
   // As Place, with the reason when a DeepSpeed file cannot be placed
   // (InvalidArgument naming the key or tensor that disagrees). Files that
@@ -86,6 +98,8 @@ class DeepSpeedPlacer : public TensorPlacer {
   std::mutex mu_;
   std::map<std::string, std::map<int, ModelInfo>> tags_;  // tag -> mp rank -> model info
   std::map<int, ModelInfo> last_;  // the model infos of the last tag ended that had any
+  static constexpr size_t kUnplacedTags = 16;
+  std::deque<std::string> unplaced_layers_;  // tags with layer files Place left unplaced
   // tag -> layer parameters placed from last_: name -> (local shape, tp).
   std::map<std::string, std::map<std::string, std::pair<std::vector<int64_t>, int>>> guessed_;
 };

@@ -366,13 +366,17 @@ TEST_CASE("PipelineModule layer files saved through the engine get the placement
         CHECK(RequireSamePlacements(a.path(), b.path(), "t2") > 0);
         CHECK(CountPlacedLayerFiles(b.path(), "t2", &layer_files) == layer_files);
         RequireReshapesLikeSynth(b.path(), "t2", from);
-        // ... and the first is placed after its commit.
+        // ... and the first is placed after its commit, by FinishTag (what
+        // the engine would call after commit) or PlaceTag.
         auto store = OpenStore(b.path());
-        DeepSpeedPlacer later;
-        auto rep = PlaceTag(*store, "t", "", later);
+        CHECK_FALSE(placer->FinishTag(*store, "t2").value());  // nothing left to place
+        auto rep = placer->FinishTag(*store, "t");
         INFO(rep.status().ToString());
         REQUIRE(rep.ok());
-        CHECK(rep->unplaced_files.empty());
+        REQUIRE(rep->has_value());
+        CHECK((*rep)->unplaced_files.empty());
+        CHECK(store->Latest().value() == std::optional<std::string>("t2"));
+        CHECK_FALSE(placer->FinishTag(*store, "t").value());
         store.reset();
         CHECK(RequireSamePlacements(a.path(), b.path(), "t") > 0);
       }
