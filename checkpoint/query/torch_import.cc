@@ -522,6 +522,10 @@ class Interpreter {
       *out = Bytes(bytes);
       return Status::OK();
     }
+    if (IsEmptyBytes(v)) {
+      *out = Bytes("");
+      return Status::OK();
+    }
     if (name == "builtins.bytearray" && plain) {
       // bytearray(b"..."), or as protocol 2 writes it: bytearray("...", "latin-1").
       std::string bytes;
@@ -570,7 +574,17 @@ class Interpreter {
         Arg(v, 1)->text == "latin1") {
       return Latin1(v, Arg(v, 0)->text, out);
     }
+    if (IsEmptyBytes(v)) {
+      out->clear();
+      return Status::OK();
+    }
     return Bad(v, "a value that is not bytes");
+  }
+
+  // builtins.bytes(): b"" as protocol 2 writes it.
+  static bool IsEmptyBytes(const Value* v) {
+    return v->kind == Kind::kCall && pickle::QualifiedName(v->items[0]) == "builtins.bytes" &&
+           Plain(v) && v->items[1]->items.empty();
   }
 
   Status Latin1(const Value* v, const std::string& utf8, std::string* out) {
@@ -821,6 +835,16 @@ class Interpreter {
     std::string data;
     RETURN_IF_ERROR(
         ArrayBytes(v, name, shape, itemsize, st->items[o + 2]->b, std::move(raw), &data));
+    // numpy's unpickler gives a big-endian array in native order (protocol
+    // 5's _frombuffer keeps it): the same here.
+    if (dtype[0] == '>') {
+      const uint64_t unit = dtype[1] == 'c' ? itemsize / 2 : dtype[1] == 'U' ? 4 : itemsize;
+      for (uint64_t at = 0; at + unit <= data.size(); at += unit) {
+        std::reverse(data.begin() + static_cast<std::ptrdiff_t>(at),
+                     data.begin() + static_cast<std::ptrdiff_t>(at + unit));
+      }
+      dtype[0] = '<';
+    }
     return NumpyArray(dtype, shape, std::move(data), path, out);
   }
 
