@@ -3,12 +3,17 @@ a store with exactly their values and types, without running pickle;
 hostile files are refused naming what they hold, and nothing runs."""
 import argparse
 import collections
+import io
 import json
 import os
+import pickle
+import struct
 import subprocess
 import sys
+import tarfile
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,7 +90,12 @@ def import_json(*args):
 
 def assert_same(a, b, path="/"):
     assert type(a) is type(b), (path, type(a), type(b))
-    if isinstance(a, torch.Tensor):
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape, (path, a.dtype, b.dtype, a.shape, b.shape)
+        assert a.tobytes() == b.tobytes() and b.flags.writeable, path
+    elif isinstance(a, np.generic):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (path, a, b)
+    elif isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
         assert a.requires_grad == b.requires_grad, path
     elif isinstance(a, dict):
@@ -244,10 +254,16 @@ def test_hostile_files_are_refused_and_run_nothing(tmp_path):
 
 def test_other_formats_say_what_they_are(tmp_path):
     store = tmp_path / "store"
-    legacy = tmp_path / "legacy.pt"
-    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
-    r = run_import("--db", store, legacy)
-    assert r.returncode == 1 and "legacy format" in r.stderr, r.stderr
+    # torch < 0.4's tar format: its members as torch wrote them.
+    tar = tmp_path / "old.pt"
+    with tarfile.open(tar, "w") as t:
+        for name in ("sys_info", "pickle", "storages", "tensors"):
+            data = pickle.dumps({}, protocol=2)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    r = run_import("--db", store, tar)
+    assert r.returncode == 1 and "pre-0.4 torch.save format" in r.stderr, r.stderr
     script = tmp_path / "script.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), script)
     r = run_import("--db", store, script)
@@ -263,7 +279,9 @@ def test_other_formats_say_what_they_are(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("hello")
     r = run_import("--db", store, text)
-    assert r.returncode == 1 and "not a torch.save zip file" in r.stderr, r.stderr
+    assert r.returncode == 1 and "not a torch.save file" in r.stderr, r.stderr
+    with ckptkv.Store(store, read_only=True) as s:
+        assert s.tags() == []
 
 
 def test_a_chain_of_parameter_rebuilds_is_refused_not_recursed(tmp_path):
@@ -320,3 +338,191 @@ def test_all_tags_of_a_save_dir_import_in_order_with_latest_last(tmp_path):
     assert bad.returncode != 0 and "global_step11" in bad.stderr, bad.stderr
     with pytest.raises(ckptkv.InvalidArgumentError, match="global_step11"):
         ckptkv.import_path(tmp_path / "s3", save, all_tags=True)
+
+
+def rich_state(ds=None):
+    """Tensors of many dtypes, views sharing one storage, a state dict with
+    _metadata, nested containers, and numpy values as state dicts hold them."""
+    torch.manual_seed(1)
+    base = torch.arange(24, dtype=torch.float32)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    rs = np.random.RandomState(5)
+    sd = {
+        "module": model.state_dict(), "view": base[2:5], "transposed": base.view(4, 6).t(),
+        "whole": base.view(2, 12), "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "half": torch.ones(2, dtype=torch.float16), "double": torch.randn(3, dtype=torch.float64),
+        "int8": torch.tensor([-3, 4], dtype=torch.int8), "uint8": torch.tensor([250, 1], dtype=torch.uint8),
+        "int16": torch.tensor([-300], dtype=torch.int16), "int32": torch.tensor([1 << 30], dtype=torch.int32),
+        "long": torch.arange(4), "bool": torch.tensor([True, False]), "complex": torch.randn(2, dtype=torch.complex64),
+        "empty": torch.empty(0, 3), "scalar": torch.tensor(2.5), "grad": torch.ones(2, requires_grad=True),
+        "p": torch.nn.Parameter(torch.zeros(2)), "size": torch.Size([3, 4]), "dt": torch.bfloat16,
+        "nested": {"a": [1, (2.5, None, {"b": [torch.ones(1)]})], "s": {"x"}, "f": frozenset([3])},
+        "ns": argparse.Namespace(lr=0.1), "big": 2 ** 80, "bytes": b"\x00\xff",
+        "np": {
+            "f64": np.float64(2.5), "f32": np.float32(-1.25), "i64": np.int64(-7), "i32": np.int32(3),
+            "u8": np.uint8(200), "bool": np.bool_(True), "c128": np.complex128(1 - 2j),
+            "str": np.str_("h\u00e9"), "bytes": np.bytes_(b"ab"), "date": np.datetime64("2024-01-02T03:04"),
+            "arr": np.arange(6, dtype=np.int16).reshape(2, 3), "big_arr": rs.standard_normal(20000),
+            "fortran": np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
+            "zero_d": np.array(4.5), "empty": np.zeros((0, 2), dtype=np.int8),
+            "be": np.arange(3, dtype=">i4"), "strs": np.array(["ab", "c"]), "bs": np.array([b"x", b"yz"]),
+            "bools": np.array([True, False]), "dates": np.array(["2020-01-01", "2021-06-01"], dtype="M8[D]"),
+            "deltas": np.array([1, 2], dtype="m8[10s]"), "half_arr": np.ones(3, dtype=np.float16),
+            "dtypes": [np.dtype("f4"), np.dtype(">u2"), np.dtype("<M8[10s]"), np.dtype("U3"), np.dtype("b1")],
+            "rng": np.random.get_state(), "rs_rng": rs.get_state(),
+        },
+    }
+    sd["tied"] = sd["view"]
+    if ds is not None:
+        sd["zero_stage"] = ds.ZeroStageEnum.gradients
+        sd["mappings"] = [collections.OrderedDict(w=ds.fragment_address(numel=12, start=0))]
+    return sd
+
+
+@pytest.mark.parametrize("proto", [2, 4, 5])
+@pytest.mark.parametrize("legacy", [True, False])
+def test_legacy_files_and_numpy_values_import_as_themselves(tmp_path, fake_deepspeed, legacy, proto):
+    sd = rich_state(fake_deepspeed)
+    pt = tmp_path / "sd.pt"
+    torch.save(sd, pt, _use_new_zipfile_serialization=not legacy, pickle_protocol=proto)
+    store = tmp_path / "store"
+    r = import_json("--db", store, pt)
+    assert r["tag"] == "sd" and r["files"] == 1
+    got = ckptkv.load(store, "sd", "sd.pt")
+    want = torch.load(pt)
+    assert_same(want, got)
+    assert got["tied"] is got["view"]
+    assert got["module"]._metadata == sd["module"]._metadata
+    assert got["np"]["dtypes"] == sd["np"]["dtypes"]
+    with ckptkv.Store(store, read_only=True) as s:
+        assert s.verify()["ok"]
+    # The legacy file of the same values is the same import (tensor bytes dedup).
+    if legacy:
+        zpt = tmp_path / "zip.pt"
+        torch.save(sd, zpt, pickle_protocol=proto)
+        assert import_json("--db", store, zpt)["new_bytes"] == 0
+        assert_same(ckptkv.load(store, "zip", "zip.pt"), got)
+
+
+def test_numpy_2_module_names_import_too(tmp_path):
+    # numpy 2 pickles numpy._core.multiarray; Debian's numpy writes numpy.core.
+    sd = {"a": np.arange(5, dtype=np.int32), "s": np.float64(0.5), "rng": np.random.get_state()}
+    for legacy in (True, False):
+        pt = tmp_path / ("new%d.pt" % legacy)
+        torch.save(sd, pt, _use_new_zipfile_serialization=not legacy)
+        data = pt.read_bytes()
+        if legacy:  # protocol 2 writes GLOBALs as lines: the name can grow in place
+            renamed = data.replace(b"numpy.core.multiarray", b"numpy._core.multiarray")
+        else:  # same length inside the zip (the CRC is the zip's business): a test-only rename
+            import zipfile
+            renamed_path = tmp_path / "renamed.pt"
+            with zipfile.ZipFile(pt) as z, zipfile.ZipFile(renamed_path, "w") as out:
+                for info in z.infolist():
+                    body = z.read(info)
+                    if info.filename.endswith("data.pkl"):
+                        body = body.replace(b"numpy.core.multiarray", b"numpy._core.multiarray")
+                    out.writestr(info, body)
+            renamed = renamed_path.read_bytes()
+        assert b"numpy._core.multiarray" in renamed
+        pt.write_bytes(renamed)
+        store = tmp_path / "store"
+        import_json("--db", store, pt)
+        assert_same(sd, ckptkv.load(store, pt.stem, pt.name))
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
+def test_numpy_objects_that_are_not_plain_data_are_refused(tmp_path):
+    store = tmp_path / "store"
+    cases = {
+        "object": (np.array([1, "a"], dtype=object), "object dtype"),
+        "structured": (np.zeros(2, dtype=[("a", "i4"), ("b", "f8")]), "structured dtype"),
+        "subarray": (np.dtype(("i4", (2,))), "subarray dtype"),
+        "matrix": (np.matrix([[1, 2]]), "numpy.matrix (an ndarray subclass)"),
+        "metadata": (np.dtype(float, metadata={"a": 1}), "metadata"),
+    }
+    for legacy in (True, False):
+        for name, (obj, what) in cases.items():
+            pt = tmp_path / ("%s.pt" % name)
+            torch.save({"x": obj, "w": torch.ones(3)}, pt, _use_new_zipfile_serialization=not legacy)
+            r = run_import("--db", store, pt)
+            assert r.returncode != 0 and what in r.stderr, (name, r.stderr)
+            assert "pickle at byte " in r.stderr and str(pt) in r.stderr, r.stderr
+            assert "numpy" in r.stderr, r.stderr
+    with ckptkv.Store(store, read_only=True) as s:
+        assert s.tags() == []
+
+
+def legacy_file(path, obj, ids, keys, records):
+    """A legacy torch.save file written by hand: the pickle of `obj` whose
+    Storage placeholders persist as the ids in `ids`, the storage list
+    `keys`, then `records` [(count, bytes)] as they are."""
+    class Storage:
+        def __init__(self, i):
+            self.i = i
+
+    class P(pickle.Pickler):
+        def persistent_id(self, o):
+            return ids[o.i] if isinstance(o, Storage) else None
+
+    f = io.BytesIO()
+    pickle.dump(0x1950a86a20f9469cfc6c, f, protocol=2)
+    pickle.dump(1001, f, protocol=2)
+    pickle.dump({"protocol_version": 1001, "little_endian": True,
+                 "type_sizes": {"short": 2, "int": 4, "long": 4}}, f, protocol=2)
+    p = P(f, protocol=2)
+    p.dump(obj(Storage))
+    pickle.dump(keys, f, protocol=2)
+    for count, data in records:
+        f.write(struct.pack("<q", count) + data)
+    path.write_bytes(f.getvalue())
+
+
+def test_hostile_legacy_files_are_clear_errors_and_commit_nothing(tmp_path):
+    store = tmp_path / "store"
+    floats = struct.pack("<4f", 1, 2, 3, 4)
+    fs = torch.FloatStorage
+
+    class Rebuild:  # pickles as _rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())
+        def __init__(self, s, offset=0, size=(4,), stride=(1,)):
+            self.args = (s, offset, size, stride, False, collections.OrderedDict())
+
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, self.args)
+
+    def obj(**kw):
+        return lambda Storage: {"w": Rebuild(Storage(0), **kw)}
+
+    sid = ("storage", fs, "k", "cpu", 4, None)
+    good = tmp_path / "good.pt"
+    legacy_file(good, obj(), [sid], ["k"], [(4, floats)])
+    import_json("--db", store, good, "--tag", "good")
+    assert torch.equal(ckptkv.load(store, "good", "good.pt")["w"], torch.tensor([1.0, 2, 3, 4]))
+    cases = {
+        "truncated": (obj(), [sid], ["k"], [(4, floats[:10])], "runs past the end"),
+        "beyond": (obj(), [("storage", fs, "k", "cpu", 10 ** 9, None)], ["k"], [(10 ** 9, floats)],
+                   "runs past the end"),
+        "huge": (obj(), [("storage", fs, "k", "cpu", 2 ** 62, None)], ["k"], [(2 ** 62, floats)],
+                 "runs past the end"),
+        "count": (obj(), [sid], ["k"], [(3, floats)], "holds 3 elements; its id"),
+        "unknown_key": (obj(), [sid], ["k", "ghost"], [(4, floats), (4, floats)],
+                        "no storage id of the pickle names"),
+        "unlisted": (obj(), [sid], [], [], "not in the storage list"),
+        "view_outside": (obj(), [("storage", fs, "k", "cpu", 4, ("v", 2, 3))], ["k"], [(4, floats)],
+                         "a view [2, +3) of storage k"),
+        "offset_outside": (obj(offset=3), [sid], ["k"], [(4, floats)], "a view reaching element"),
+        "huge_numel": (obj(size=(2 ** 40,), stride=(0,)), [sid], ["k"], [(4, floats)], "an expanded view"),
+    }
+    for name, (o, ids, keys, records, what) in cases.items():
+        pt = tmp_path / ("%s.pt" % name)
+        legacy_file(pt, o, ids, keys, records)
+        r = run_import("--db", store, pt)
+        assert r.returncode != 0 and what in r.stderr, (name, r.stderr)
+        assert "at byte " in r.stderr and str(pt) in r.stderr, (name, r.stderr)
+    # A legacy view inside its root reads the view's elements.
+    pt = tmp_path / "view.pt"
+    legacy_file(pt, obj(size=(2,)), [("storage", fs, "k", "cpu", 4, ("v", 1, 3))], ["k"], [(4, floats)])
+    import_json("--db", store, pt)
+    assert torch.equal(ckptkv.load(store, "view", "view.pt")["w"], torch.tensor([2.0, 3]))
+    assert torch.equal(torch.load(pt)["w"], torch.tensor([2.0, 3]))
+    with ckptkv.Store(store, read_only=True) as s:
+        assert sorted(t["tag"] for t in s.tags()) == ["good", "view"]  # nothing of a refused file
