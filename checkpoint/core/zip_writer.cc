@@ -282,6 +282,18 @@ Status ExportDir::Commit(TempFile* f, bool overwrite) {
   return Status::OK();
 }
 
+Status ExportDir::Remove(const std::string& rel) {
+  RETURN_IF_ERROR(CheckRelative(rel));
+  bool missing = false;
+  ASSIGN_OR_RETURN(int dir, Parent(rel, false, &missing));
+  if (missing) return Status::OK();
+  if (::unlinkat(dir, BaseOf(rel).c_str(), 0) != 0 && errno != ENOENT) {
+    return Status::IOError("removing '" + path_ + "/" + rel + "': " + Errno());
+  }
+  if (::fsync(dir) != 0) return Status::IOError("fsync of '" + path_ + "': " + Errno());
+  return Status::OK();
+}
+
 void ExportDir::RemoveCreatedDirs() {
   for (auto it = created_.rbegin(); it != created_.rend(); ++it) {
     if (auto d = dirs_.find(*it); d != dirs_.end()) {

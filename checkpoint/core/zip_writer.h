@@ -84,6 +84,8 @@ class ExportDir {
   // Renames the synced, closed file into place: replacing what is there
   // when `overwrite`, else AlreadyExists; then syncs its directory.
   Status Commit(TempFile* f, bool overwrite);
+  // Removes the file (or symlink) at `rel`, then syncs its directory.
+  Status Remove(const std::string& rel);
   // Removes the directories Create made that are still empty (after a
   // failed export), deepest first.
   void RemoveCreatedDirs();

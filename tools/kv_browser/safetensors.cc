@@ -12,6 +12,7 @@
 #include <map>
 #include <set>
 
+#include "checkpoint/core/zip_writer.h"
 #include "store/names.h"
 #include "store/size_math.h"
 #include "tools/json_text.h"
@@ -167,19 +168,6 @@ struct Fd {
   }
 };
 
-Status WriteAll(int fd, const uint8_t* p, size_t n, const std::string& path) {
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return Status::IOError("writing '" + path + "': " + std::strerror(errno));
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return Status::OK();
-}
-
 Status ReadAll(int fd, uint8_t* p, size_t n, const std::string& path) {
   while (n > 0) {
     ssize_t r = ::read(fd, p, n);
@@ -212,15 +200,12 @@ std::string HeaderFor(const std::vector<Item>& items, const std::string& tag) {
   return s;
 }
 
-// Writes `bytes` (or, with `items`, the tensors' bytes after `bytes`) to a
-// new file `tmp` in the directory and syncs it.
-Status WriteTemp(Browser* b, int dirfd, const std::string& tmp, const std::string& bytes,
+// Writes `bytes` (or, with `items`, the tensors' bytes after `bytes`) to
+// the temporary file and syncs it (export's own files, checkpoint/core/
+// zip_writer.h: nothing outside the directory, removed unless renamed).
+Status WriteTemp(Browser* b, checkpoint::TempFile* f, const std::string& bytes,
                  const std::vector<Item>& items, Progress* progress) {
-  Fd f;
-  f.fd = ::openat(dirfd, tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-  if (f.fd < 0) return Status::IOError("creating '" + tmp + "': " + std::strerror(errno));
-  RETURN_IF_ERROR(
-      WriteAll(f.fd, reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), tmp));
+  RETURN_IF_ERROR(f->Write(bytes.data(), bytes.size()));
   std::vector<uint8_t> buf;
   const uint64_t window = 4u << 20;
   for (const auto& it : items) {
@@ -229,24 +214,19 @@ Status WriteTemp(Browser* b, int dirfd, const std::string& tmp, const std::strin
       uint64_t n = std::min(window, e.bytes() - off);
       buf.resize(n);
       RETURN_IF_ERROR(b->Read(e, off, n, buf.data()));
-      RETURN_IF_ERROR(WriteAll(f.fd, buf.data(), n, tmp));
+      RETURN_IF_ERROR(f->Write(buf.data(), n));
       if (progress) progress->Add(n);
     }
   }
-  if (::fsync(f.fd) != 0) return Status::IOError("fsync '" + tmp + "': " + std::strerror(errno));
-  const int fd = f.fd;
-  f.fd = -1;
-  if (::close(fd) != 0) return Status::IOError("closing '" + tmp + "': " + std::strerror(errno));
-  return Status::OK();
+  return f->SyncAndClose();
 }
 
 // Re-reads a written shard: its header must be valid safetensors and
 // describe exactly `items`, in order, and every tensor's bytes must match
 // the digests of its stored chunks (or of its inline bytes).
-Status CheckShard(int dirfd, const std::string& tmp, const std::string& name,
-                  const std::vector<Item>& items) {
+Status CheckShard(const std::string& tmp, const std::string& name, const std::vector<Item>& items) {
   Fd f;
-  f.fd = ::openat(dirfd, tmp.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  f.fd = ::open(tmp.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
   if (f.fd < 0) return Status::IOError("re-opening '" + tmp + "': " + std::strerror(errno));
   struct stat st;
   if (::fstat(f.fd, &st) != 0)
@@ -305,10 +285,9 @@ Status CheckShard(int dirfd, const std::string& tmp, const std::string& name,
 }
 
 // Re-reads the index: valid JSON whose weight_map is `weight_map`.
-Status CheckIndex(int dirfd, const std::string& tmp, const std::string& name,
-                  const json& weight_map) {
+Status CheckIndex(const std::string& tmp, const std::string& name, const json& weight_map) {
   Fd f;
-  f.fd = ::openat(dirfd, tmp.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+  f.fd = ::open(tmp.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
   if (f.fd < 0) return Status::IOError("re-opening '" + tmp + "': " + std::strerror(errno));
   std::string text;
   char buf[65536];
@@ -335,15 +314,6 @@ bool IsExportFile(const std::string& name) {
          (name.size() >= ext.size() &&
           name.compare(name.size() - ext.size(), ext.size(), ext) == 0);
 }
-
-// Temporary files of one export, removed unless released.
-struct Temps {
-  int dirfd = -1;
-  std::vector<std::string> names;
-  ~Temps() {
-    for (const auto& n : names) ::unlinkat(dirfd, n.c_str(), 0);
-  }
-};
 
 }  // namespace
 
@@ -403,13 +373,9 @@ Result<json> ExportSafetensors(Browser& b, const std::string& tag, const ExportO
     total += it.entry->bytes();
   }
 
+  ASSIGN_OR_RETURN(std::unique_ptr<checkpoint::ExportDir> dir,
+                   checkpoint::ExportDir::Open(o.out_dir));
   std::error_code ec;
-  fs::create_directories(o.out_dir, ec);
-  if (ec) return Status::IOError("cannot create '" + o.out_dir + "': " + ec.message());
-  Fd dir;
-  dir.fd = ::open(o.out_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir.fd < 0)
-    return Status::IOError("cannot open '" + o.out_dir + "': " + std::strerror(errno));
 
   // Files already there that an export would replace or mix with.
   std::vector<std::string> existing;
@@ -434,25 +400,19 @@ Result<json> ExportSafetensors(Browser& b, const std::string& tag, const ExportO
     std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", i + 1, n);
     return std::string(buf);
   };
-  auto temp_name = [](const std::string& name) {
-    return ".ckptkv-export-" + std::to_string(::getpid()) + "-" + name + ".partial";
-  };
-  Temps temps;
-  temps.dirfd = dir.fd;
+  std::vector<std::unique_ptr<checkpoint::TempFile>> temps;
   Progress progress("export", total);
   json weight_map = json::object();
   json files = json::array();
   std::vector<std::string> finals;
   for (size_t i = 0; i < n; ++i) {
     const std::string name = shard_name(i);
-    const std::string tmp = temp_name(name);
     const std::string header = HeaderFor(shards[i], tag);
     std::string head(8, '\0');
     for (int k = 0; k < 8; ++k) head[k] = static_cast<char>(header.size() >> (8 * k));
-    ::unlinkat(dir.fd, tmp.c_str(), 0);
-    temps.names.push_back(tmp);
-    RETURN_IF_ERROR(WriteTemp(&b, dir.fd, tmp, head + header, shards[i], &progress));
-    RETURN_IF_ERROR(CheckShard(dir.fd, tmp, name, shards[i]));
+    ASSIGN_OR_RETURN(temps.emplace_back(), dir->Create(name));
+    RETURN_IF_ERROR(WriteTemp(&b, temps.back().get(), head + header, shards[i], &progress));
+    RETURN_IF_ERROR(CheckShard(temps.back()->temp_path(), name, shards[i]));
     finals.push_back(name);
     uint64_t bytes = 0;
     for (const auto& it : shards[i]) {
@@ -465,34 +425,22 @@ Result<json> ExportSafetensors(Browser& b, const std::string& tag, const ExportO
   json index{{"metadata", {{"total_size", total}, {"ckptkv_tag", ShownName(tag)}}},
              {"weight_map", weight_map}};
   {
-    const std::string tmp = temp_name(kSafetensorsIndex);
-    ::unlinkat(dir.fd, tmp.c_str(), 0);
-    temps.names.push_back(tmp);
-    RETURN_IF_ERROR(WriteTemp(nullptr, dir.fd, tmp, tools::JsonText(index, 2) + "\n", {}, nullptr));
-    RETURN_IF_ERROR(CheckIndex(dir.fd, tmp, kSafetensorsIndex, weight_map));
+    ASSIGN_OR_RETURN(temps.emplace_back(), dir->Create(kSafetensorsIndex));
+    RETURN_IF_ERROR(
+        WriteTemp(nullptr, temps.back().get(), tools::JsonText(index, 2) + "\n", {}, nullptr));
+    RETURN_IF_ERROR(CheckIndex(temps.back()->temp_path(), kSafetensorsIndex, weight_map));
     finals.emplace_back(kSafetensorsIndex);
   }
 
   // Everything is written and checked: move it into place (the index last),
   // then remove the files of an earlier export that this one does not
   // replace, so that the directory holds this export alone.
-  for (size_t i = 0; i < finals.size(); ++i) {
-    if (::renameat(dir.fd, temps.names[i].c_str(), dir.fd, finals[i].c_str()) != 0) {
-      return Status::IOError("renaming '" + temps.names[i] + "' to '" + finals[i] +
-                             "': " + std::strerror(errno));
-    }
-    temps.names[i].clear();
-  }
-  temps.names.clear();
+  for (auto& f : temps) RETURN_IF_ERROR(dir->Commit(f.get(), o.overwrite));
+  temps.clear();
   for (const auto& old : existing) {
     if (std::find(finals.begin(), finals.end(), old) != finals.end()) continue;
-    if (::unlinkat(dir.fd, old.c_str(), 0) != 0) {
-      return Status::IOError("removing the earlier '" + old + "' from '" + o.out_dir +
-                             "': " + std::strerror(errno));
-    }
-  }
-  if (::fsync(dir.fd) != 0) {
-    return Status::IOError("fsync '" + o.out_dir + "': " + std::strerror(errno));
+    Status removed = dir->Remove(old);
+    if (!removed.ok()) return removed.WithContext("removing the earlier export's file");
   }
   return json{{"tag", tag},
               {"out", o.out_dir},

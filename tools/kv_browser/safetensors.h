@@ -12,7 +12,10 @@
 // and then the files of the earlier export that this one does not replace are
 // removed, so the directory never mixes two exports. Nothing is written
 // outside the directory: names are generated, and symlinks are never
-// followed.
+// followed (the files are checkpoint/core/zip_writer.h's ExportDir and
+// TempFile, which `ckptkv export` writes its torch files with too).
+// `ckptkv export --format safetensors` and ckptkv.export(...,
+// format="safetensors") run this same function.
 #ifndef CKPTKV_TOOLS_KV_BROWSER_SAFETENSORS_H_
 #define CKPTKV_TOOLS_KV_BROWSER_SAFETENSORS_H_
 
