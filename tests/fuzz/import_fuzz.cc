@@ -1,9 +1,11 @@
 // Fuzz target: `ckptkv import` of a torch.save file whose data.pkl is the
 // input. The input is packed into a zip beside one 64-byte storage entry
 // ("0": 16 float32, the seed corpus's tensors use it) and imported into a
-// pending tag of a scratch store, then the tag is aborted. Whatever the
-// pickle holds, the import succeeds or fails with a Status: never a crash,
-// a hang or a call of what the pickle names.
+// pending tag of a scratch store, then the tag is aborted; an input that
+// starts as a legacy torch.save file (its pickled magic number) is imported
+// as that file itself. Whatever the pickle holds, the import succeeds or
+// fails with a Status: never a crash, a hang or a call of what the pickle
+// names.
 #include <unistd.h>
 
 #include <cstdint>
@@ -14,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/core/legacy_archive.h"
 #include "checkpoint/core/zip_archive.h"
 #include "checkpoint/query/placer.h"
 #include "checkpoint/query/torch_import.h"
@@ -108,8 +111,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   {
     FILE* f = std::fopen(file.c_str(), "wb");
     if (f == nullptr) return 0;
-    const std::string zip = Zip({{"f/data.pkl", pkl}, {"f/data/0", storage}, {"f/version", "3\n"}});
-    std::fwrite(zip.data(), 1, zip.size(), f);
+    const std::string bytes =
+        LegacyArchive::LooksLegacy(pkl)
+            ? pkl
+            : Zip({{"f/data.pkl", pkl}, {"f/data/0", storage}, {"f/version", "3\n"}});
+    std::fwrite(bytes.data(), 1, bytes.size(), f);
     std::fclose(f);
   }
   if (!scratch.store->BeginTag("t", /*overwrite=*/true).ok()) std::abort();
