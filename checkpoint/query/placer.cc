@@ -94,6 +94,9 @@ TensorPlacer::Placements DeepSpeedPlacer::Place(const std::string& tag, const st
       unplaced_layers_.push_back(tag);
       if (unplaced_layers_.size() > kUnplacedTags) unplaced_layers_.pop_front();
     }
+    spdlog::info("[ckptkv] {}/{}: saved without fragment placements for now ({})", tag, file,
+                 r.status().ToString());
+    return {};
   }
   spdlog::warn(
       "[ckptkv] {}/{}: saved without fragment placements ({}); reshape and universal export "

@@ -434,6 +434,10 @@ TEST_CASE("the placer refuses a layer tensor whose shape disagrees with param_sh
     CHECK(pl.tp_degree == 2);
     CHECK(pl.param.rfind("2.", 0) == 0);
   }
+  // get_layer_ckpt_name_for_rank's spelling places alike.
+  auto utils_name = placer.TryPlace("u", "layer_02-model_01_model_states.pt", layer_state);
+  REQUIRE(utils_name.ok());
+  CHECK(utils_name->size() == placed->size());
   // Without checkpoint_parallel_dimensions, a pipeline file's
   // mp_world_size is pp x tp: tp comes from Megatron's args, or is unknown.
   c10::IValue old = model_state.deepcopy();
