@@ -116,6 +116,11 @@ void CheckpointCommands::Add(CLI::App& app) {
   reshape_->add_flag("--naive", naive_,
                      "DeepSpeed's way instead (the benchmark baseline): load every file whole, "
                      "concatenate, save; contraction only, CPU only");
+  reshape_
+      ->add_option("--weights", weights_,
+                   "where the new tag keeps the weights: as the source does, the module of the "
+                   "mp_rank files, or PipelineModule layer files")
+      ->check(CLI::IsMember({"as-source", "module", "layers"}));
   reshape_->add_flag("--overwrite", overwrite_, "replace an existing out tag");
   reshape_->add_flag("--json", json_, "JSON output");
 
@@ -271,6 +276,8 @@ std::optional<int> CheckpointCommands::Run() {
     o.dp = dp_;
     o.out_tag = out_tag_;
     o.write = w;
+    if (weights_ == "module") o.layer_files = checkpoint::LayerFiles::kNone;
+    if (weights_ == "layers") o.layer_files = checkpoint::LayerFiles::kModelAxis;
     r = checkpoint::Reshape(**store, tag_, o);
     what = "reshaped " + tag_;
   } else if (export_->parsed()) {

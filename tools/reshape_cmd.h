@@ -36,7 +36,8 @@ class CheckpointCommands {
   uint64_t seed_ = 1;
   int64_t iteration_ = 1000;
   bool plan_ = false, json_ = false, overwrite_ = false, naive_ = false;
-  bool layer_files_ = false;  // PipelineModule layer files (synth, import-universal)
+  bool layer_files_ = false;           // PipelineModule layer files (synth, import-universal)
+  std::string weights_ = "as-source";  // reshape --weights
 };
 
 }  // namespace ckptkv::tools

@@ -357,6 +357,7 @@ Result<ReshapeReport> Reshape(Store& store, const std::string& tag, const Reshap
   to.tp = o.tp;
   to.pp = o.pp;
   to.dp = o.dp;
+  if (o.layer_files) to.layer_files = *o.layer_files;
   ASSIGN_OR_RETURN(std::vector<PlannedFile> files, PlanFiles(info.spec, to, info.meta));
   std::string out = o.out_tag.empty() ? tag + "_tp" + std::to_string(o.tp) + "_pp" +
                                             std::to_string(o.pp) + "_dp" + std::to_string(o.dp)

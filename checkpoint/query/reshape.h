@@ -11,6 +11,7 @@
 #ifndef CKPTKV_CHECKPOINT_QUERY_RESHAPE_H_
 #define CKPTKV_CHECKPOINT_QUERY_RESHAPE_H_
 
+#include <optional>
 #include <string>
 
 #include "checkpoint/core/tag_layout.h"
@@ -38,6 +39,9 @@ Result<PlannedFile> LoadPlanned(const Store& store, const std::string& tag,
 
 struct ReshapeOptions {
   int tp = 1, pp = 1, dp = 1;
+  // Where the new tag keeps the weights (module of the mp_rank files or
+  // PipelineModule layer files); unset: as the source does.
+  std::optional<LayerFiles> layer_files;
   std::string out_tag;  // default "<tag>_tp<N>_pp<M>_dp<K>"
   WriteOptions write;
 };

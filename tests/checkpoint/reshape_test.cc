@@ -1096,3 +1096,31 @@ TEST_CASE("PipelineModule layer files: the reshape plan maps files as for mp_ran
     CHECK_FALSE(a->model_files.begin()->second.empty());
   }
 }
+
+TEST_CASE("PipelineModule layer files: reshape between layer files and module weights",
+          "[unit][checkpoint][reshape]") {
+  TempDir dir;
+  auto store = OpenStore(dir.path());
+  SynthPipe(*store, "pipe", 2, 2, 2, 1, true);
+  SynthTag(*store, "flat", 2, 2, 2, 1, true);
+  SynthTag(*store, "want_flat", 1, 1, 2, 1, true);
+  SynthPipe(*store, "want_pipe", 2, 1, 3, 1, true);
+  ReshapeOptions o;
+  o.tp = 1;
+  o.pp = 1;
+  o.dp = 2;
+  o.out_tag = "got_flat";
+  o.layer_files = LayerFiles::kNone;
+  auto r = Reshape(*store, "pipe", o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  RequireSameTensors(*store, "got_flat", "want_flat");
+  o.tp = 2;
+  o.dp = 3;
+  o.out_tag = "got_pipe";
+  o.layer_files = LayerFiles::kModelAxis;
+  r = Reshape(*store, "flat", o);
+  INFO(r.status().ToString());
+  REQUIRE(r.ok());
+  RequireSameTensors(*store, "got_pipe", "want_pipe");
+}
