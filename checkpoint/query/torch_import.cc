@@ -1046,8 +1046,8 @@ std::string Head(const std::string& path, size_t n) {
 // What a file that is not a torch.save file is, for the message.
 std::string WhatIsIt(const std::string& head) {
   if (head.size() >= 262 && head.compare(257, 5, "ustar") == 0) {
-    return "a tar archive (the pre-0.4 torch.save format), which is not read; load it with "
-           "torch < 1.6 and save it again";
+    return "a tar archive (the pre-0.4 torch.save format), which is not read; torch.load reads "
+           "it: save it again with torch.save";
   }
   return "not a torch.save file (neither a zip file nor the legacy format)";
 }
