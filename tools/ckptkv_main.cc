@@ -157,7 +157,7 @@ int RunExport(const std::string& db, const std::string& tag, const std::string& 
   if (json) {
     std::cout << ckptkv::checkpoint::TorchExportJson(*r, 2) << std::endl;
   } else {
-    std::cout << "exported tag " << tag << " as " << format << " to " << out << ": "
+    std::cout << "exported tag " << r->tag << " as " << format << " to " << out << ": "
               << r->files.size() << " files, " << r->tensors << " tensors, "
               << kvb::HumanBytes(r->bytes_written) << " written and verified" << std::endl;
   }

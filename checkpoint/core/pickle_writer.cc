@@ -533,10 +533,10 @@ class TreePickler {
     const fb::Node* p1 = np == 2 ? n->items()->Get(1) : nullptr;
     if (p0 == nullptr) return Bad(path, "is an object of " + cls + " without a payload");
     auto kind_is = [](const fb::Node* x, fb::NodeKind k) { return x && x->kind() == k; };
-    const auto form = static_cast<fb::ObjectForm>(n->i());
     if (n->i() < 0 || n->i() > static_cast<int64_t>(fb::ObjectForm::List)) {
       return Bad(path, "is an object of " + cls + " with unknown form " + std::to_string(n->i()));
     }
+    const auto form = static_cast<fb::ObjectForm>(n->i());
     if (form == fb::ObjectForm::Builtin) {
       if (cls == "builtins:set" || cls == "builtins:frozenset") {
         if (!kind_is(p0, fb::NodeKind::List)) return Bad(path, "is a set without a list");

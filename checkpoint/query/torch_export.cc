@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -282,7 +283,7 @@ struct TempTag {
 
 }  // namespace
 
-Result<TorchExportReport> ExportTorch(Store& store, const std::string& tag,
+Result<TorchExportReport> ExportTorch(Store& store, const std::string& tag_or_latest,
                                       const TorchExportOptions& o) {
   const auto start = std::chrono::steady_clock::now();
   if (o.format != "pt" && o.format != "deepspeed" && o.format != "universal") {
@@ -291,7 +292,14 @@ Result<TorchExportReport> ExportTorch(Store& store, const std::string& tag,
   }
   if (o.out_dir.empty())
     return Status::InvalidArgument("the output directory is required (--out DIR)");
-  ASSIGN_OR_RETURN(TagInfo info, store.GetTag(tag));
+  Result<TagInfo> found = store.GetTag(tag_or_latest);
+  if (!found.ok() && found.status().IsNotFound() && tag_or_latest == "latest") {
+    ASSIGN_OR_RETURN(std::optional<std::string> latest, store.Latest());
+    if (latest) found = store.GetTag(*latest);
+  }
+  if (!found.ok()) return found.status();
+  const TagInfo info = std::move(*found);
+  const std::string& tag = info.tag;
   TorchExportReport report;
   report.tag = tag;
   report.format = o.format;

@@ -59,6 +59,7 @@ struct TorchExportReport {
   double seconds = 0;
 };
 
+// `tag` "latest" names the store's latest tag unless a tag has that name.
 // A universal export of a non-universal tag writes a temporary universal
 // tag into the store (so `store` must be writable) and deletes it after.
 Result<TorchExportReport> ExportTorch(Store& store, const std::string& tag,

@@ -281,6 +281,11 @@ def test_cli_export_json(tmp_path):
     assert p.returncode == 1 and "--overwrite" in p.stderr
     p = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
     assert p.returncode == 0 and json.loads(p.stdout)["replaced"] == ["t/state.pt", "latest"]
+    # "latest" names the store's latest tag.
+    p = subprocess.run([CLI, "export", "--db", str(tmp_path / "db"), "latest", "--out",
+                        str(tmp_path / "pt"), "--json"], capture_output=True, text=True)
+    assert p.returncode == 0 and json.loads(p.stdout)["tag"] == "t"
+    assert (tmp_path / "pt" / "state.pt").exists()
 
 
 @needs_cli
