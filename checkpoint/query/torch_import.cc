@@ -33,6 +33,10 @@ constexpr uint64_t kMaxPickleBytes = uint64_t{1} << 30;
 // numpy arrays up to this many bytes are stored as Bytes, larger ones as a
 // 1-D uint8 tensor (as the Python package does).
 constexpr uint64_t kInlineArrayBytes = uint64_t{64} << 10;
+// The values and bytes written for a pickle are at most this many times its
+// size (plus an allowance): memo references to one subtree repeat it, and
+// a small pickle of nested shared lists would otherwise expand without end.
+constexpr uint64_t kOutputFactor = 16;
 
 // numpy's functions under both module names (numpy 2 renamed numpy.core to
 // numpy._core; pickles of either name are read).
@@ -171,8 +175,15 @@ struct Source {
 
 class Interpreter {
  public:
-  Interpreter(const StorageSource& storages, std::string where)
-      : storages_(storages), where_(std::move(where)), w_(where_) {}
+  // `pickle_bytes`: the size of the pickle, which bounds the work (values
+  // shared through the memo are written once per reference).
+  Interpreter(const StorageSource& storages, std::string where, uint64_t pickle_bytes)
+      : storages_(storages),
+        where_(std::move(where)),
+        w_(where_),
+        nodes_left_(kOutputFactor * pickle_bytes + (uint64_t{1} << 16)),
+        bytes_left_(kOutputFactor * pickle_bytes + (uint64_t{1} << 24)),
+        pickle_bytes_(pickle_bytes) {}
 
   Result<EncodedState> Run(const Value* root) {
     NodeOffset n = 0;
@@ -565,6 +576,7 @@ class Interpreter {
   // A bytes value: BINBYTES, or _codecs.encode(str, "latin1").
   Status BytesOf(const Value* v, std::string* out) {
     if (v->kind == Kind::kBytes) {
+      RETURN_IF_ERROR(Charge(v, 0, v->text.size()));
       *out = v->text;
       return Status::OK();
     }
@@ -588,6 +600,7 @@ class Interpreter {
   }
 
   Status Latin1(const Value* v, const std::string& utf8, std::string* out) {
+    RETURN_IF_ERROR(Charge(v, 0, utf8.size()));
     out->clear();
     for (size_t i = 0; i < utf8.size(); ++i) {
       const auto c = static_cast<unsigned char>(utf8[i]);
@@ -858,6 +871,7 @@ class Interpreter {
     }
     std::string raw;
     if (Arg(v, 0)->kind == Kind::kByteArray) {
+      RETURN_IF_ERROR(Charge(v, 0, Arg(v, 0)->text.size()));
       raw = Arg(v, 0)->text;
     } else if (!BytesOf(Arg(v, 0), &raw).ok()) {
       return Bad(v, name + " of a buffer that is not bytes");
@@ -917,9 +931,22 @@ class Interpreter {
     return Status::OK();
   }
 
+  // Counts a value and the bytes it writes against the output budget.
+  Status Charge(const Value* v, uint64_t nodes, uint64_t bytes) {
+    if (nodes > nodes_left_ || bytes > bytes_left_) {
+      return Bad(v, "values shared through the memo expand beyond " +
+                        std::to_string(kOutputFactor) + " times the pickle's " +
+                        std::to_string(pickle_bytes_) + " bytes (and a fixed allowance)");
+    }
+    nodes_left_ -= nodes;
+    bytes_left_ -= bytes;
+    return Status::OK();
+  }
+
   Status Node(const Value* v, const std::string& path, int depth, NodeOffset* out) {
     if (depth > kMaxDepth)
       return Bad(v, "values nested more than " + std::to_string(kMaxDepth) + " deep");
+    RETURN_IF_ERROR(Charge(v, 1, v->text.size() + v->name.size()));
     switch (v->kind) {
       case Kind::kNone:
         *out = Leaf(fb::NodeKind::None);
@@ -999,6 +1026,9 @@ class Interpreter {
       views_;
   std::unordered_map<const c10::TensorImpl*, Source> sources_;
   std::vector<std::unique_ptr<std::string>> owned_;  // numpy arrays' bytes
+  uint64_t nodes_left_;
+  uint64_t bytes_left_;
+  uint64_t pickle_bytes_;
 };
 
 bool Contiguous(const Source& s) {
@@ -1055,8 +1085,8 @@ std::string WhatIsIt(const std::string& head) {
 // The interpreted tree of a file and its tensors' bytes into `file` of `tag`.
 Result<SaveReport> SaveInterpreted(Store& store, const std::string& tag, const std::string& file,
                                    const std::string& where, const StorageSource& storages,
-                                   const Value* root, TensorPlacer* placer) {
-  Interpreter in(storages, where);
+                                   const Value* root, uint64_t pickle_bytes, TensorPlacer* placer) {
+  Interpreter in(storages, where, pickle_bytes);
   ASSIGN_OR_RETURN(EncodedState enc,
                    TorchCall(TorchErrorKind::kStoredValue, where, [&] { return in.Run(root); }));
   TensorPlacer::Placements placements;
@@ -1110,7 +1140,8 @@ Result<SaveReport> ImportLegacyFile(Store& store, const std::string& tag, const 
                                     const std::string& path, TensorPlacer* placer) {
   ASSIGN_OR_RETURN(auto legacy, LegacyArchive::Open(path, kMaxPickleBytes));
   LegacyStorages storages(*legacy);
-  return SaveInterpreted(store, tag, file, path, storages, legacy->tree().root(), placer);
+  return SaveInterpreted(store, tag, file, path, storages, legacy->tree().root(),
+                         legacy->pickle_size(), placer);
 }
 
 }  // namespace
@@ -1146,7 +1177,7 @@ Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const s
   ASSIGN_OR_RETURN(auto tree, pickle::Parse(bytes, path + " (" + pkl->name + ")",
                                             pickle::Limits::ForSize(bytes.size())));
   ZipStorages storages(zip);
-  return SaveInterpreted(store, tag, file, path, storages, tree->root(), placer);
+  return SaveInterpreted(store, tag, file, path, storages, tree->root(), bytes.size(), placer);
 }
 
 Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::string& tag_arg,

@@ -226,6 +226,15 @@ class Evil:
         return (self.fn, self.args)
 
 
+def laughs():
+    """Lists of 10 references to the list below, 9 deep: a pickle of a few
+    hundred bytes that names 10^9 values (memo abuse)."""
+    a = ["x" * 100] * 10
+    for _ in range(8):
+        a = [a] * 10
+    return a
+
+
 def test_hostile_files_are_refused_and_run_nothing(tmp_path):
     sentinel = tmp_path / "pwned"
     store = tmp_path / "store"
@@ -240,6 +249,7 @@ def test_hostile_files_are_refused_and_run_nothing(tmp_path):
                               False, collections.OrderedDict())}, "an expanded view"),
         "import": ({"x": Evil(__import__, "os")}, "builtins.__import__ is not allowed"),
         "getattr": ({"x": Evil(getattr, Evil, "__init__")}, "builtins.getattr is not allowed"),
+        "laughs": ({"x": laughs()}, "values shared through the memo expand"),
     }
     for name, (obj, what) in cases.items():
         pt = tmp_path / ("%s.pt" % name)
@@ -511,6 +521,8 @@ def test_hostile_legacy_files_are_clear_errors_and_commit_nothing(tmp_path):
                          "a view [2, +3) of storage k"),
         "offset_outside": (obj(offset=3), [sid], ["k"], [(4, floats)], "a view reaching element"),
         "huge_numel": (obj(size=(2 ** 40,), stride=(0,)), [sid], ["k"], [(4, floats)], "an expanded view"),
+        "laughs": (lambda Storage: {"w": Rebuild(Storage(0)), "l": laughs()}, [sid], ["k"], [(4, floats)],
+                   "values shared through the memo expand"),
     }
     for name, (o, ids, keys, records, what) in cases.items():
         pt = tmp_path / ("%s.pt" % name)
