@@ -325,15 +325,19 @@ Result<TorchExportReport> ExportTorch(Store& store, const std::string& tag_or_la
             "a universal export of tag '" + tag +
             "' converts it in the store first; open the store writable");
       }
-      from = "ckptkv-export-universal-" + std::to_string(::getpid()) + "-" +
-             std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                std::chrono::system_clock::now().time_since_epoch())
-                                .count());
+      const std::string base =
+          "ckptkv-export-universal-" + std::to_string(::getpid()) + "-" +
+          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count());
+      // A name no tag has: only a tag this export made is ever deleted.
+      from = base;
+      for (int n = 1; store.GetTag(from).ok(); ++n) from = base + "-" + std::to_string(n);
       WriteOptions write;
       write.set_latest = false;
       auto converted = ExportUniversal(store, tag, from, write);
       if (!converted.ok()) {
-        (void)store.DeleteTag(from);  // whatever part of it committed
+        if (store.GetTag(from).ok()) (void)store.DeleteTag(from);  // committed, then failed
         return converted.status().WithContext("converting tag '" + tag + "' to universal");
       }
       temp_tag.store = &store;
