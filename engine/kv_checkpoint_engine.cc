@@ -271,7 +271,14 @@ bool KvCheckpointEngine::commit(const CommitInfo& info) {
   options.set_latest = info.save_latest;
   last_commit_ = ValueOrThrow(store_->CommitTag(info.tag, options));
   save_dirs_.erase(info.tag);
-  if (config_.placer) config_.placer->EndTag(info.tag);
+  if (config_.placer) {
+    Status placed = config_.placer->AfterCommit(*store_, info.tag);
+    if (!placed.ok()) {
+      spdlog::warn("[ckptkv] {}: committed; placing it after the commit failed: {}", info.tag,
+                   placed.ToString());
+    }
+    config_.placer->EndTag(info.tag);
+  }
   spdlog::info("[ckptkv] Checkpoint {} is ready now! ({} files, {} tensors, {} bytes, {} new)",
                info.tag, last_commit_.files.size(), last_commit_.tensors,
                last_commit_.logical_bytes, last_commit_.new_bytes);

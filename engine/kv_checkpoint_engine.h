@@ -37,6 +37,15 @@ class TensorPlacer {
   // placements are an index, never a reason to fail a save.
   virtual Placements Place(const std::string& tag, const std::string& file,
                            const c10::IValue& state) = 0;
+  // `tag` was just committed to `store` (before EndTag): a placer that
+  // could not place some files at save time (their placements depend on a
+  // file saved after them) may place the committed tag now. An error is
+  // logged by the caller; the commit stands either way.
+  virtual Status AfterCommit(Store& store, const std::string& tag) {
+    (void)store;
+    (void)tag;
+    return Status::OK();
+  }
   // `tag` was committed or abandoned: drop what was kept for it.
   virtual void EndTag(const std::string& tag) { (void)tag; }
 };

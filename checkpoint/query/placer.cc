@@ -494,6 +494,10 @@ Result<std::optional<PlaceTagReport>> DeepSpeedPlacer::FinishTag(Store& store,
   return std::optional<PlaceTagReport>(std::move(report));
 }
 
+Status DeepSpeedPlacer::AfterCommit(Store& store, const std::string& tag) {
+  return FinishTag(store, tag).status();
+}
+
 Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std::string& out_tag,
                                 DeepSpeedPlacer& placer) {
   PlaceTagReport report;

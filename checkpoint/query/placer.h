@@ -65,6 +65,8 @@ class DeepSpeedPlacer : public TensorPlacer {
   Placements Place(const std::string& tag, const std::string& file,
                    const c10::IValue& state) override;
   void EndTag(const std::string& tag) override;
+  // FinishTag, for the engines.
+  Status AfterCommit(Store& store, const std::string& tag) override;
 
   // After `tag` was committed: if Place left layer files of it unplaced
   // (DeepSpeed's save order, first tag of a run), places the committed tag

@@ -6,6 +6,7 @@
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <spdlog/spdlog.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -210,6 +211,18 @@ class PyStore {
       o.set_latest = set_latest;
       o.overwrite = overwrite;
       info = ValueOrThrow(s.CommitTag(tag, o));
+      std::shared_ptr<checkpoint::DeepSpeedPlacer> placer;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        if (placed_.count(tag)) placer = placer_;
+      }
+      if (placer) {
+        Status placed = placer->AfterCommit(s, tag);
+        if (!placed.ok()) {
+          spdlog::warn("[ckptkv] {}: committed; placing it after the commit failed: {}", tag,
+                       placed.ToString());
+        }
+      }
       std::lock_guard<std::mutex> l(mu_);
       EndTag(tag);
     }
