@@ -656,6 +656,10 @@ class Interpreter {
         return Bad(v, shown + " has no valid size");
       n = n * 10 + static_cast<uint64_t>(code[i] - '0');
     }
+    if (n == 0 && (kind == 'S' || kind == 'U' || kind == 'V')) {
+      // np.str_("") and np.bytes_(b""): numpy cannot rebuild them from bytes.
+      return Refuse(v, shown + " has itemsize 0 (an empty numpy string scalar), which is not read");
+    }
     if (n == 0 || n > (uint64_t{1} << 31)) return Bad(v, shown + " has no valid size");
     auto one_of = [n](std::initializer_list<uint64_t> sizes) {
       return std::find(sizes.begin(), sizes.end(), n) != sizes.end();

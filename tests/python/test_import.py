@@ -449,6 +449,7 @@ def test_numpy_objects_that_are_not_plain_data_are_refused(tmp_path):
         "subarray": (np.dtype(("i4", (2,))), "subarray dtype"),
         "matrix": (np.matrix([[1, 2]]), "numpy.matrix (an ndarray subclass)"),
         "metadata": (np.dtype(float, metadata={"a": 1}), "metadata"),
+        "empty_str": (np.str_(""), "itemsize 0"),
     }
     for legacy in (True, False):
         for name, (obj, what) in cases.items():
