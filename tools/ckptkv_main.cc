@@ -36,6 +36,8 @@
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
 
 #include "checkpoint/query/torch_export.h"
 #include "checkpoint/query/torch_import.h"
@@ -66,8 +68,20 @@ int RunImport(const std::string& db, const std::string& path, const std::string&
   }
   auto store = ckptkv::Store::Open(db, options);
   if (!store.ok()) return kvb::ReportError(store.status());
+  // One bar per tag, on a terminal only.
+  std::unique_ptr<kvb::Progress> bar;
+  std::string bar_tag;
+  auto progress = [&](const std::string& t, uint64_t done, uint64_t total) {
+    if (!bar || bar_tag != t) {
+      if (bar) bar->Done();
+      bar = std::make_unique<kvb::Progress>("import " + t, total);
+      bar_tag = t;
+    }
+    bar->Set(done);
+  };
   if (all_tags) {
-    auto tags = ckptkv::checkpoint::ImportSaveDir(**store, path, overwrite);
+    auto tags = ckptkv::checkpoint::ImportSaveDir(**store, path, overwrite, progress);
+    if (bar) bar->Done();
     if (!tags.ok()) return kvb::ReportError(tags.status());
     nlohmann::ordered_json list = nlohmann::ordered_json::array();
     for (const auto& t : *tags) {
@@ -90,7 +104,8 @@ int RunImport(const std::string& db, const std::string& path, const std::string&
     return 0;
   }
   ckptkv::checkpoint::ImportReport r;
-  auto info = ckptkv::checkpoint::ImportPath(**store, path, tag, overwrite, &r);
+  auto info = ckptkv::checkpoint::ImportPath(**store, path, tag, overwrite, &r, progress);
+  if (bar) bar->Done();
   if (!info.ok()) return kvb::ReportError(info.status());
   if (json) {
     nlohmann::ordered_json j{{"tag", info->tag},
@@ -166,6 +181,10 @@ int RunExport(const std::string& db, const std::string& tag, const std::string& 
 
 int Run(int argc, char** argv) {
   using namespace ckptkv::tools;
+  // stdout carries results (tables, --json documents); log lines (commit
+  // lines, placement warnings) go to stderr.
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "", std::make_shared<spdlog::sinks::stderr_color_sink_mt>()));
   CLI::App app{"ckptkv: content-addressed checkpoint store for deep-learning training"};
   app.require_subcommand(1);
 

@@ -1,6 +1,5 @@
 #include "tools/reshape_cmd.h"
 
-#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <fstream>
@@ -205,9 +204,6 @@ std::optional<int> CheckpointCommands::Run() {
   const bool any = synth_->parsed() || reshape_->parsed() || export_->parsed() ||
                    import_->parsed() || place_->parsed();
   if (!any) return std::nullopt;
-  // With --json, stdout carries only the JSON object: log lines (the
-  // engine's commit line) go to stderr.
-  if (json_) spdlog::set_default_logger(spdlog::stderr_color_mt("ckptkv"));
   if (reshape_->parsed() && naive_) return RunNaive();
   if (place_->parsed()) return RunPlace();
   const double t0 = NowSeconds();

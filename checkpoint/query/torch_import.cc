@@ -1089,7 +1089,8 @@ std::string WhatIsIt(const std::string& head) {
 // The interpreted tree of a file and its tensors' bytes into `file` of `tag`.
 Result<SaveReport> SaveInterpreted(Store& store, const std::string& tag, const std::string& file,
                                    const std::string& where, const StorageSource& storages,
-                                   const Value* root, uint64_t pickle_bytes, TensorPlacer* placer) {
+                                   const Value* root, uint64_t pickle_bytes, TensorPlacer* placer,
+                                   const ImportBytesRead& on_read) {
   Interpreter in(storages, where, pickle_bytes);
   ASSIGN_OR_RETURN(EncodedState enc,
                    TorchCall(TorchErrorKind::kStoredValue, where, [&] { return in.Run(root); }));
@@ -1125,14 +1126,19 @@ Result<SaveReport> SaveInterpreted(Store& store, const std::string& tag, const s
     } else if (Contiguous(*src)) {
       const uint64_t base = static_cast<uint64_t>(src->offset) * es;
       const void* handle = src->handle;
-      bytes_src.fill = [&storages, handle, base](uint64_t off, uint64_t len, uint8_t* dst) {
-        return storages.Read(handle, base + off, len, dst);
+      bytes_src.fill = [&storages, handle, base, &on_read](uint64_t off, uint64_t len,
+                                                           uint8_t* dst) {
+        Status read = storages.Read(handle, base + off, len, dst);
+        if (read.ok() && on_read) on_read(len);
+        return read;
       };
     } else {
       RETURN_IF_ERROR(Gather(storages, *src, numel, &gathered));
       bytes_src.data = gathered.data();
     }
+    const bool streamed = bytes_src.data == nullptr;
     ASSIGN_OR_RETURN(WriteStats stats, store.PutTensor(tag, file, st.param, meta, bytes_src));
+    if (!streamed && on_read) on_read(bytes_src.length);
     report.stats.Add(stats);
     report.tensors++;
   }
@@ -1141,19 +1147,23 @@ Result<SaveReport> SaveInterpreted(Store& store, const std::string& tag, const s
 }
 
 Result<SaveReport> ImportLegacyFile(Store& store, const std::string& tag, const std::string& file,
-                                    const std::string& path, TensorPlacer* placer) {
+                                    const std::string& path, TensorPlacer* placer,
+                                    const ImportBytesRead& on_read) {
   ASSIGN_OR_RETURN(auto legacy, LegacyArchive::Open(path, kMaxPickleBytes));
   LegacyStorages storages(*legacy);
   return SaveInterpreted(store, tag, file, path, storages, legacy->tree().root(),
-                         legacy->pickle_size(), placer);
+                         legacy->pickle_size(), placer, on_read);
 }
 
 }  // namespace
 
 Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const std::string& file,
-                                   const std::string& path, TensorPlacer* placer) {
+                                   const std::string& path, TensorPlacer* placer,
+                                   const ImportBytesRead& on_read) {
   const std::string head = Head(path, 512);
-  if (LegacyArchive::LooksLegacy(head)) return ImportLegacyFile(store, tag, file, path, placer);
+  if (LegacyArchive::LooksLegacy(head)) {
+    return ImportLegacyFile(store, tag, file, path, placer, on_read);
+  }
   auto opened = ZipArchive::Open(path);
   if (!opened.ok()) {
     if (opened.status().IsCorruption() && head.compare(0, 4, "PK\x03\x04") != 0) {
@@ -1181,11 +1191,12 @@ Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const s
   ASSIGN_OR_RETURN(auto tree, pickle::Parse(bytes, path + " (" + pkl->name + ")",
                                             pickle::Limits::ForSize(bytes.size())));
   ZipStorages storages(zip);
-  return SaveInterpreted(store, tag, file, path, storages, tree->root(), bytes.size(), placer);
+  return SaveInterpreted(store, tag, file, path, storages, tree->root(), bytes.size(), placer,
+                         on_read);
 }
 
 Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::string& tag_arg,
-                           bool overwrite, ImportReport* report) {
+                           bool overwrite, ImportReport* report, const ImportProgress& progress) {
   std::error_code ec;
   if (!fs::exists(path, ec)) return Status::NotFound("'" + path + "' does not exist");
   std::vector<std::pair<std::string, std::string>> files;  // (file name in the tag, path)
@@ -1221,6 +1232,10 @@ Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::str
     }
     if (ec) return Status::IOError("cannot list '" + dir.string() + "': " + ec.message());
     std::sort(files.begin(), files.end());
+    // Model-state files before layer and optimizer files, which are placed
+    // from them (bf16_zero_* sorts before mp_rank_* by name).
+    std::stable_sort(files.begin(), files.end(),
+                     [](const auto& a, const auto& b) { return PlacedBefore(a.first, b.first); });
     if (files.empty()) return Status::InvalidArgument("'" + dir.string() + "' holds no files");
   } else {
     return Status::InvalidArgument("'" + path + "' is neither a file nor a directory");
@@ -1228,10 +1243,21 @@ Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::str
   RETURN_IF_ERROR(ValidateTag(tag));
   for (const auto& f : files) RETURN_IF_ERROR(ValidateFile(f.first));
   RETURN_IF_ERROR(store.BeginTag(tag, overwrite));
+  uint64_t total = 0;
+  for (const auto& f : files) total += fs::file_size(f.second, ec);
+  uint64_t done = 0;
+  ImportBytesRead on_read;
+  if (progress) {
+    progress(tag, 0, total);
+    on_read = [&](uint64_t n) { progress(tag, done = std::min(total, done + n), total); };
+  }
   DeepSpeedPlacer placer;
   ImportReport r;
+  uint64_t files_done = 0;
   for (const auto& [file, p] : files) {
-    auto saved = ImportTorchFile(store, tag, file, p, &placer);
+    auto saved = ImportTorchFile(store, tag, file, p, &placer, on_read);
+    files_done += fs::file_size(p, ec);
+    if (progress) progress(tag, done = std::max(done, files_done), total);
     if (!saved.ok()) {
       store.AbortTag(tag);
       placer.EndTag(tag);
@@ -1292,7 +1318,7 @@ bool NaturalLess(const std::string& a, const std::string& b) {
 }  // namespace
 
 Result<std::vector<ImportedTag>> ImportSaveDir(Store& store, const std::string& save_dir,
-                                               bool overwrite) {
+                                               bool overwrite, const ImportProgress& progress) {
   std::error_code ec;
   if (!fs::is_directory(save_dir, ec)) {
     return Status::InvalidArgument("--all-tags needs a DeepSpeed save_dir; '" + save_dir +
@@ -1341,7 +1367,8 @@ Result<std::vector<ImportedTag>> ImportSaveDir(Store& store, const std::string& 
   std::vector<ImportedTag> out;
   for (const std::string& tag : tags) {
     ImportedTag t;
-    auto info = ImportPath(store, (fs::path(save_dir) / tag).string(), tag, overwrite, &t.report);
+    auto info =
+        ImportPath(store, (fs::path(save_dir) / tag).string(), tag, overwrite, &t.report, progress);
     if (!info.ok()) {
       std::vector<std::string> done;
       for (const auto& d : out) done.push_back(d.info.tag);

@@ -29,6 +29,7 @@
 #ifndef CKPTKV_CHECKPOINT_QUERY_TORCH_IMPORT_H_
 #define CKPTKV_CHECKPOINT_QUERY_TORCH_IMPORT_H_
 
+#include <functional>
 #include <string>
 
 #include "engine/kv_checkpoint_engine.h"
@@ -43,17 +44,27 @@ struct ImportReport {
   uint64_t new_bytes = 0;
 };
 
+// Called as tensor bytes are read (`bytes` more of them).
+using ImportBytesRead = std::function<void(uint64_t bytes)>;
+
 // Saves the torch.save file at `path` as `file` of the pending `tag`, with
 // the placements `placer` gives (none when null). Errors name the path.
 Result<SaveReport> ImportTorchFile(Store& store, const std::string& tag, const std::string& file,
-                                   const std::string& path, TensorPlacer* placer);
+                                   const std::string& path, TensorPlacer* placer,
+                                   const ImportBytesRead& on_read = nullptr);
+
+// Progress of an import: `done` of `total` bytes of the tag's files read.
+using ImportProgress = std::function<void(const std::string& tag, uint64_t done, uint64_t total)>;
 
 // `ckptkv import`: a .pt file (tag = `tag`, or the file's stem), or a
 // directory: a DeepSpeed save_dir (its `latest` names the tag directory) or
 // a tag directory itself; every file below it is imported under its
-// relative path, with DeepSpeed placements. One atomic commit.
+// relative path, with DeepSpeed placements: model-state files first, so
+// that layer and optimizer files are placed from them (PlacedBefore). One
+// atomic commit.
 Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::string& tag,
-                           bool overwrite, ImportReport* report);
+                           bool overwrite, ImportReport* report,
+                           const ImportProgress& progress = nullptr);
 
 // One imported tag of ImportSaveDir.
 struct ImportedTag {
@@ -69,7 +80,8 @@ struct ImportedTag {
 // error names them); a tag the store holds is AlreadyExists unless
 // `overwrite` (importing it again writes only what changed).
 Result<std::vector<ImportedTag>> ImportSaveDir(Store& store, const std::string& save_dir,
-                                               bool overwrite);
+                                               bool overwrite,
+                                               const ImportProgress& progress = nullptr);
 
 }  // namespace ckptkv::checkpoint
 

@@ -539,3 +539,29 @@ def test_hostile_legacy_files_are_clear_errors_and_commit_nothing(tmp_path):
     assert torch.equal(torch.load(pt)["w"], torch.tensor([2.0, 3]))
     with ckptkv.Store(store, read_only=True) as s:
         assert sorted(t["tag"] for t in s.tags()) == ["good", "view"]  # nothing of a refused file
+
+
+def test_a_progress_bar_on_a_terminal_only_and_logs_off_stdout(tmp_path):
+    """On a terminal the import draws a bar naming the tag; piped, stderr
+    has no bar. Log lines (here: an optimizer file the placer cannot
+    place) go to stderr, so --json's stdout stays one JSON document."""
+    tag_dir = tmp_path / "ckpt" / "global_step3"
+    tag_dir.mkdir(parents=True)
+    w = torch.arange(1 << 20, dtype=torch.float32)
+    torch.save({"module": {"w": w}, "param_shapes": [{"w": w.shape}], "dp_world_size": 1,
+                "mp_world_size": 1}, tag_dir / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"single_partition_of_fp32_groups": [w.clone()],
+                                         "partition_count": [1]}},
+               tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (tmp_path / "ckpt" / "latest").write_text("global_step3")
+    r = run_import("--db", tmp_path / "s1", tmp_path / "ckpt", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["files"] == 2  # nothing but the document
+    assert "without fragment placements" in r.stderr
+    assert "import global_step3 [" not in r.stderr
+    cmd = "%s import --db %s %s" % (CLI, tmp_path / "s2", tmp_path / "ckpt")
+    tty = subprocess.run(["script", "-qfec", cmd, "/dev/null"], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL)
+    assert tty.returncode == 0, tty.stdout
+    assert "import global_step3 [" in tty.stdout and "100.0%" in tty.stdout
+    assert "imported %s as tag global_step3" % (tmp_path / "ckpt") in tty.stdout
