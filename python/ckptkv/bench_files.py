@@ -27,11 +27,13 @@ Rows, in this order, each on fresh files:
 ``ckptkv_import``              ``ckptkv.import_path(store, save_dir)`` into a
                                fresh store: reads the files without pickle,
                                stores them as one tag (durable commit), cold
-``ckptkv_reimport_unchanged``  the same directory again as another tag: only
+``ckptkv_reimport_unchanged``  the same directory again as another tag, cold:
+                               every file is read and hashed, only
                                ``new_bytes`` are written
-``ckptkv_export_pt``           ``ckptkv.export(store, tag, out, format="pt")``:
-                               the tag's files as torch.save files, each
-                               synced, re-read and digest-checked
+``ckptkv_export_pt``           ``ckptkv.export(store, tag, out, format="pt")``
+                               from a cold store: the tag's files as
+                               torch.save files, each synced, re-read and
+                               digest-checked
 ``ckptkv_export_deepspeed``    the same with ``format="deepspeed"``
                                (``<tag>/`` and ``latest``)
 =============================  ===============================================
@@ -255,6 +257,7 @@ class Bench:
         self.cold(self.save_dir)
         self.measure("ckptkv_import", self.importer(TAG), settle=True)
         self.rows["ckptkv_import"]["disk_bytes"] = tree_bytes(self.store)
+        self.cold(self.save_dir)
         self.measure("ckptkv_reimport_unchanged", self.importer("again"), settle=True)
         self.rows["ckptkv_reimport_unchanged"]["disk_bytes"] = tree_bytes(self.store)
         with ckptkv.Store(self.store, read_only=True) as s:
