@@ -252,36 +252,6 @@ const char* StorageClass(fb::DType dtype) {
   return nullptr;
 }
 
-const char* TorchDTypeName(fb::DType dtype) {
-  switch (dtype) {
-    case fb::DType::Bool:
-      return "bool";
-    case fb::DType::UInt8:
-      return "uint8";
-    case fb::DType::Int8:
-      return "int8";
-    case fb::DType::Int16:
-      return "int16";
-    case fb::DType::Int32:
-      return "int32";
-    case fb::DType::Int64:
-      return "int64";
-    case fb::DType::Float16:
-      return "float16";
-    case fb::DType::BFloat16:
-      return "bfloat16";
-    case fb::DType::Float32:
-      return "float32";
-    case fb::DType::Float64:
-      return "float64";
-    case fb::DType::ComplexFloat:
-      return "complex64";
-    case fb::DType::ComplexDouble:
-      return "complex128";
-  }
-  return nullptr;
-}
-
 namespace {
 
 constexpr size_t kBatch = 1000;  // items per APPENDS / SETITEMS, as Python writes

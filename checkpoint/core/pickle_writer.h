@@ -86,8 +86,6 @@ struct PickledTensor {
 
 // torch's storage class for a dtype ("FloatStorage", "BFloat16Storage").
 const char* StorageClass(fb::DType dtype);
-// torch's name of a dtype ("float32", "bfloat16").
-const char* TorchDTypeName(fb::DType dtype);
 
 struct PickleHooks {
   // The storage of the Tensor node naming `param` (saved from `device`).

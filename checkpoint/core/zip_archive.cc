@@ -1,12 +1,9 @@
 #include "checkpoint/core/zip_archive.h"
+#include "checkpoint/core/read_file.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <array>
-#include <cerrno>
-#include <cstring>
 
 namespace ckptkv::checkpoint {
 namespace {
@@ -44,18 +41,8 @@ uint32_t Crc32(const uint8_t* data, size_t n, uint32_t crc) {
 
 Result<std::unique_ptr<ZipArchive>> ZipArchive::Open(const std::string& path,
                                                      uint64_t max_entries) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    if (err == ENOENT) return Status::NotFound("'" + path + "' does not exist");
-    return Status::IOError("cannot open '" + path + "': " + std::strerror(err));
-  }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return Status::InvalidArgument("'" + path + "' is not a regular file");
-  }
-  std::unique_ptr<ZipArchive> z(new ZipArchive(path, fd, static_cast<uint64_t>(st.st_size)));
+  ASSIGN_OR_RETURN(OpenFile f, OpenRegularFile(path));
+  std::unique_ptr<ZipArchive> z(new ZipArchive(path, f.fd, f.size));
   RETURN_IF_ERROR(z->Load(max_entries));
   return z;
 }
@@ -71,18 +58,9 @@ Status ZipArchive::ReadAt(uint64_t offset, uint64_t len, uint8_t* dst) const {
     return Bad(offset, "reads " + std::to_string(len) + " bytes past the end of the file (" +
                            std::to_string(size_) + " bytes)");
   }
-  while (len > 0) {
-    const ssize_t got = ::pread(fd_, dst, len, static_cast<off_t>(offset));
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      return Status::IOError("read of '" + path_ + "' failed: " + std::strerror(errno));
-    }
-    if (got == 0) return Bad(offset, "the file ended early");
-    dst += got;
-    offset += static_cast<uint64_t>(got);
-    len -= static_cast<uint64_t>(got);
-  }
-  return Status::OK();
+  bool ended = false;
+  RETURN_IF_ERROR(ReadFully(fd_, path_, offset, len, dst, &ended));
+  return ended ? Bad(offset, "the file ended early") : Status::OK();
 }
 
 Status ZipArchive::Load(uint64_t max_entries) {
