@@ -136,12 +136,6 @@ struct BeginOptions {
   std::optional<Codec> codec;
 };
 
-struct CommitOptions {
-  bool overwrite = false;  // replace a committed tag of the same name
-  bool set_latest = true;  // point `latest` at this tag
-  std::optional<Layout> layout;
-};
-
 struct TagInfo {
   std::string tag;
   int64_t committed_at_ms = 0;
@@ -154,6 +148,17 @@ struct TagInfo {
   uint64_t stored_new_bytes = 0;
   std::string parent_tag;
   std::optional<Layout> layout;
+};
+
+struct CommitOptions {
+  bool overwrite = false;  // replace a committed tag of the same name
+  bool set_latest = true;  // point `latest` at this tag
+  std::optional<Layout> layout;
+  // The record of the tag this commit restates in place (its records
+  // rewritten, its bytes linked, e.g. placements added afterwards): the
+  // new record keeps its parent_tag and new_* counts instead of the
+  // pending tag's.
+  std::optional<TagInfo> restates;
 };
 
 // A verified record and the bytes it lives in.

@@ -387,6 +387,12 @@ Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& op
   info.new_bytes = pending.stats.new_bytes;
   info.new_blocks = pending.stats.new_blocks;
   info.stored_new_bytes = pending.stats.stored_new_bytes;
+  if (options.restates) {
+    info.parent_tag = options.restates->parent_tag;
+    info.new_bytes += options.restates->new_bytes;
+    info.new_blocks += options.restates->new_blocks;
+    info.stored_new_bytes += options.restates->stored_new_bytes;
+  }
   info.logical_bytes = pending.stats.logical_bytes;
 
   const ColumnFamilies& cf = impl_->cf_;

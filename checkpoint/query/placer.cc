@@ -83,17 +83,20 @@ ParamSpec SpecOf(const ShardingRules& rules, const std::string& name,
 
 DeepSpeedPlacer::DeepSpeedPlacer(ShardingRules rules) : rules_(std::move(rules)) {}
 
+void DeepSpeedPlacer::PlaceAfterCommit(const std::string& tag) {
+  if (std::find(unplaced_layers_.begin(), unplaced_layers_.end(), tag) == unplaced_layers_.end()) {
+    unplaced_layers_.push_back(tag);
+    if (unplaced_layers_.size() > kUnplacedTags) unplaced_layers_.pop_front();
+  }
+}
+
 TensorPlacer::Placements DeepSpeedPlacer::Place(const std::string& tag, const std::string& file,
                                                 const IValue& state) {
   Result<Placements> r = TryPlace(tag, file, state);
   if (r.ok()) return std::move(r).value();
   if (std::optional<FileCoordinates> c = ParseFileName(file); c && c->kind == FileKind::kLayer) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (std::find(unplaced_layers_.begin(), unplaced_layers_.end(), tag) ==
-        unplaced_layers_.end()) {
-      unplaced_layers_.push_back(tag);
-      if (unplaced_layers_.size() > kUnplacedTags) unplaced_layers_.pop_front();
-    }
+    PlaceAfterCommit(tag);
     spdlog::info("[ckptkv] {}/{}: saved without fragment placements for now ({})", tag, file,
                  r.status().ToString());
     return {};
@@ -247,15 +250,17 @@ Result<TensorPlacer::Placements> DeepSpeedPlacer::PlaceModel(const std::string& 
   }
   std::lock_guard<std::mutex> lock(mu_);
   // Layer files of this tag placed from the last tag's layout must agree
-  // with this one's; they cannot be re-placed now, so say so.
+  // with this one's; they cannot be re-placed now: the tag is placed again
+  // after its commit (FinishTag).
   for (const auto& [name, shape_tp] : guessed_[tag]) {
     auto it = shapes.find(name);
     if (it == shapes.end()) continue;
     if (it->second != shape_tp.first || info.tp != shape_tp.second) {
       spdlog::warn(
           "[ckptkv] {}: layer files were placed from the last tag's layout (tp {}), which {} "
-          "contradicts for {} (tp {}); place tag {} again after its commit (ckptkv place)",
+          "contradicts for {} (tp {}); tag {} is placed again after its commit",
           tag, shape_tp.second, ModelFileName(mp), name, info.tp, tag);
+      PlaceAfterCommit(tag);
       break;
     }
   }
@@ -508,6 +513,10 @@ Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std:
   // Model-state files first: layer and optimizer files are placed from them.
   std::stable_sort(files.begin(), files.end(), PlacedBefore);
   const std::string work = "\x01place:" + tag;  // the placer's cache key for this pass
+  if (store.IsPending(report.out_tag)) {
+    return Status::FailedPrecondition("tag '" + report.out_tag +
+                                      "' has saves pending; place it after its commit");
+  }
   RETURN_IF_ERROR(store.BeginTag(report.out_tag, /*overwrite=*/true));
   auto staged = [&]() -> Status {
     for (const std::string& file : files) {
@@ -559,8 +568,15 @@ Result<PlaceTagReport> PlaceTag(Store& store, const std::string& tag, const std:
     }
     CommitOptions co;
     co.overwrite = true;
-    co.set_latest = latest && *latest == tag;
     co.layout = info.layout;
+    if (report.out_tag == tag) {
+      // In place: `latest` is left where it is (a commit since the read
+      // above may have moved it on), the record keeps its history.
+      co.set_latest = false;
+      co.restates = info;
+    } else {
+      co.set_latest = latest && *latest == tag;
+    }
     return store.CommitTag(report.out_tag, co).status();
   }();
   placer.EndTag(work);

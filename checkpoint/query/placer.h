@@ -101,6 +101,8 @@ class DeepSpeedPlacer : public TensorPlacer {
   std::map<std::string, std::map<int, ModelInfo>> tags_;  // tag -> mp rank -> model info
   std::map<int, ModelInfo> last_;  // the model infos of the last tag ended that had any
   static constexpr size_t kUnplacedTags = 16;
+  // Marks `tag` for FinishTag. Under mu_.
+  void PlaceAfterCommit(const std::string& tag);
   std::deque<std::string> unplaced_layers_;  // tags with layer files Place left unplaced
   // tag -> layer parameters placed from last_: name -> (local shape, tp).
   std::map<std::string, std::map<std::string, std::pair<std::vector<int64_t>, int>>> guessed_;

@@ -395,12 +395,19 @@ TEST_CASE("PipelineModule layer files saved through the engine get the placement
         // the engine would call after commit) or PlaceTag.
         auto store = OpenStore(b.path());
         CHECK_FALSE(placer->FinishTag(*store, "t2").value());  // nothing left to place
+        const TagInfo before = store->GetTag("t").value();
         auto rep = placer->FinishTag(*store, "t");
         INFO(rep.status().ToString());
         REQUIRE(rep.ok());
         REQUIRE(rep->has_value());
         CHECK((*rep)->unplaced_files.empty());
+        // Placed in place: latest stays on t2, t keeps its history.
         CHECK(store->Latest().value() == std::optional<std::string>("t2"));
+        const TagInfo after = store->GetTag("t").value();
+        CHECK(after.parent_tag == before.parent_tag);
+        CHECK(after.new_bytes == before.new_bytes);
+        CHECK(after.new_bytes > 0);
+        CHECK(after.files == before.files);
         CHECK_FALSE(placer->FinishTag(*store, "t").value());
         store.reset();
         CHECK(RequireSamePlacements(a.path(), b.path(), "t") > 0);
