@@ -254,6 +254,36 @@ const char* StorageClass(fb::DType dtype) {
 
 namespace {
 
+// Why an Object's class is not written as a pickle GLOBAL: modules whose
+// names run code or reach the interpreter (os.system, builtins.eval,
+// subprocess.Popen, importlib, ...), and dunder attributes (__reduce__,
+// __globals__). nullptr when it may be written.
+const char* RefusedClass(const std::string& module, const std::vector<std::string>& parts) {
+  static const char* const kModules[] = {
+      "builtins",   "__builtin__", "os",       "posix",           "nt",
+      "subprocess", "sys",         "shutil",   "socket",          "importlib",
+      "pickle",     "_pickle",     "marshal",  "runpy",           "code",
+      "codeop",     "pty",         "ctypes",   "multiprocessing", "signal",
+      "io",         "_io",         "pathlib",  "operator",        "functools",
+      "types",      "webbrowser",  "pdb",      "commands",        "popen2",
+      "platform",   "tempfile",    "glob",     "inspect",         "gc",
+      "threading",  "_thread",     "asyncio",  "copyreg",         "copy_reg",
+      "ast",        "timeit",      "cProfile", "profile",         "trace",
+      "dis",        "bdb",         "site"};
+  const std::string top = module.substr(0, module.find('.'));
+  for (const char* m : kModules) {
+    if (top == m) return "its module runs code";
+  }
+  if (module.rfind("torch._C", 0) == 0 || module.rfind("torch.jit", 0) == 0 ||
+      module.rfind("torch.hub", 0) == 0 || module.rfind("torch.ops", 0) == 0) {
+    return "its module runs code";
+  }
+  for (const std::string& p : parts) {
+    if (p.rfind("__", 0) == 0) return "it names a dunder attribute";
+  }
+  return nullptr;
+}
+
 constexpr size_t kBatch = 1000;  // items per APPENDS / SETITEMS, as Python writes
 constexpr int kMaxDepth = 1000;
 
@@ -465,6 +495,12 @@ class TreePickler {
       parts.push_back(qual.substr(at, dot == std::string::npos ? std::string::npos : dot - at));
       if (dot == std::string::npos) break;
       at = dot + 1;
+    }
+    // A stored record names its class; the file written calls it on
+    // torch.load. Never a name that runs code or reaches one.
+    if (const char* why = RefusedClass(module, parts)) {
+      return Bad(path, "is an object of class '" + cls + "', which export does not write (" + why +
+                           "); a store written by ckptkv holds no such object");
     }
     for (size_t i = 1; i < parts.size(); ++i) w_.Global("builtins", "getattr");
     w_.Global(module, parts[0]);

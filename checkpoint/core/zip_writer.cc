@@ -206,10 +206,11 @@ Result<int> ExportDir::Parent(const std::string& rel, bool create, bool* missing
         *missing = true;
         return -1;
       }
-      if (::mkdirat(at, part.c_str(), 0755) != 0 && errno != EEXIST) {
+      if (::mkdirat(at, part.c_str(), 0755) == 0) {
+        created_.push_back(so_far);  // only what this export made is removed on failure
+      } else if (errno != EEXIST) {
         return Status::IOError("cannot create '" + path_ + "/" + so_far + "': " + Errno());
       }
-      created_.push_back(so_far);
       fd = ::openat(at, part.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     }
     if (fd < 0) {

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -12,6 +13,7 @@
 #include <utility>
 
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 
 #include "checkpoint/core/pickle_machine.h"
 #include "checkpoint/core/pickle_writer.h"
@@ -277,9 +279,27 @@ struct TempTag {
   Store* store = nullptr;
   std::string tag;
   ~TempTag() {
-    if (store != nullptr && !tag.empty()) (void)store->DeleteTag(tag);
+    if (store == nullptr || tag.empty()) return;
+    Status deleted = store->DeleteTag(tag);
+    if (!deleted.ok()) {
+      spdlog::warn(
+          "[ckptkv] the universal export's temporary tag '{}' is left in the store: {}; "
+          "remove it with ckptkv rm",
+          tag, deleted.ToString());
+    }
   }
 };
+
+// Names of the temporary tags of universal exports: unique in the process
+// (the store has one writing process), so two exports never share one.
+std::string TemporaryTagName() {
+  static std::atomic<uint64_t> next{0};
+  return "ckptkv-export-universal-" + std::to_string(::getpid()) + "-" +
+         std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::system_clock::now().time_since_epoch())
+                            .count()) +
+         "-" + std::to_string(next.fetch_add(1));
+}
 
 }  // namespace
 
@@ -325,14 +345,26 @@ Result<TorchExportReport> ExportTorch(Store& store, const std::string& tag_or_la
             "a universal export of tag '" + tag +
             "' converts it in the store first; open the store writable");
       }
-      const std::string base =
-          "ckptkv-export-universal-" + std::to_string(::getpid()) + "-" +
-          std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
-                             std::chrono::system_clock::now().time_since_epoch())
-                             .count());
-      // A name no tag has: only a tag this export made is ever deleted.
+      // Before the conversion (seconds, new blocks): an output that would
+      // be refused anyway.
+      if (!o.overwrite) {
+        ASSIGN_OR_RETURN(std::unique_ptr<ExportDir> out, ExportDir::Open(o.out_dir));
+        for (const std::string& rel : {tag, std::string("latest_universal")}) {
+          ASSIGN_OR_RETURN(bool there, out->Exists(rel));
+          if (there) {
+            return Status::AlreadyExists("'" + o.out_dir + "' already holds " + rel +
+                                         "; choose another directory, or use --overwrite to "
+                                         "replace it");
+          }
+        }
+      }
+      // A name no tag has, committed or pending: only a tag this export
+      // made is ever deleted.
+      const std::string base = TemporaryTagName();
       from = base;
-      for (int n = 1; store.GetTag(from).ok(); ++n) from = base + "-" + std::to_string(n);
+      for (int n = 1; store.GetTag(from).ok() || store.IsPending(from); ++n) {
+        from = base + "-" + std::to_string(n);
+      }
       WriteOptions write;
       write.set_latest = false;
       auto converted = ExportUniversal(store, tag, from, write);

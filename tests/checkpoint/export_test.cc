@@ -239,6 +239,20 @@ TEST_CASE("pickle writer: a state tree as torch.save pickles it", "[export]") {
     REQUIRE_FALSE(small.ok());
     CHECK(small.status().message().find("more than 3 nodes") != std::string::npos);
   }
+  SECTION("a stored class that would run code on torch.load is refused, naming it") {
+    // Enum form is `cls(value)` in the pickle: os.system("...") on load.
+    for (const char* cls : {"os:system", "posix:system", "builtins:eval", "subprocess:Popen",
+                            "importlib:import_module", "m:Outer.__reduce__"}) {
+      TreeBuilder u;
+      const fb::Node* bad =
+          u.Finish(u.Items(fb::NodeKind::Object, {u.Str(fb::NodeKind::String, "id")}, cls, 1));
+      auto r = pickle::PickleStateTree(bad, hooks, "f.pt", 100);
+      INFO(cls);
+      REQUIRE_FALSE(r.ok());
+      CHECK(r.status().message().find(cls) != std::string::npos);
+      CHECK(r.status().message().find("does not write") != std::string::npos);
+    }
+  }
   SECTION("an unknown builtin class is refused, naming it") {
     TreeBuilder u;
     const fb::Node* bad = u.Finish(u.Items(fb::NodeKind::Object, {u.Int(1)}, "builtins:eval", 0));
