@@ -732,9 +732,11 @@ class Interpreter {
   }
 
   // A numpy:ndarray node: (dtype, shape, bytes), the bytes as Bytes up to
-  // kInlineArrayBytes, else as a 1-D uint8 tensor at path/2.
-  Status NumpyArray(const std::string& dtype, const std::vector<int64_t>& shape, std::string data,
-                    const std::string& path, NodeOffset* out) {
+  // kInlineArrayBytes, else as a 1-D uint8 tensor at path/2; the array
+  // pickled as `v` referenced again (a memo GET) is that one tensor again,
+  // so its bytes are held and stored once.
+  Status NumpyArray(const Value* v, const std::string& dtype, const std::vector<int64_t>& shape,
+                    std::string data, const std::string& path, NodeOffset* out) {
     std::vector<NodeOffset> dims;
     for (int64_t d : shape) {
       fb::NodeBuilder nb(b());
@@ -746,6 +748,8 @@ class Interpreter {
     NodeOffset data_node = 0;
     if (data.size() <= kInlineArrayBytes) {
       data_node = Bytes(data);
+    } else if (auto seen = arrays_.find(v); seen != arrays_.end()) {
+      RETURN_IF_ERROR(w_.Tensor(seen->second, StateTreeWriter::ChildPath(path, "2"), &data_node));
     } else {
       owned_.push_back(std::make_unique<std::string>(std::move(data)));
       Source src;
@@ -758,6 +762,7 @@ class Interpreter {
             at::empty(src.shape, at::TensorOptions().dtype(at::kByte).device(at::kMeta)));
       }));
       sources_.emplace(meta.unsafeGetTensorImpl(), src);
+      arrays_.emplace(v, meta);
       RETURN_IF_ERROR(w_.Tensor(meta, StateTreeWriter::ChildPath(path, "2"), &data_node));
     }
     const NodeOffset t =
@@ -862,7 +867,7 @@ class Interpreter {
       }
       dtype[0] = '<';
     }
-    return NumpyArray(dtype, shape, std::move(data), path, out);
+    return NumpyArray(v, dtype, shape, std::move(data), path, out);
   }
 
   // numpy.core.numeric._frombuffer(buffer, dtype, shape, order), as
@@ -888,7 +893,7 @@ class Interpreter {
     std::string data;
     RETURN_IF_ERROR(
         ArrayBytes(v, name, shape, itemsize, Arg(v, 3)->text == "F", std::move(raw), &data));
-    return NumpyArray(dtype, shape, std::move(data), path, out);
+    return NumpyArray(v, dtype, shape, std::move(data), path, out);
   }
 
   // numpy.core.multiarray.scalar(dtype, bytes): a numpy scalar.
@@ -1028,6 +1033,7 @@ class Interpreter {
   std::map<std::string, fb::DType> storage_dtypes_;
   std::map<std::tuple<std::string, int64_t, std::vector<int64_t>, std::vector<int64_t>>, at::Tensor>
       views_;
+  std::map<const Value*, at::Tensor> arrays_;  // numpy arrays stored as tensors, by pickle node
   std::unordered_map<const c10::TensorImpl*, Source> sources_;
   std::vector<std::unique_ptr<std::string>> owned_;  // numpy arrays' bytes
   uint64_t nodes_left_;
@@ -1244,7 +1250,13 @@ Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::str
   for (const auto& f : files) RETURN_IF_ERROR(ValidateFile(f.first));
   RETURN_IF_ERROR(store.BeginTag(tag, overwrite));
   uint64_t total = 0;
-  for (const auto& f : files) total += fs::file_size(f.second, ec);
+  // Sizes for the progress bar only (0 when unreadable: the read says why).
+  auto size_of = [](const std::string& p) {
+    std::error_code size_ec;
+    const uintmax_t n = fs::file_size(p, size_ec);
+    return size_ec ? uint64_t{0} : static_cast<uint64_t>(n);
+  };
+  for (const auto& f : files) total += size_of(f.second);
   uint64_t done = 0;
   ImportBytesRead on_read;
   if (progress) {
@@ -1256,7 +1268,7 @@ Result<TagInfo> ImportPath(Store& store, const std::string& path, const std::str
   uint64_t files_done = 0;
   for (const auto& [file, p] : files) {
     auto saved = ImportTorchFile(store, tag, file, p, &placer, on_read);
-    files_done += fs::file_size(p, ec);
+    files_done += size_of(p);
     if (progress) progress(tag, done = std::max(done, files_done), total);
     if (!saved.ok()) {
       store.AbortTag(tag);
