@@ -79,7 +79,13 @@ ROWS = ["raw_write", "torch_save_dir", "raw_read", "torch_load_dir", "ckptkv_imp
 def fragment_address_class():
     """DeepSpeed's ``fragment_address`` (a dataclass of numel and start),
     defined here under DeepSpeed's module name so that torch.save writes
-    what DeepSpeed writes, without DeepSpeed installed."""
+    what DeepSpeed writes, without DeepSpeed installed (DeepSpeed's own
+    when it is)."""
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        return fragment_address
+    except ImportError:
+        pass
     name = "deepspeed.utils.tensor_fragment"
     if name not in sys.modules:
         parts = name.split(".")

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -370,62 +369,13 @@ def test_interrupted_cli_export_leaves_no_file(tmp_path):
     assert os.listdir(out) == []
 
 
-# DeepSpeed's classes, as modules of their real names (DeepSpeed itself is
-# not installed here).
-FAKE_DEEPSPEED = {
-    "deepspeed/__init__.py": "",
-    "deepspeed/runtime/__init__.py": "",
-    "deepspeed/runtime/zero/__init__.py": "",
-    "deepspeed/runtime/zero/config.py": textwrap.dedent("""
-        import enum
-        class ZeroStageEnum(int, enum.Enum):
-            disabled = 0
-            optimizer_states = 1
-            gradients = 2
-    """),
-    "deepspeed/runtime/fp16/__init__.py": "",
-    "deepspeed/runtime/fp16/loss_scaler.py": textwrap.dedent("""
-        class LossScaler:
-            def __init__(self, scale):
-                self.cur_scale = scale
-        class DynamicLossScaler(LossScaler):
-            pass
-    """),
-    "deepspeed/utils/__init__.py": "",
-    "deepspeed/utils/tensor_fragment.py": textwrap.dedent("""
-        import dataclasses
-        @dataclasses.dataclass
-        class fragment_address:
-            numel: int
-            start: int
-    """),
-}
-
-
-@pytest.fixture
-def fake_deepspeed(tmp_path):
-    root = tmp_path / "fake_ds"
-    for name, text in FAKE_DEEPSPEED.items():
-        p = root / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-    sys.path.insert(0, str(root))
-    import deepspeed.runtime.fp16.loss_scaler as ls
-    import deepspeed.runtime.zero.config as zc
-    import deepspeed.utils.tensor_fragment as tf
-    yield zc, ls, tf
-    sys.path.remove(str(root))
-    for m in [m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed.")]:
-        del sys.modules[m]
-
-
 def test_deepspeed_classes_imported_then_exported(tmp_path, fake_deepspeed):
-    zc, ls, tf = fake_deepspeed
-    scaler = ls.DynamicLossScaler(2.0**16)
-    obj = {"zero_stage": zc.ZeroStageEnum.optimizer_states,
+    ds = fake_deepspeed
+    scaler = ds.DynamicLossScaler(2.0**16)
+    obj = {"zero_stage": ds.ZeroStageEnum.optimizer_states,
            "loss_scaler": scaler,
            "param_slice_mappings": [collections.OrderedDict(
-               [("w", tf.fragment_address(numel=12, start=0))])],
+               [("w", ds.fragment_address(numel=12, start=0))])],
            "module": collections.OrderedDict([("w", torch.ones(3, 4, dtype=torch.bfloat16))])}
     src = tmp_path / "mp_rank_00_model_states.pt"
     torch.save(obj, src)
@@ -433,4 +383,4 @@ def test_deepspeed_classes_imported_then_exported(tmp_path, fake_deepspeed):
     ckptkv.export(tmp_path / "db", "imp", tmp_path / "out")
     got = torch.load(tmp_path / "out" / "mp_rank_00_model_states.pt")
     same(obj, got)
-    assert got["zero_stage"] is zc.ZeroStageEnum.optimizer_states
+    assert got["zero_stage"] is ds.ZeroStageEnum.optimizer_states

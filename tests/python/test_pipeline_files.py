@@ -5,17 +5,15 @@ goes into a store with `ckptkv import`, is reshaped to other layouts and
 leaves as files with `ckptkv export --format deepspeed|universal`; every
 exported tensor equals the global tensor this script made."""
 import collections
-import dataclasses
 import json
 import os
 import subprocess
-import sys
-import types
 
 import pytest
 import torch
 
 import ckptkv
+from ckptkv.bench_files import fragment_address_class
 
 BIN = os.environ.get("CKPTKV_BIN", "")
 CLI = os.path.join(BIN, "ckptkv")
@@ -23,25 +21,6 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CLI), reason="needs the ckptk
 
 H, VOCAB, POSITIONS, LAYERS = 8, 16, 4, 4
 STEP = 5
-
-
-def fragment_address_class():
-    """DeepSpeed's fragment_address under its own module name, so that
-    torch.save writes what DeepSpeed writes."""
-    name = "deepspeed.utils.tensor_fragment"
-    if name not in sys.modules:
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):
-            sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
-
-        @dataclasses.dataclass
-        class fragment_address:  # noqa: N801 - DeepSpeed's name
-            numel: int
-            start: int
-        fragment_address.__module__ = name
-        fragment_address.__qualname__ = "fragment_address"
-        sys.modules[name].fragment_address = fragment_address
-    return sys.modules[name].fragment_address
 
 
 # (name, global shape, TP split dim or None), GPTModelPipe's names and order:
