@@ -1,11 +1,15 @@
 #include "checkpoint/core/zip_writer.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -123,6 +127,50 @@ Status TempFile::SyncAndClose() {
 
 // --------------------------------------------------------------- ExportDir
 
+namespace {
+
+// Removes the temporary files (".ckptkv-export-<pid>-...partial") that an
+// export killed before it could clean up left in the open directory `dir`:
+// regular files whose pid names no running process. A live process's files
+// (another export, this one) are left alone.
+void RemoveStaleTemps(int dir) {
+  const int fd = ::dup(dir);
+  if (fd < 0) return;
+  DIR* d = ::fdopendir(fd);
+  if (d == nullptr) {
+    ::close(fd);
+    return;
+  }
+  const std::string prefix = kExportTempPrefix;
+  const std::string suffix = ".partial";
+  std::vector<std::string> stale;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.size() <= prefix.size() + suffix.size() || name.rfind(prefix, 0) != 0 ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+      continue;
+    }
+    size_t end = prefix.size();
+    while (end < name.size() && end - prefix.size() < 10 &&
+           std::isdigit(static_cast<unsigned char>(name[end])) != 0) {
+      ++end;
+    }
+    if (end == prefix.size() || end >= name.size() || name[end] != '-') continue;
+    const long pid =
+        std::strtol(name.substr(prefix.size(), end - prefix.size()).c_str(), nullptr, 10);
+    if (pid <= 0 || pid == ::getpid()) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or unknown
+    struct stat st {};
+    if (::fstatat(dir, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode)) {
+      stale.push_back(name);
+    }
+  }
+  ::closedir(d);
+  for (const std::string& name : stale) ::unlinkat(dir, name.c_str(), 0);
+}
+
+}  // namespace
+
 Result<std::unique_ptr<ExportDir>> ExportDir::Open(const std::string& path) {
   if (path.empty()) return Status::InvalidArgument("the output directory is empty; give --out DIR");
   std::error_code ec;
@@ -132,6 +180,7 @@ Result<std::unique_ptr<ExportDir>> ExportDir::Open(const std::string& path) {
   d->path_ = path;
   d->fd_ = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (d->fd_ < 0) return Status::IOError("cannot open '" + path + "': " + Errno());
+  RemoveStaleTemps(d->fd_);
   return d;
 }
 
@@ -221,6 +270,7 @@ Result<int> ExportDir::Parent(const std::string& rel, bool create, bool* missing
       }
       return Status::IOError("cannot open '" + path_ + "/" + so_far + "': " + Errno());
     }
+    RemoveStaleTemps(fd);
     dirs_[so_far] = fd;
     at = fd;
   }

@@ -8,7 +8,10 @@
 // file is written under a temporary name beside its final one
 // (".ckptkv-export-<pid>-<name>.partial"), synced, and only renamed into
 // place by Commit. A TempFile not committed is removed when it is
-// destroyed, so a failed export leaves no partial file under a final name.
+// destroyed, so a failed export leaves no partial file under a final name;
+// the temporary files of an export that was killed (their pid names no
+// running process) are removed by the next export into the directories
+// they are in.
 //
 // ZipWriter writes a zip archive as torch.save does (PyTorch's stream
 // writer): stored entries only, each entry's data 64-byte aligned (an

@@ -369,6 +369,27 @@ def test_interrupted_cli_export_leaves_no_file(tmp_path):
     assert os.listdir(out) == []
 
 
+def test_a_killed_exports_temporary_files_are_removed_by_the_next(tmp_path):
+    """SIGKILL leaves `.ckptkv-export-<pid>-...partial` files; the next
+    export into those directories removes the ones whose process is gone
+    and keeps a live process's."""
+    ckptkv.save({"w": torch.ones(4)}, tmp_path / "db", "t", "sub/state.pt")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    stale = [out / (".ckptkv-export-%d-0-state.pt.partial" % dead.pid),
+             out / "sub" / (".ckptkv-export-%d-3-state.pt.partial" % dead.pid)]
+    live = out / "sub" / (".ckptkv-export-%d-0-state.pt.partial" % os.getppid())
+    other = out / ".ckptkv-export-notapid.partial"
+    for p in stale + [live, other]:
+        p.write_bytes(b"partial")
+    ckptkv.export(tmp_path / "db", "t", out)
+    assert torch.equal(torch.load(out / "sub" / "state.pt")["w"], torch.ones(4))
+    assert not any(p.exists() for p in stale)
+    assert live.exists() and other.exists()
+
+
 def test_deepspeed_classes_imported_then_exported(tmp_path, fake_deepspeed):
     ds = fake_deepspeed
     scaler = ds.DynamicLossScaler(2.0**16)
