@@ -47,6 +47,16 @@ inline NodeOffset ObjectNode(flatbuffers::FlatBufferBuilder& b, const std::strin
   return nb.Finish();
 }
 
+// A List or Tuple of `items`.
+inline NodeOffset SeqNode(flatbuffers::FlatBufferBuilder& b, fb::NodeKind kind,
+                          const std::vector<NodeOffset>& items) {
+  auto v = b.CreateVector(items);
+  fb::NodeBuilder nb(b);
+  nb.add_kind(kind);
+  nb.add_items(v);
+  return nb.Finish();
+}
+
 inline NodeOffset DictNode(flatbuffers::FlatBufferBuilder& b,
                            const std::vector<std::pair<std::string, NodeOffset>>& entries) {
   std::vector<NodeOffset> keys, items;

@@ -17,6 +17,7 @@
 #include "checkpoint/core/pickle_writer.h"
 #include "checkpoint/core/zip_archive.h"
 #include "checkpoint/core/zip_writer.h"
+#include "tests/python_tree.h"
 
 using namespace ckptkv;
 using namespace ckptkv::checkpoint;
@@ -46,34 +47,17 @@ std::unique_ptr<pickle::Tree> Reparse(const std::string& bytes) {
   return std::move(*t);
 }
 
-// Builds a state tree node with FlatBuffers.
+// Builds a state tree node with FlatBuffers (tests/python_tree.h's nodes).
 struct TreeBuilder {
   flatbuffers::FlatBufferBuilder b;
-  using Off = flatbuffers::Offset<fb::Node>;
-  Off Int(int64_t i) {
-    fb::NodeBuilder n(b);
-    n.add_kind(fb::NodeKind::Int);
-    n.add_i(i);
-    return n.Finish();
-  }
-  Off Str(fb::NodeKind k, const std::string& s) {
-    auto str = b.CreateString(s);
-    fb::NodeBuilder n(b);
-    n.add_kind(k);
-    n.add_s(str);
-    return n.Finish();
-  }
+  using Off = testing::NodeOffset;
+  Off Int(int64_t i) { return testing::IntNode(b, i); }
+  Off Str(fb::NodeKind k, const std::string& s) { return testing::TextNode(b, k, s); }
   Off Tensor(const std::string& param) { return Str(fb::NodeKind::Tensor, param); }
-  Off Items(fb::NodeKind k, const std::vector<Off>& items, const std::string& s = "",
+  Off Items(fb::NodeKind k, const std::vector<Off>& items, const std::string& cls = "",
             int64_t form = 0) {
-    auto v = b.CreateVector(items);
-    auto str = b.CreateString(s);
-    fb::NodeBuilder n(b);
-    n.add_kind(k);
-    n.add_items(v);
-    if (!s.empty()) n.add_s(str);
-    n.add_i(form);
-    return n.Finish();
+    if (k == fb::NodeKind::Object) return testing::ObjectNode(b, cls, form, items);
+    return testing::SeqNode(b, k, items);
   }
   Off Dict(const std::vector<Off>& keys, const std::vector<Off>& values) {
     auto k = b.CreateVector(keys);
