@@ -34,7 +34,7 @@ foreach(dir schema store engine checkpoint)
     DESTINATION ${CKPTKV_INSTALL_INCLUDEDIR}/${dir}
     FILES_MATCHING PATTERN "*.h" PATTERN "*_internal.h" EXCLUDE)
 endforeach()
-foreach(program ckptkv kv-browser)
+foreach(program ckptkv ckptkvd kv-browser)
   if(TARGET ${program})
     install(TARGETS ${program} RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
   endif()

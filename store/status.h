@@ -33,6 +33,10 @@ class [[nodiscard]] Status {
 
   Status() = default;
   static Status OK() { return Status(); }
+  // A Status of `code` (kOk gives OK and drops the message).
+  static Status FromCode(Code code, std::string msg) {
+    return code == Code::kOk ? Status() : Status(code, std::move(msg));
+  }
   static Status NotFound(std::string msg) { return Status(Code::kNotFound, std::move(msg)); }
   static Status Corruption(std::string msg) { return Status(Code::kCorruption, std::move(msg)); }
   static Status InvalidArgument(std::string msg) {

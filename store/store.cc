@@ -5,6 +5,7 @@
 #include <chrono>
 #include <filesystem>
 
+#include "store/node_client.h"
 #include "store/store_internal.h"
 
 namespace ckptkv {
@@ -103,7 +104,14 @@ const std::string& Store::dir() const { return impl_->dir_; }
 uint32_t Store::chunk_size() const { return impl_->chunk_size_; }
 uint32_t Store::inline_threshold() const { return impl_->inline_threshold_; }
 bool Store::read_only() const { return impl_->options_.read_only; }
+bool Store::through_node_writer() const { return impl_->node_ != nullptr; }
 uint64_t Store::DiskBytes() const { return DirBytes(impl_->dir_); }
-uint64_t Store::BlockBytesRead() const { return impl_->block_bytes_read_.load(); }
+uint64_t Store::BlockBytesRead() const {
+  if (impl_->node_) {
+    Result<std::shared_ptr<Store>> view = impl_->node_->View();
+    return view.ok() ? (*view)->BlockBytesRead() : 0;
+  }
+  return impl_->block_bytes_read_.load();
+}
 
 }  // namespace ckptkv

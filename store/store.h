@@ -15,7 +15,8 @@
 //
 // Thread-safety: every method may be called from several threads; the
 // calls for one pending tag must not race with each other. One process at a
-// time may open a store for writing (Open fails with Busy otherwise).
+// time may open a store for writing (Open fails with Busy otherwise);
+// several processes write one store through its node writer (NodeOptions).
 #ifndef CKPTKV_STORE_STORE_H_
 #define CKPTKV_STORE_STORE_H_
 
@@ -38,11 +39,48 @@ class FileSystem;
 
 namespace ckptkv {
 
+namespace node {
+class Writer;
+}
+
 // Where the bytes of new blocks are made durable before a commit.
 enum class BlockDurability {
   kFlush,  // blocks skip the WAL; the commit flushes them to blob files first
   kWal,    // blocks go through the WAL; the commit's synced write covers them
 };
+
+// Several processes writing one store: the rank processes of a training
+// job on one node (docs/architecture.md, "One store per node"). With
+// `enabled`, Store::Open does not open the database itself: it connects to
+// the store's node writer (the `ckptkvd` process that owns it, started by
+// the first rank that opens the store and gone when its last client has
+// closed), sends it the chunks the store does not have yet through shared
+// memory, and reads through a read-only view of its own. A tag then
+// commits when all `world_size` ranks have committed it; a rank that
+// closes or dies before its commit aborts the tag for all of them.
+struct NodeOptions {
+  bool enabled = false;
+  int32_t rank = 0;        // this process's rank among the writers, 0..world_size-1
+  int32_t world_size = 1;  // the ranks that save and commit each tag together
+  // A commit waits this long for the other ranks' commits, then aborts
+  // the tag and names the ranks it waited for.
+  double commit_timeout_s = 600;
+  // The writer program; empty = $CKPTKV_WRITER, else `ckptkvd` beside
+  // this library or program (or its ../bin), else on PATH.
+  std::string writer_program;
+  // Chunk-sized shared-memory slots of this process (1 to 64): the bytes
+  // in flight to the writer.
+  uint32_t ring_slots = 8;
+  // A writer this process starts exits this long after its last client.
+  double idle_exit_s = 2;
+};
+
+// The node options the environment gives: rank and world size from
+// LOCAL_RANK / LOCAL_WORLD_SIZE (torchrun, DeepSpeed's launcher), else
+// RANK / WORLD_SIZE; enabled when the world size is above 1; the commit
+// timeout from CKPTKV_COMMIT_TIMEOUT (seconds). InvalidArgument for values
+// that are not numbers or a rank outside the world.
+Result<NodeOptions> NodeOptionsFromEnv();
 
 struct StoreOptions {
   bool create_if_missing = true;
@@ -64,6 +102,8 @@ struct StoreOptions {
   size_t read_threads = 0;
   // Replaces the local file system (tests inject faults through it).
   std::shared_ptr<rocksdb::FileSystem> file_system;
+  // Join the node writer instead of opening the database here (above).
+  NodeOptions node;
 };
 
 struct PlacementSegment {
@@ -134,6 +174,10 @@ struct BeginOptions {
   // Codec of the tag's new blocks; unset = the store's (its header's codec).
   // Blocks the store already holds are reused as they are, whatever their codec.
   std::optional<Codec> codec;
+  // Through a node writer: the writer records the placements of the
+  // committed tag's DeepSpeed files (checkpoint::PlaceTag, which sees the
+  // files of every rank) before the commit returns. Ignored otherwise.
+  bool place_after_commit = false;
 };
 
 struct TagInfo {
@@ -301,8 +345,11 @@ class Store {
   uint64_t DiskBytes() const;
 
   class Impl;
+  // Whether this store writes through a node writer (NodeOptions).
+  bool through_node_writer() const;
 
  private:
+  friend class node::Writer;
   explicit Store(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -47,6 +47,10 @@ Status Store::Impl::MarkLive(std::unordered_set<Digest, DigestHash>* live) const
 }
 
 Result<GcStats> Store::Gc(bool dry_run) {
+  if (impl_->node_) {
+    return Status::NotSupported("gc of store '" + impl_->dir_ +
+                                "' while its node writer holds it; run gc when the job has ended");
+  }
   if (!dry_run) RETURN_IF_ERROR(impl_->WritableCheck("gc"));
   std::lock_guard<std::mutex> commit_lock(impl_->commit_mu_);
   std::unique_lock<std::shared_mutex> gc_lock(impl_->gc_mu_);

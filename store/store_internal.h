@@ -39,6 +39,10 @@
 
 namespace ckptkv {
 
+namespace node {
+class Client;
+}
+
 // Keys of the `meta` column family.
 inline constexpr const char* kHeaderKey = "header";
 inline constexpr const char* kLatestKey = "latest";
@@ -48,6 +52,10 @@ inline constexpr const char* kNextSequenceKey = "next_sequence";
 Status FromRocks(const rocksdb::Status& s, const std::string& what);
 // Milliseconds since the Unix epoch.
 int64_t NowMs();
+// The checks of PutTensor's arguments (names, dtype, shape against the
+// byte count), before anything is hashed or written.
+Status CheckPutTensor(const std::string& where, const std::string& file, const std::string& param,
+                      const TensorMeta& meta, const ByteSource& bytes);
 // "a, b, c" (the first `max`), or "(none)": names listed in a message.
 std::string JoinNames(const std::vector<std::string>& names, size_t max = 20);
 
@@ -108,6 +116,9 @@ class Store::Impl {
   // at close; code uses cf_.
   std::vector<rocksdb::ColumnFamilyHandle*> owned_handles_;
   ColumnFamilies cf_;
+  // Through a node writer (StoreOptions::node): the connection, and the
+  // read-only views reads go to; db_ is then not opened here.
+  std::unique_ptr<node::Client> node_;
   bool no_header_ = false;  // a read-only open found no header
   uint32_t chunk_size_ = 0;
   uint32_t inline_threshold_ = 0;
@@ -189,6 +200,11 @@ class Store::Impl {
   // with `codec`, grouped by `element_size` (GroupElementSize).
   Status WriteChunk(PendingTag* pending, Codec codec, uint32_t element_size, const uint8_t* data,
                     size_t len, Digest* out, WriteStats* stats);
+  // Writes block `d` (the digest of the `len` bytes at `data`), which
+  // PinBlock(kClaim) found missing and pinned for `pending`; gc_mu_ held
+  // shared. On an error the caller unpins it.
+  Status WriteClaimed(PendingTag* pending, Codec codec, uint32_t element_size, const uint8_t* data,
+                      size_t len, const Digest& d, WriteStats* stats);
   // Drops the index entries of blocks found bad (one synced batch), so that
   // the next save of their bytes writes them again. No-op when read-only.
   Status ForgetBlocks(const std::vector<Digest>& bad) const;

@@ -15,6 +15,8 @@
 #include <filesystem>
 #include <thread>
 
+#include "store/node_client.h"
+#include "store/node_wire.h"
 #include "store/record_check.h"
 #include "store/record_codec.h"
 #include "store/store_internal.h"
@@ -56,7 +58,12 @@ Status Store::Impl::CheckIsStore() {
     return Status::InvalidArgument("'" + dir_ +
                                    "' is not a directory; a store is a directory made by ckptkv");
   }
-  bool empty = fs::is_empty(dir_, ec);
+  // The node writer's socket, lock and log are not the database's.
+  bool empty = true;
+  for (auto it = fs::directory_iterator(dir_, ec); !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
+    if (!node::IsWriterFile(it->path().filename().string())) empty = false;
+  }
   if (empty) {
     if (options_.read_only) return Status::NotFound("store '" + dir_ + "' is empty");
     return Status::OK();
@@ -240,6 +247,15 @@ Status Store::Impl::LoadOrCreateHeader() {
 
 Result<std::unique_ptr<Store>> Store::Open(const std::string& dir, const StoreOptions& options) {
   if (dir.empty()) return Status::InvalidArgument("store directory is empty; give a path");
+  if (options.node.enabled && !options.read_only) {
+    auto impl = std::make_unique<Impl>();
+    impl->dir_ = dir;
+    impl->options_ = options;
+    ASSIGN_OR_RETURN(impl->node_, node::Client::Connect(dir, options));
+    impl->chunk_size_ = impl->node_->chunk_size();
+    impl->inline_threshold_ = impl->node_->inline_threshold();
+    return std::unique_ptr<Store>(new Store(std::move(impl)));
+  }
   // A read-only open beside a writer that is itself opening (replaying and
   // deleting its log) or compacting can see a half-made view: the header
   // not there yet, a file that just went. Such opens are retried briefly.
@@ -251,6 +267,16 @@ Result<std::unique_ptr<Store>> Store::Open(const std::string& dir, const StoreOp
     if (s.ok()) return std::unique_ptr<Store>(new Store(std::move(impl)));
     const bool transient = options.read_only && (s.code() == Status::Code::kIOError ||
                                                  s.IsCorruption() || impl->no_header_);
+    // A node writer holds the lock until shortly after its last rank has
+    // gone (NodeOptions::idle_exit_s): a writable open waits that out.
+    std::error_code ec;
+    const bool writer_leaving = !options.read_only && s.IsBusy() && attempt < 250 &&
+                                fs::exists(fs::path(dir) / node::kSocketName, ec);
+    if (writer_leaving) {
+      impl.reset();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      continue;
+    }
     if (!transient || attempt >= 10) return s;
     impl.reset();
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

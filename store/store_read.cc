@@ -14,6 +14,7 @@
 #include "store/names.h"
 #include "store/record_check.h"
 #include "store/record_codec.h"
+#include "store/node_client.h"
 #include "store/store_internal.h"
 
 namespace ckptkv {
@@ -50,7 +51,35 @@ Status Store::Impl::TagNotFound(const std::string& tag) const {
                           "'; committed tags: " + JoinNames(names));
 }
 
+// --- Through a node writer ----------------------------------------------------
+
+namespace {
+
+const Status& StatusOf(const Status& s) { return s; }
+template <typename T>
+const Status& StatusOf(const Result<T>& r) {
+  return r.status();
+}
+
+// A read through a node writer goes to the client's read-only view; what
+// the view does not find (another rank's commit since it opened) is
+// looked up once more in a fresh view.
+template <typename F>
+auto ViaView(node::Client& client, F&& read) -> decltype(read(std::declval<const Store&>())) {
+  Result<std::shared_ptr<Store>> view = client.View();
+  if (!view.ok()) return view.status();
+  auto r = read(**view);
+  if (StatusOf(r).IsNotFound() && client.RefreshView().ok()) {
+    view = client.View();
+    if (view.ok()) r = read(**view);
+  }
+  return r;
+}
+
+}  // namespace
+
 Result<std::vector<TagInfo>> Store::ListTags() const {
+  if (impl_->node_) return ViaView(*impl_->node_, [](const Store& v) { return v.ListTags(); });
   std::vector<TagInfo> out;
   std::unique_ptr<rocksdb::Iterator> it(
       impl_->db_->NewIterator(rocksdb::ReadOptions(), impl_->cf_.tags));
@@ -72,6 +101,7 @@ Result<std::vector<TagInfo>> Store::ListTags() const {
 }
 
 Result<TagInfo> Store::GetTag(const std::string& tag) const {
+  if (impl_->node_) return ViaView(*impl_->node_, [&](const Store& v) { return v.GetTag(tag); });
   RETURN_IF_ERROR(ValidateTagLookup(tag));
   ASSIGN_OR_RETURN(auto found, impl_->FindTag(tag));
   if (!found) return impl_->TagNotFound(tag);
@@ -79,6 +109,7 @@ Result<TagInfo> Store::GetTag(const std::string& tag) const {
 }
 
 Result<std::optional<std::string>> Store::Latest() const {
+  if (impl_->node_) return ViaView(*impl_->node_, [](const Store& v) { return v.Latest(); });
   ASSIGN_OR_RETURN(std::string latest, impl_->LatestTagUnlocked());
   if (latest.empty()) return std::optional<std::string>();
   return std::optional<std::string>(latest);
@@ -92,6 +123,9 @@ Result<std::vector<std::string>> Store::ListFiles(const std::string& tag) const 
 }
 
 Result<std::string> Store::GetFileTree(const std::string& tag, const std::string& file) const {
+  if (impl_->node_) {
+    return ViaView(*impl_->node_, [&](const Store& v) { return v.GetFileTree(tag, file); });
+  }
   std::string bytes;
   rocksdb::Status s =
       impl_->db_->Get(rocksdb::ReadOptions(), impl_->cf_.files, FileKey(tag, file), &bytes);
@@ -114,6 +148,9 @@ Result<std::string> Store::GetFileTree(const std::string& tag, const std::string
 
 Result<std::vector<std::string>> Store::ListParams(const std::string& tag,
                                                    const std::string& file) const {
+  if (impl_->node_) {
+    return ViaView(*impl_->node_, [&](const Store& v) { return v.ListParams(tag, file); });
+  }
   std::vector<std::string> out;
   std::string prefix = TensorPrefix(tag, file);
   std::string end = PrefixEnd(prefix);
@@ -130,6 +167,10 @@ Result<std::vector<std::string>> Store::ListParams(const std::string& tag,
 
 Result<TensorRecordRef> Store::GetTensorRecord(const std::string& tag, const std::string& file,
                                                const std::string& param) const {
+  if (impl_->node_) {
+    return ViaView(*impl_->node_,
+                   [&](const Store& v) { return v.GetTensorRecord(tag, file, param); });
+  }
   std::string bytes;
   const std::string where = TensorName(tag, file, param);
   rocksdb::Status s = impl_->db_->Get(rocksdb::ReadOptions(), impl_->cf_.tensors,
@@ -193,6 +234,8 @@ Status Store::ReadTensorRange(const fb::TensorRecord& r, uint64_t offset, uint64
 }
 
 Status Store::ReadTensors(const std::vector<TensorRead>& reads) const {
+  if (impl_->node_)
+    return ViaView(*impl_->node_, [&](const Store& v) { return v.ReadTensors(reads); });
   std::vector<TensorRead> chunked;
   for (const TensorRead& t : reads) {
     if (t.record == nullptr) return Status::InvalidArgument(t.where + ": no tensor record");

@@ -15,6 +15,7 @@
 #include "store/names.h"
 #include "store/record_check.h"
 #include "store/record_codec.h"
+#include "store/node_client.h"
 #include "store/store_internal.h"
 
 namespace ckptkv {
@@ -220,6 +221,16 @@ Result<VerifyReport> Store::Verify(const std::optional<std::string>& tag) const 
 }
 
 Result<VerifyReport> Store::Verify(const VerifyOptions& options) const {
+  if (impl_->node_) {
+    if (options.repair) {
+      return Status::NotSupported(
+          "verify --repair of store '" + impl_->dir_ +
+          "' while its node writer holds it; repair when the job has ended");
+    }
+    RETURN_IF_ERROR(impl_->node_->RefreshView());
+    ASSIGN_OR_RETURN(std::shared_ptr<Store> view, impl_->node_->View());
+    return view->Verify(options);
+  }
   if (options.repair) RETURN_IF_ERROR(impl_->WritableCheck("verify --repair"));
   VerifyReport report;
   Impl::BlockVerdicts checked;

@@ -13,6 +13,7 @@
 
 #include "store/kill_point.h"
 #include "store/names.h"
+#include "store/node_client.h"
 #include "store/record_check.h"
 #include "store/record_codec.h"
 #include "store/size_math.h"
@@ -29,6 +30,10 @@ Status Store::BeginTag(const std::string& tag, bool overwrite) {
 }
 
 Status Store::BeginTag(const std::string& tag, const BeginOptions& options) {
+  if (impl_->node_) {
+    RETURN_IF_ERROR(ValidateTag(tag));
+    return impl_->node_->Begin(tag, options);
+  }
   const bool overwrite = options.overwrite;
   RETURN_IF_ERROR(impl_->WritableCheck("create"));
   if (options.codec && !IsKnownCodec(static_cast<uint8_t>(*options.codec))) {
@@ -54,6 +59,7 @@ Status Store::BeginTag(const std::string& tag, const BeginOptions& options) {
 }
 
 bool Store::IsPending(const std::string& tag) const {
+  if (impl_->node_) return impl_->node_->IsPending(tag);
   std::lock_guard<std::mutex> lock(impl_->mu_);
   return impl_->pending_.count(tag) > 0;
 }
@@ -113,6 +119,14 @@ Status Store::Impl::WriteChunk(PendingTag* pending, Codec preferred, uint32_t el
   std::shared_lock<std::shared_mutex> gc_guard(gc_mu_);
   ASSIGN_OR_RETURN(bool present, PinBlock(pending, d, PinMode::kClaim));
   if (present) return Status::OK();
+  Status st = WriteClaimed(pending, preferred, element_size, data, len, d, stats);
+  if (!st.ok()) UnpinBlock(pending, d);
+  return st;
+}
+
+Status Store::Impl::WriteClaimed(PendingTag* pending, Codec preferred, uint32_t element_size,
+                                 const uint8_t* data, size_t len, const Digest& d,
+                                 WriteStats* stats) {
   // The payload goes to RocksDB straight from the tensor's memory (raw) or
   // from the compressed buffer: no encoded copy of the chunk is made. The
   // digest is of the raw bytes whatever the codec, so dedup ignores codecs.
@@ -142,11 +156,7 @@ Status Store::Impl::WriteChunk(PendingTag* pending, Codec preferred, uint32_t el
   batch.Put(cf_.blocks, PresenceKey(d), index_value);
   rocksdb::WriteOptions wo;
   wo.disableWAL = options_.block_durability == BlockDurability::kFlush;
-  Status st = FromRocks(db_->Write(wo, &batch), "writing block " + d.Hex());
-  if (!st.ok()) {
-    UnpinBlock(pending, d);
-    return st;
-  }
+  RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "writing block " + d.Hex()));
   {
     std::lock_guard<std::mutex> lock(mu_);
     // Set after the write and before the block can be found through
@@ -161,17 +171,10 @@ Status Store::Impl::WriteChunk(PendingTag* pending, Codec preferred, uint32_t el
   return Status::OK();
 }
 
-Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& file,
-                                    const std::string& param, const TensorMeta& meta,
-                                    const ByteSource& bytes) {
+Status CheckPutTensor(const std::string& where, const std::string& file, const std::string& param,
+                      const TensorMeta& meta, const ByteSource& bytes) {
   RETURN_IF_ERROR(ValidateFile(file));
   RETURN_IF_ERROR(ValidateParam(param));
-  PendingTag* pending;
-  {
-    std::lock_guard<std::mutex> lock(impl_->mu_);
-    ASSIGN_OR_RETURN(pending, impl_->PendingForSave(tag));
-  }
-  const std::string where = TensorName(tag, file, param);
   const uint64_t esize = DTypeSize(meta.dtype);
   if (esize == 0) return Status::InvalidArgument(where + ": unknown dtype");
   for (int64_t d : meta.shape) {
@@ -188,6 +191,20 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
   }
   if (bytes.data == nullptr && !bytes.fill && bytes.length > 0) {
     return Status::InvalidArgument(where + ": no bytes given");
+  }
+  return Status::OK();
+}
+
+Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& file,
+                                    const std::string& param, const TensorMeta& meta,
+                                    const ByteSource& bytes) {
+  if (impl_->node_) return impl_->node_->PutTensor(tag, file, param, meta, bytes);
+  const std::string where = TensorName(tag, file, param);
+  RETURN_IF_ERROR(CheckPutTensor(where, file, param, meta, bytes));
+  PendingTag* pending;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu_);
+    ASSIGN_OR_RETURN(pending, impl_->PendingForSave(tag));
   }
 
   WriteStats stats;
@@ -261,6 +278,10 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
 Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& file,
                                      const std::string& param, const fb::TensorRecord& source,
                                      const std::optional<Placement>& placement) {
+  if (impl_->node_) {
+    return Status::NotSupported("linking " + TensorName(tag, file, param) +
+                                " through the node writer; open the store on its own for that");
+  }
   RETURN_IF_ERROR(ValidateFile(file));
   RETURN_IF_ERROR(ValidateParam(param));
   const std::string where = TensorName(tag, file, param);
@@ -305,6 +326,7 @@ Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& 
 
 Status Store::PutFile(const std::string& tag, const std::string& file, std::string state_tree) {
   RETURN_IF_ERROR(ValidateFile(file));
+  if (impl_->node_) return impl_->node_->PutFile(tag, file, std::move(state_tree));
   const fb::StateTree* tree = VerifiedStateTree(state_tree);
   if (tree == nullptr) {
     return Status::InvalidArgument("state tree of " + FileName(tag, file) +
@@ -322,6 +344,7 @@ Status Store::PutFile(const std::string& tag, const std::string& file, std::stri
 }
 
 Status Store::ClearFile(const std::string& tag, const std::string& file) {
+  if (impl_->node_) return impl_->node_->ClearFile(tag, file);
   std::lock_guard<std::mutex> lock(impl_->mu_);
   auto it = impl_->pending_.find(tag);
   if (it == impl_->pending_.end()) {
@@ -334,11 +357,16 @@ Status Store::ClearFile(const std::string& tag, const std::string& file) {
 // --- Commit, abort, delete ------------------------------------------------
 
 void Store::AbortTag(const std::string& tag) {
+  if (impl_->node_) {
+    impl_->node_->Abort(tag);
+    return;
+  }
   std::lock_guard<std::mutex> lock(impl_->mu_);
   impl_->pending_.erase(tag);
 }
 
 Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& options) {
+  if (impl_->node_) return impl_->node_->Commit(tag, options);
   RETURN_IF_ERROR(impl_->WritableCheck("commit"));
   std::lock_guard<std::mutex> commit_lock(impl_->commit_mu_);
   PendingTag pending;
@@ -434,6 +462,10 @@ Result<TagInfo> Store::CommitTag(const std::string& tag, const CommitOptions& op
 }
 
 Status Store::DeleteTag(const std::string& tag) {
+  if (impl_->node_) {
+    RETURN_IF_ERROR(ValidateTagLookup(tag));
+    return impl_->node_->DeleteTag(tag);
+  }
   RETURN_IF_ERROR(impl_->WritableCheck("delete"));
   RETURN_IF_ERROR(ValidateTagLookup(tag));
   std::lock_guard<std::mutex> commit_lock(impl_->commit_mu_);
