@@ -140,7 +140,17 @@ Store& KvCheckpointEngine::EnsureStore(const std::string& dir_hint) {
         "no store to use: call makedirs(save_dir) / create(save_dir, tag) / open(load_dir), "
         "or set KvEngineConfig::db"));
   }
-  store_ = ValueOrThrow(Store::Open(dir, config_.store));
+  StoreOptions options = config_.store;
+  if (!options.node.enabled && config_.node_from_env) {
+    NodeOptions env = ValueOrThrow(NodeOptionsFromEnv());
+    if (env.enabled) {
+      options.node.enabled = true;
+      options.node.rank = env.rank;
+      options.node.world_size = env.world_size;
+      options.node.commit_timeout_s = env.commit_timeout_s;
+    }
+  }
+  store_ = ValueOrThrow(Store::Open(dir, options));
   return *store_;
 }
 
@@ -200,7 +210,12 @@ void KvCheckpointEngine::create(const std::string& tag) {
 void KvCheckpointEngine::create(const std::string& save_dir, const std::string& tag) {
   Store& store = EnsureStore(save_dir);
   if (!save_dir.empty()) last_dir_ = Normal(save_dir);
-  ThrowIfError(store.BeginTag(tag, config_.overwrite));
+  BeginOptions options;
+  options.overwrite = config_.overwrite;
+  // Through a node writer, the writer places the committed tag: it alone
+  // sees every rank's files.
+  options.place_after_commit = config_.placer != nullptr;
+  ThrowIfError(store.BeginTag(tag, options));
   save_dirs_[tag] = last_dir_;
   spdlog::debug("[ckptkv] create {}", tag);
 }
@@ -220,7 +235,9 @@ void KvCheckpointEngine::save(const c10::IValue& state_dict, const std::string& 
   const std::string where = FileName(target.tag, target.file);
   EncodedState encoded = ValueOrThrow(EncodeState(state_dict, where));
   TensorPlacer::Placements placements;
-  if (config_.placer) placements = config_.placer->Place(target.tag, target.file, state_dict);
+  if (config_.placer && !store_->through_node_writer()) {
+    placements = config_.placer->Place(target.tag, target.file, state_dict);
+  }
   const auto t0 = std::chrono::steady_clock::now();
   if (config_.async_save) {
     if (!saver_) {
@@ -271,7 +288,7 @@ bool KvCheckpointEngine::commit(const CommitInfo& info) {
   options.set_latest = info.save_latest;
   last_commit_ = ValueOrThrow(store_->CommitTag(info.tag, options));
   save_dirs_.erase(info.tag);
-  if (config_.placer) {
+  if (config_.placer && !store_->through_node_writer()) {
     Status placed = config_.placer->AfterCommit(*store_, info.tag);
     if (!placed.ok()) {
       spdlog::warn("[ckptkv] {}: committed; placing it after the commit failed: {}", info.tag,

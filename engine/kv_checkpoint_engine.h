@@ -63,6 +63,13 @@ struct KvEngineConfig {
   // Snapshot buffers the async saves may hold; 0 = a quarter of the
   // machine's memory. A file larger than that is written synchronously.
   uint64_t async_buffer_bytes = 0;
+  // Unless store.node is enabled already, take the node options from the
+  // environment (NodeOptionsFromEnv: LOCAL_RANK / LOCAL_WORLD_SIZE, RANK /
+  // WORLD_SIZE): the ranks of a job on one node then write one store
+  // through its node writer, and each tag commits when all of them have
+  // committed it. One process (no world size above 1) opens the store
+  // itself, as before.
+  bool node_from_env = true;
 };
 
 // What the last save or commit cost.

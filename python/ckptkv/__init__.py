@@ -19,7 +19,7 @@ from . import errors
 from ._ckptkv import _set_error_classes
 from ._objects import Record, allow, allowed, disallow, KNOWN_CLASSES
 from .errors import *  # noqa: F401,F403 - the exception classes
-from .store import SafeOpen, Store, TensorSlice, Writer
+from .store import SafeOpen, Store, TensorSlice, Writer, node_ranks
 
 _set_error_classes(errors.BY_CODE)
 

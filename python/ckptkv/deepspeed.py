@@ -24,7 +24,7 @@ import os
 import torch
 
 from . import errors
-from .store import Store
+from .store import Store, node_ranks
 
 DEFAULT_STORE_DIR = "ckptkv-store"
 PLACEHOLDER_KEY = "ckptkv_placeholder"
@@ -155,7 +155,13 @@ class KvCheckpointEngine:
                     "no store to use: call makedirs(save_dir) or create(info) first, or pass "
                     "store= to KvCheckpointEngine")
             path = os.path.join(save_dir, DEFAULT_STORE_DIR)
-        self._store = Store(path, compress=self._compress)
+        # Every rank of the node saves into this store: with more than one,
+        # they write through its node writer and commit each tag together.
+        rank, world = node_ranks()
+        if world > 1:
+            self._store = Store(path, compress=self._compress, rank=rank, world_size=world)
+        else:
+            self._store = Store(path, compress=self._compress)
         self._owns_store = True
         return self._store
 

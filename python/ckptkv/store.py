@@ -82,6 +82,48 @@ _COMPRESSIONS = {None: "", False: "", "raw": "", True: "grouped-zstd", "zstd": "
                  "grouped-zstd": "grouped-zstd"}
 
 
+def _env_int(name):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        x = int(v)
+    except ValueError:
+        x = -1
+    if x < 0:
+        raise InvalidArgumentError("environment variable %s=%r is not a non-negative integer"
+                                   % (name, v))
+    return x
+
+
+def node_ranks():
+    """(rank, world_size) of this process among the processes of its node.
+
+    From ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (set by torchrun and
+    DeepSpeed's launcher), else from torch.distributed when it is
+    initialized on one node, else ``RANK`` / ``WORLD_SIZE``; (0, 1) when
+    nothing says otherwise.
+    """
+    world = _env_int("LOCAL_WORLD_SIZE")
+    if world is not None:
+        rank = _env_int("LOCAL_RANK")
+        names = ("LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    else:
+        dist = getattr(torch, "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        world = _env_int("WORLD_SIZE")
+        rank = _env_int("RANK")
+        names = ("RANK", "WORLD_SIZE")
+    if world is None or world <= 1:
+        return 0, 1
+    if rank is None or rank >= world:
+        raise InvalidArgumentError("%s=%d but %s is %s; valid: 0 to %d"
+                                   % (names[1], world, names[0],
+                                      "unset" if rank is None else rank, world - 1))
+    return rank, world
+
+
 def _compression(value):
     try:
         return _COMPRESSIONS[value]
@@ -107,17 +149,46 @@ class Store:
     bytes, so dedup does not depend on the codec. ``async_buffer_bytes``
     bounds the snapshot buffers of background saves (0: a quarter of the
     machine's memory).
+
+    ``world_size`` (with ``rank``): this process is one of ``world_size``
+    processes of one node writing this store together (the ranks of a
+    job). They write through the store's node writer, which the first of
+    them starts; a tag commits when every rank has committed it, and a rank
+    that closes or dies before its commit aborts it for all (its other
+    ranks' ``commit`` raises an error naming it). A commit waits at most
+    ``commit_timeout`` seconds for the other ranks. ``world_size="env"``
+    takes both from the environment (:func:`node_ranks`). Without
+    ``world_size`` this process is the store's only writer.
     """
 
     def __init__(self, path, *, create=True, read_only=False, chunk_size=None, compress=False,
-                 threads=0, async_buffer_bytes=0):
+                 threads=0, async_buffer_bytes=0, rank=None, world_size=None,
+                 commit_timeout=None):
         self.path = os.fspath(path)
         if not create and not os.path.exists(self.path):
             raise NotFoundError("store '%s' does not exist (pass create=True to make one)"
                                 % self.path)
         self._threads = int(threads)
+        if isinstance(world_size, str) and world_size == "env":
+            rank, world_size = node_ranks()
+        elif world_size is not None and rank is None:
+            raise InvalidArgumentError("world_size=%r without rank; pass rank= too" % (world_size,))
+        if world_size is not None:
+            world_size, rank = int(world_size), int(rank)
+            if world_size < 1 or not 0 <= rank < world_size:
+                raise InvalidArgumentError(
+                    "rank %d of world_size %d; valid: world_size >= 1 and 0 <= rank < world_size"
+                    % (rank, world_size))
+        if commit_timeout is None:
+            commit_timeout = float(os.environ.get("CKPTKV_COMMIT_TIMEOUT") or 600)
         self._s = _ckptkv.Store(self.path, bool(create), bool(read_only), int(chunk_size or 0),
-                                _compression(compress), self._threads, int(async_buffer_bytes))
+                                _compression(compress), self._threads, int(async_buffer_bytes),
+                                int(rank or 0), int(world_size or 0), float(commit_timeout))
+
+    @property
+    def through_node_writer(self):
+        """Whether this process writes through the store's node writer."""
+        return self._s.through_node_writer
 
     # ------------------------------------------------------------ lifetime
     def close(self):

@@ -48,11 +48,14 @@ PYBIND11_MODULE(_ckptkv, m) {
   m.def("_set_error_classes", &ckptkv::py::SetErrorClasses);
   ckptkv::py::BindCheckpoint(m);
   pyb::class_<PyStore>(m, "Store")
-      .def(pyb::init<const std::string&, bool, bool, uint32_t, const std::string&, size_t,
-                     uint64_t>(),
+      .def(pyb::init<const std::string&, bool, bool, uint32_t, const std::string&, size_t, uint64_t,
+                     int, int, double>(),
            pyb::arg("path"), pyb::arg("create"), pyb::arg("read_only"), pyb::arg("chunk_size") = 0,
            pyb::arg("compression") = "", pyb::arg("threads") = 0,
-           pyb::arg("async_buffer_bytes") = 0)
+           pyb::arg("async_buffer_bytes") = 0, pyb::arg("rank") = 0, pyb::arg("world_size") = 0,
+           pyb::arg("commit_timeout") = 600.0)
+      .def_property_readonly("through_node_writer",
+                             [](PyStore& s) { return s.Hold()->store().through_node_writer(); })
       .def("close", &PyStore::Close)
       .def_property_readonly("closed", &PyStore::closed)
       .def_property_readonly("path", &PyStore::Dir)

@@ -62,10 +62,19 @@ inline pyb::dict StatsDict(const WriteStats& s, uint64_t tensors) {
 
 class PyStore {
  public:
+  // world_size above 0: one of the ranks writing the store through its
+  // node writer (NodeOptions).
   PyStore(const std::string& path, bool create, bool read_only, uint32_t chunk_size,
-          const std::string& codec, size_t threads, uint64_t async_buffer_bytes)
+          const std::string& codec, size_t threads, uint64_t async_buffer_bytes, int rank,
+          int world_size, double commit_timeout)
       : async_buffer_bytes_(async_buffer_bytes) {
     StoreOptions o;
+    if (world_size > 0 && !read_only) {
+      o.node.enabled = true;
+      o.node.rank = rank;
+      o.node.world_size = world_size;
+      o.node.commit_timeout_s = commit_timeout;
+    }
     o.create_if_missing = create && !read_only;
     o.read_only = read_only;
     if (chunk_size != 0) o.chunk_size = chunk_size;
@@ -151,6 +160,8 @@ class PyStore {
     BeginOptions bo;
     bo.overwrite = overwrite;
     if (codec) bo.codec = CodecNamed(*codec);
+    // Through a node writer the writer places the tag after its commit.
+    bo.place_after_commit = true;
     ThrowIfError(s.BeginTag(tag, bo));
     std::lock_guard<std::mutex> l(mu_);
     pending_.insert(tag);
@@ -174,7 +185,7 @@ class PyStore {
       {
         pyb::gil_scoped_release nogil;
         TensorPlacer::Placements placements;
-        if (place) placements = Place(tag, file, enc);
+        if (place && !s.through_node_writer()) placements = Place(tag, file, enc);
         std::shared_ptr<AsyncSaver> saver = Saver(s);
         snap = ValueOrThrow(saver->Submit(tag, file, std::move(enc), std::move(placements)));
       }
@@ -187,7 +198,7 @@ class PyStore {
     {
       pyb::gil_scoped_release nogil;
       TensorPlacer::Placements placements;
-      if (place) placements = Place(tag, file, enc);
+      if (place && !s.through_node_writer()) placements = Place(tag, file, enc);
       r = ValueOrThrow(SaveEncodedFile(s, tag, file, std::move(enc), placements));
     }
     return StatsDict(r.stats, r.tensors);
