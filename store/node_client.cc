@@ -192,6 +192,7 @@ Status Client::StartWriter(int dir_fd) {
   std::snprintf(idle, sizeof idle, "%g", options_.node.idle_exit_s);
   std::vector<std::string> args = {program, "--db", dir_, "--ready-fd", "3", "--idle-exit", idle};
   std::vector<char*> argv;
+  argv.reserve(args.size() + 1);
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   pid_t pid = 0;
@@ -455,7 +456,7 @@ Result<WriteStats> Client::PutTensor(const std::string& tag, const std::string& 
     const size_t n = (len + cs - 1) / cs;
     std::vector<Digest> digests(n);
     const uint32_t group = GroupElementSize(meta.dtype);
-    const size_t window = std::max<size_t>(16, 2 * slots_);
+    const size_t window = std::max<size_t>(16, size_t{2} * slots_);
     std::vector<std::string> staging(bytes.data ? 0 : std::min(window, n));
     std::vector<const uint8_t*> ptrs(std::min(window, n));
     std::vector<uint64_t> lens(std::min(window, n));
@@ -495,7 +496,7 @@ Result<WriteStats> Client::PutTensor(const std::string& tag, const std::string& 
   return stats;
 }
 
-Status Client::PutFile(const std::string& tag, const std::string& file, std::string tree) {
+Status Client::PutFile(const std::string& tag, const std::string& file, const std::string& tree) {
   std::lock_guard<std::mutex> lock(mu_);
   return Call(WireWriter(Msg::kPutFile).Str(tag).Str(file).Str(tree).Frame(),
               "saving " + FileName(tag, file))

@@ -34,7 +34,7 @@ class Client {
   Result<WriteStats> PutTensor(const std::string& tag, const std::string& file,
                                const std::string& param, const TensorMeta& meta,
                                const ByteSource& bytes);
-  Status PutFile(const std::string& tag, const std::string& file, std::string tree);
+  Status PutFile(const std::string& tag, const std::string& file, const std::string& tree);
   Status ClearFile(const std::string& tag, const std::string& file);
   void Abort(const std::string& tag);
   Result<TagInfo> Commit(const std::string& tag, const CommitOptions& options);

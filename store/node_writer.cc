@@ -121,7 +121,7 @@ class Writer {
   Status Serve();
 
  private:
-  void RunConn(std::shared_ptr<Conn> conn);
+  void RunConn(const std::shared_ptr<Conn>& conn);
   // The reply to one request (a whole frame).
   std::string Handle(Conn& conn, const Frame& f);
   Result<std::string> Hello(Conn& conn, WireReader& r);
@@ -736,7 +736,7 @@ void Writer::Disconnected(const Conn& conn) {
   }
 }
 
-void Writer::RunConn(std::shared_ptr<Conn> conn) {
+void Writer::RunConn(const std::shared_ptr<Conn>& conn) {
   const std::string peer = "client pid " + std::to_string(conn->pid);
   for (;;) {
     Result<Frame> f = RecvFrame(conn->fd, peer);

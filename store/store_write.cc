@@ -326,7 +326,7 @@ Result<WriteStats> Store::LinkTensor(const std::string& tag, const std::string& 
 
 Status Store::PutFile(const std::string& tag, const std::string& file, std::string state_tree) {
   RETURN_IF_ERROR(ValidateFile(file));
-  if (impl_->node_) return impl_->node_->PutFile(tag, file, std::move(state_tree));
+  if (impl_->node_) return impl_->node_->PutFile(tag, file, state_tree);
   const fb::StateTree* tree = VerifiedStateTree(state_tree);
   if (tree == nullptr) {
     return Status::InvalidArgument("state tree of " + FileName(tag, file) +

@@ -119,3 +119,25 @@ def test_file_bench_imports_and_exports_equal_values(tmp_path):
     out = io.StringIO()
     bench_files.print_table(doc, out)
     assert "equal the objects written: yes" in out.getvalue()
+
+
+def test_node_bench_saves_four_ranks_both_ways(tmp_path):
+    """``python3 -m ckptkv.bench_node``, tiny: both rows timed; the store
+    holds the replicated half once, so it takes less disk than the files."""
+    import ckptkv.bench_node as bench_node
+    cmd = [sys.executable, "-m", "ckptkv.bench_node", "--ranks", "4", "--mib", "4", "--dir",
+           str(tmp_path), "--json"]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    files, store = doc["median"]["torch_save_files"], doc["median"]["ckptkv_node_store"]
+    assert files["seconds"] > 0 and store["seconds"] > 0
+    assert files["disk_bytes"] >= 4 * (4 << 20)
+    # 4 own halves and one replicated half: 10 MiB of 16 (and the store's own files).
+    assert store["new_bytes"] == 5 * (2 << 20)
+    assert store["writer_peak_rss"] > 0 and store["rank_peak_rss"] > 0
+    assert os.listdir(str(tmp_path)) == []
+    out = io.StringIO()
+    bench_node.print_table(doc, out)
+    assert "ckptkv / torch.save seconds" in out.getvalue()

@@ -165,9 +165,11 @@ TEST_CASE("four ranks commit one tag together, the shared bytes stored once", "[
   ServedStore served(dir.path());
   constexpr int kWorld = 4;
   std::vector<std::unique_ptr<Store>> ranks;
+  ranks.reserve(kWorld);
   for (int r = 0; r < kWorld; ++r) ranks.push_back(Join(dir.path(), r, kWorld));
   std::vector<Result<TagInfo>> results(kWorld, Status::OK());
   std::vector<std::thread> threads;
+  threads.reserve(kWorld);
   for (int r = 0; r < kWorld; ++r) {
     threads.emplace_back([&, r] { SaveRank(*ranks[r], "t1", r, &results[r]); });
   }
