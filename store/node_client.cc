@@ -402,13 +402,21 @@ Status Client::ReapBlock(WriteStats* stats) {
 Status Client::SendBlocks(const std::string& tag, const uint8_t* const* chunks,
                           const uint64_t* lens, const Digest* digests, size_t n, uint32_t group,
                           WriteStats* stats) {
+  // The answers to the blocks still in flight come first: the next reply
+  // read must be the query's.
+  Status first;
+  while (in_flight_ > 0) {
+    Status s = ReapBlock(stats);
+    if (broken_) return s;
+    if (first.ok()) first = s;
+  }
+  RETURN_IF_ERROR(first);
   // Which of them the store lacks.
   WireWriter need(Msg::kNeed);
   need.Str(tag).U32(static_cast<uint32_t>(n));
   for (size_t i = 0; i < n; ++i) need.Raw(digests[i].Key());
   ASSIGN_OR_RETURN(std::string mask, Call(need.Frame(), "block query"));
   if (mask.size() != n) return Lost(Status::IOError("block query answered with a wrong length"));
-  Status first;
   for (size_t i = 0; i < n && first.ok(); ++i) {
     if (mask[i] == 0) continue;
     if (free_slots_.empty()) {

@@ -108,6 +108,9 @@ void SaveRank(Store& s, const std::string& tag, int rank, Result<TagInfo>* out) 
   if (st.ok()) st = PutBytes(s, tag, file, "shared", Bytes(1, 5 * kChunk + 7)).status();
   if (st.ok()) st = PutBytes(s, tag, file, "own", Bytes(100 + rank, 3 * kChunk)).status();
   if (st.ok()) st = PutBytes(s, tag, file, "small", Bytes(200 + rank, 100)).status();
+  // More chunks than one query window (16) holds: the answers to a window's
+  // blocks in flight come before the next window's query is answered.
+  if (st.ok()) st = PutBytes(s, tag, file, "long", Bytes(300 + rank, 40 * kChunk + 1)).status();
   if (st.ok()) st = s.PutFile(tag, file, EmptyTree());
   *out = st.ok() ? s.CommitTag(tag, CommitOptions()) : Result<TagInfo>(st);
 }
@@ -181,11 +184,11 @@ TEST_CASE("four ranks commit one tag together, the shared bytes stored once", "[
   }
   const TagInfo& info = *results[0];
   CHECK(info.files.size() == kWorld);
-  CHECK(info.tensors == 3 * kWorld);
-  // shared: 6 chunks once; own: 3 chunks per rank.
-  CHECK(info.new_blocks == 6 + 3 * kWorld);
-  CHECK(info.new_bytes == (5 * kChunk + 7) + 3 * kChunk * kWorld);
-  CHECK(info.logical_bytes == kWorld * (5 * kChunk + 7 + 3 * kChunk + 100));
+  CHECK(info.tensors == 4 * kWorld);
+  // shared: 6 chunks once; own: 3 chunks per rank; long: 41 per rank.
+  CHECK(info.new_blocks == 6 + (3 + 41) * kWorld);
+  CHECK(info.new_bytes == (5 * kChunk + 7) + (3 * kChunk + 40 * kChunk + 1) * kWorld);
+  CHECK(info.logical_bytes == kWorld * (5 * kChunk + 7 + 3 * kChunk + 100 + 40 * kChunk + 1));
   // Every rank reads every rank's file through its own view.
   for (int r = 0; r < kWorld; ++r) {
     for (int k = 0; k < kWorld; ++k) {
