@@ -449,16 +449,7 @@ Result<WriteStats> Client::PutTensor(const std::string& tag, const std::string& 
   std::string record;
   std::lock_guard<std::mutex> lock(mu_);
   if (len <= inline_threshold_) {
-    std::string buf(len, '\0');
-    if (len) {
-      if (bytes.data) {
-        std::memcpy(buf.data(), bytes.data, len);
-      } else {
-        RETURN_IF_ERROR(bytes.fill(0, len, reinterpret_cast<uint8_t*>(buf.data())));
-      }
-    }
-    const auto* p = reinterpret_cast<const uint8_t*>(buf.data());
-    record = BuildTensorRecord(meta, len, chunk_size_, {}, p, Digest::Of(p, len));
+    ASSIGN_OR_RETURN(record, InlineTensorRecord(meta, bytes, chunk_size_));
   } else {
     const uint64_t cs = chunk_size_;
     const size_t n = (len + cs - 1) / cs;
@@ -572,6 +563,11 @@ Result<std::shared_ptr<Store>> Client::View() {
   return view_;
 }
 
+uint64_t Client::BlockBytesRead() {
+  std::lock_guard<std::mutex> lock(view_mu_);
+  return bytes_read_before_ + (view_ ? view_->BlockBytesRead() : 0);
+}
+
 Status Client::RefreshView() {
   StoreOptions o = options_;
   o.node = NodeOptions();
@@ -579,6 +575,7 @@ Status Client::RefreshView() {
   o.create_if_missing = false;
   ASSIGN_OR_RETURN(std::unique_ptr<Store> fresh, Store::Open(dir_, o));
   std::lock_guard<std::mutex> lock(view_mu_);
+  if (view_) bytes_read_before_ += view_->BlockBytesRead();
   view_ = std::move(fresh);
   return Status::OK();
 }
@@ -607,15 +604,29 @@ Result<std::optional<int64_t>> EnvInt(const char* name) {
 
 Result<NodeOptions> NodeOptionsFromEnv() {
   NodeOptions o;
-  const char* rank_var = "LOCAL_RANK";
-  const char* world_var = "LOCAL_WORLD_SIZE";
-  ASSIGN_OR_RETURN(std::optional<int64_t> world, EnvInt(world_var));
-  if (!world) {
-    rank_var = "RANK";
-    world_var = "WORLD_SIZE";
-    ASSIGN_OR_RETURN(world, EnvInt(world_var));
+  // The ranks of this node as the launchers say them: torchrun
+  // (LOCAL_WORLD_SIZE), DeepSpeed's launcher (LOCAL_SIZE), Open MPI; then
+  // the job's own, which are the node's only on a single node.
+  static constexpr const char* kVars[][2] = {
+      {"LOCAL_RANK", "LOCAL_WORLD_SIZE"},
+      {"LOCAL_RANK", "LOCAL_SIZE"},
+      {"OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"},
+      {"RANK", "WORLD_SIZE"}};
+  const char* rank_var = nullptr;
+  const char* world_var = nullptr;
+  std::optional<int64_t> world;
+  for (const auto& vars : kVars) {
+    ASSIGN_OR_RETURN(world, EnvInt(vars[1]));
+    if (world) {
+      rank_var = vars[0];
+      world_var = vars[1];
+      break;
+    }
   }
-  ASSIGN_OR_RETURN(std::optional<int64_t> rank, EnvInt(rank_var));
+  std::optional<int64_t> rank;
+  if (world) {
+    ASSIGN_OR_RETURN(rank, EnvInt(rank_var));
+  }
   if (world && *world > 1) {
     if (!rank || *rank >= *world) {
       return Status::InvalidArgument(std::string(world_var) + "=" + std::to_string(*world) +

@@ -44,6 +44,8 @@ class Client {
   Result<std::shared_ptr<Store>> View();
   // Opens a fresh view (after a commit, or when a tag was not found).
   Status RefreshView();
+  // Block bytes read through every view since Connect.
+  uint64_t BlockBytesRead();
 
  private:
   Client(std::string dir, StoreOptions options);
@@ -75,6 +77,7 @@ class Client {
   std::unique_ptr<ThreadPool> pool_;
   std::mutex view_mu_;
   std::shared_ptr<Store> view_;
+  uint64_t bytes_read_before_ = 0;  // by the views replaced
 };
 
 }  // namespace ckptkv::node

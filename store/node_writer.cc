@@ -237,10 +237,6 @@ Result<std::string> Writer::SetRing(Conn& conn, WireReader& r, int fd) {
   const uint32_t slots = r.U32();
   RETURN_IF_ERROR(r.Done("ring"));
   if (fd < 0) return Status::InvalidArgument("ring message without its memory descriptor");
-  struct FdCloser {
-    int fd;
-    ~FdCloser() { ::close(fd); }
-  } closer{fd};
   if (slots < 1 || slots > 64) {
     return Status::InvalidArgument("ring of " + std::to_string(slots) + " slots; valid: 1 to 64");
   }
@@ -349,7 +345,13 @@ Result<std::string> Writer::Need(Conn& conn, WireReader& r) {
   }
   std::lock_guard<std::mutex> l(job->mu);
   for (uint32_t i = 0; i < n; ++i) {
-    if (need[i] == 0) continue;
+    if (need[i] == 0) {
+      // A block this connection claimed and did not send (a save that
+      // failed half-way and is tried again) is asked for again.
+      auto c = job->claimed.find(digests[i]);
+      if (pinned.ok() && c != job->claimed.end() && c->second == conn.id) need[i] = 1;
+      continue;
+    }
     if (pinned.ok()) {
       job->claimed[digests[i]] = conn.id;
     } else {
@@ -564,7 +566,10 @@ Result<std::string> Writer::Commit(Conn& conn, WireReader& r) {
   layout.zero_stage = r.I32();
   const int64_t timeout_ms = r.I64();
   RETURN_IF_ERROR(r.Done("commit"));
-  if (timeout_ms < 0) return Status::InvalidArgument("commit timeout below 0");
+  if (timeout_ms < 0 || timeout_ms > 10'000'000'000LL) {
+    return Status::InvalidArgument("commit timeout of " + std::to_string(timeout_ms) +
+                                   " ms; valid: 0 to 10000000 s");
+  }
   std::shared_ptr<Job> job;
   bool last = false;
   {
@@ -597,6 +602,10 @@ Result<std::string> Writer::Commit(Conn& conn, WireReader& r) {
   std::unique_lock<std::mutex> lock(jobs_mu_);
   const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
   while (!job->finished) {
+    if (job->committing) {  // the last rank's commit runs: no deadline now
+      jobs_cv_.wait(lock);
+      continue;
+    }
     if (jobs_cv_.wait_until(lock, deadline) == std::cv_status::timeout && !job->finished &&
         !job->committing) {
       std::vector<int> waited, absent;
@@ -622,6 +631,14 @@ Result<std::string> Writer::Commit(Conn& conn, WireReader& r) {
 }
 
 std::string Writer::Handle(Conn& conn, const Frame& f) {
+  // A descriptor that came with the frame is closed after it, whatever it
+  // was (the ring is mapped by then; a mapping outlives its descriptor).
+  struct FdCloser {
+    int fd;
+    ~FdCloser() {
+      if (fd >= 0) ::close(fd);
+    }
+  } passed{f.fd};
   WireReader r(f.payload);
   Result<std::string> reply = Status::OK();
   if (f.type != Msg::kHello && !conn.hello) {
@@ -718,7 +735,6 @@ std::string Writer::Handle(Conn& conn, const Frame& f) {
                                         std::to_string(static_cast<int>(f.type)));
     }
   }
-  if (f.fd >= 0 && f.type != Msg::kRing) ::close(f.fd);
   return reply.ok() ? std::move(reply).value() : ErrorFrame(reply.status());
 }
 
@@ -801,6 +817,7 @@ Status Writer::Serve() {
   last_activity_ms_ = SteadyMs();
   (void)ready(Status::OK());
   const std::string lock_path = dir + "/" + kStartLockName;
+  int exit_lock = -1;
   for (;;) {
     struct pollfd pfd {
       listen_fd, POLLIN, 0
@@ -817,7 +834,7 @@ Status Writer::Serve() {
       };
       if (::poll(&again, 1, 0) == 0 && Idle()) {
         ::unlink(path.c_str());
-        if (lock_fd >= 0) ::close(lock_fd);  // releases the lock
+        exit_lock = lock_fd;  // held until the store is closed
         break;
       }
       if (lock_fd >= 0) ::close(lock_fd);
@@ -843,9 +860,13 @@ Status Writer::Serve() {
     std::lock_guard<std::mutex> l(threads_mu_);
     threads_.emplace_back([this, conn] { RunConn(conn); });
   }
-  std::lock_guard<std::mutex> l(threads_mu_);
-  for (std::thread& t : threads_) t.join();
+  {
+    std::lock_guard<std::mutex> l(threads_mu_);
+    for (std::thread& t : threads_) t.join();
+  }
   Log("no clients left; exiting");
+  if (options_.on_exit) options_.on_exit();  // the store is closed: store_ is gone
+  if (exit_lock >= 0) ::close(exit_lock);    // releases the start lock
   return Status::OK();
 }
 

@@ -24,6 +24,11 @@ struct WriterOptions {
   // Called once the socket listens (ready = OK) or when serving cannot
   // start (the error); ckptkvd tells the process that started it.
   std::function<void(const Status&)> on_ready;
+  // Called when serving ends, under the start lock, after the socket is
+  // gone and every client thread has ended; ckptkvd closes the store here,
+  // so that a writer started next never finds it still locked. The store
+  // is not used after it.
+  std::function<void()> on_exit;
 };
 
 // Serves `store` (open for writing, so this process holds its lock) at

@@ -107,10 +107,7 @@ bool Store::read_only() const { return impl_->options_.read_only; }
 bool Store::through_node_writer() const { return impl_->node_ != nullptr; }
 uint64_t Store::DiskBytes() const { return DirBytes(impl_->dir_); }
 uint64_t Store::BlockBytesRead() const {
-  if (impl_->node_) {
-    Result<std::shared_ptr<Store>> view = impl_->node_->View();
-    return view.ok() ? (*view)->BlockBytesRead() : 0;
-  }
+  if (impl_->node_) return impl_->node_->BlockBytesRead();
   return impl_->block_bytes_read_.load();
 }
 

@@ -76,10 +76,11 @@ struct NodeOptions {
 };
 
 // The node options the environment gives: rank and world size from
-// LOCAL_RANK / LOCAL_WORLD_SIZE (torchrun, DeepSpeed's launcher), else
-// RANK / WORLD_SIZE; enabled when the world size is above 1; the commit
-// timeout from CKPTKV_COMMIT_TIMEOUT (seconds). InvalidArgument for values
-// that are not numbers or a rank outside the world.
+// LOCAL_RANK with LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (DeepSpeed's
+// launcher), else OMPI_COMM_WORLD_LOCAL_RANK / _LOCAL_SIZE (Open MPI),
+// else RANK / WORLD_SIZE (the node's ranks on a single node); enabled when the world size is above
+// 1; the commit timeout from CKPTKV_COMMIT_TIMEOUT (seconds). InvalidArgument for values that are
+// not numbers or a rank outside the world.
 Result<NodeOptions> NodeOptionsFromEnv();
 
 struct StoreOptions {

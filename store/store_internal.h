@@ -56,6 +56,10 @@ int64_t NowMs();
 // byte count), before anything is hashed or written.
 Status CheckPutTensor(const std::string& where, const std::string& file, const std::string& param,
                       const TensorMeta& meta, const ByteSource& bytes);
+// The record of a tensor small enough to go inline (bytes.length at most
+// the inline threshold): its bytes taken from `bytes`.
+Result<std::string> InlineTensorRecord(const TensorMeta& meta, const ByteSource& bytes,
+                                       uint32_t chunk_size);
 // "a, b, c" (the first `max`), or "(none)": names listed in a message.
 std::string JoinNames(const std::vector<std::string>& names, size_t max = 20);
 
@@ -119,7 +123,10 @@ class Store::Impl {
   // Through a node writer (StoreOptions::node): the connection, and the
   // read-only views reads go to; db_ is then not opened here.
   std::unique_ptr<node::Client> node_;
-  bool no_header_ = false;  // a read-only open found no header
+  // A read-only open found no header, no database in a non-empty directory
+  // or column families missing: a store being created, which a reader
+  // beside its writer retries briefly.
+  bool no_header_ = false;
   uint32_t chunk_size_ = 0;
   uint32_t inline_threshold_ = 0;
   Codec codec_ = Codec::kRaw;

@@ -69,6 +69,7 @@ Status Store::Impl::CheckIsStore() {
     return Status::OK();
   }
   if (!fs::exists(fs::path(dir_) / "CURRENT", ec)) {
+    no_header_ = true;  // or a store its writer is creating
     return Status::InvalidArgument(
         "'" + dir_ +
         "' is not a ckptkv store: it is a non-empty directory without a database; "
@@ -82,6 +83,7 @@ Status Store::Impl::CheckIsStore() {
   }
   for (const NamedColumnFamily& want : kColumnFamilies) {
     if (std::find(cfs.begin(), cfs.end(), want.name) == cfs.end()) {
+      no_header_ = true;  // or a store its writer is creating
       return Status::InvalidArgument("'" + dir_ +
                                      "' is a RocksDB database but not a ckptkv store (no '" +
                                      want.name + "' column family)");

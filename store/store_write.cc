@@ -195,6 +195,21 @@ Status CheckPutTensor(const std::string& where, const std::string& file, const s
   return Status::OK();
 }
 
+Result<std::string> InlineTensorRecord(const TensorMeta& meta, const ByteSource& bytes,
+                                       uint32_t chunk_size) {
+  const uint64_t len = bytes.length;
+  std::string buf(len, '\0');
+  if (len) {
+    if (bytes.data) {
+      std::memcpy(buf.data(), bytes.data, len);
+    } else {
+      RETURN_IF_ERROR(bytes.fill(0, len, reinterpret_cast<uint8_t*>(buf.data())));
+    }
+  }
+  const auto* p = reinterpret_cast<const uint8_t*>(buf.data());
+  return BuildTensorRecord(meta, len, chunk_size, {}, p, Digest::Of(p, len));
+}
+
 Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& file,
                                     const std::string& param, const TensorMeta& meta,
                                     const ByteSource& bytes) {
@@ -212,16 +227,7 @@ Result<WriteStats> Store::PutTensor(const std::string& tag, const std::string& f
   std::string record;
   const uint64_t len = bytes.length;
   if (len <= impl_->inline_threshold_) {
-    std::string buf(len, '\0');
-    if (len) {
-      if (bytes.data) {
-        std::memcpy(buf.data(), bytes.data, len);
-      } else {
-        RETURN_IF_ERROR(bytes.fill(0, len, reinterpret_cast<uint8_t*>(buf.data())));
-      }
-    }
-    const auto* p = reinterpret_cast<const uint8_t*>(buf.data());
-    record = BuildTensorRecord(meta, len, impl_->chunk_size_, {}, p, Digest::Of(p, len));
+    ASSIGN_OR_RETURN(record, InlineTensorRecord(meta, bytes, impl_->chunk_size_));
   } else {
     const uint64_t cs = impl_->chunk_size_;
     const size_t n = (len + cs - 1) / cs;

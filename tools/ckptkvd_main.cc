@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -52,10 +53,8 @@ void Tell(int fd, const std::string& text) {
 // Descriptors a rank process left open without close-on-exec (its
 // sockets, its files) must not live on in the writer.
 void CloseInheritedFds(int keep) {
-  const int max = static_cast<int>(::sysconf(_SC_OPEN_MAX));
-  for (int fd = 3; fd < max && fd < 65536; ++fd) {
-    if (fd != keep) ::close(fd);
-  }
+  if (keep > 3) ::close_range(3, static_cast<unsigned>(keep) - 1, 0);
+  ::close_range(static_cast<unsigned>(std::max(keep, 2)) + 1, ~0u, 0);
 }
 
 }  // namespace
@@ -146,7 +145,9 @@ int main(int argc, char** argv) {
                                 s.message() + "\n");
     ready_fd = -1;
   };
-  ckptkv::Status served = ckptkv::node::ServeNode(**store, wo);
+  std::unique_ptr<ckptkv::Store> open = std::move(store).value();
+  wo.on_exit = [&open] { open.reset(); };
+  ckptkv::Status served = ckptkv::node::ServeNode(*open, wo);
   if (!served.ok()) {
     std::fprintf(stderr, "ckptkvd: %s\n", served.ToString().c_str());
     return 2;

@@ -99,16 +99,21 @@ def _env_int(name):
 def node_ranks():
     """(rank, world_size) of this process among the processes of its node.
 
-    From ``LOCAL_RANK`` / ``LOCAL_WORLD_SIZE`` (set by torchrun and
-    DeepSpeed's launcher), else from torch.distributed when it is
-    initialized on one node, else ``RANK`` / ``WORLD_SIZE``; (0, 1) when
-    nothing says otherwise.
+    From ``LOCAL_RANK`` with ``LOCAL_WORLD_SIZE`` (torchrun) or
+    ``LOCAL_SIZE`` (DeepSpeed's launcher), else Open MPI's
+    ``OMPI_COMM_WORLD_LOCAL_RANK`` / ``OMPI_COMM_WORLD_LOCAL_SIZE``, as the
+    C++ engine reads them; else, taken to be a single node, from
+    torch.distributed when it is initialized, else ``RANK`` /
+    ``WORLD_SIZE``; (0, 1) when nothing says otherwise.
     """
-    world = _env_int("LOCAL_WORLD_SIZE")
-    if world is not None:
-        rank = _env_int("LOCAL_RANK")
-        names = ("LOCAL_RANK", "LOCAL_WORLD_SIZE")
-    else:
+    world = None
+    for names in (("LOCAL_RANK", "LOCAL_WORLD_SIZE"), ("LOCAL_RANK", "LOCAL_SIZE"),
+                  ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")):
+        world = _env_int(names[1])
+        if world is not None:
+            rank = _env_int(names[0])
+            break
+    if world is None:
         dist = getattr(torch, "distributed", None)
         if dist is not None and dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()

@@ -13,7 +13,6 @@ then sleep without committing) | slow (a file of many small tensors, with
 pauses: about three seconds of saving). Exit 0 on success; 3 when the engine raised (the message goes to
 stderr as "ERROR: <class>: <message>")."""
 import collections
-import dataclasses
 import enum
 import os
 import signal
@@ -25,15 +24,13 @@ import torch.distributed as dist
 
 import ckptkv
 import ckptkv.deepspeed as ckds
+from ckptkv.bench_files import fragment_address_class
 
 HIDDEN = 64
 REPLICA_NUMEL = (3 << 20) // 4 + 1000  # ~3 MiB of fp32: several chunks
 
 
-@dataclasses.dataclass
-class fragment_address:  # deepspeed.utils.tensor_fragment's, by shape
-    numel: int
-    start: int
+fragment_address = fragment_address_class()  # DeepSpeed's, or one of its shape
 
 
 class ZeroStageEnum(int, enum.Enum):

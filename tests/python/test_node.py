@@ -17,6 +17,7 @@ import time
 import pytest
 
 import ckptkv
+import ckptkv.bench_node as bench_node
 import ckptkv.deepspeed as ckds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,16 +61,7 @@ def store_of(save_dir):
     return os.path.join(save_dir, ckds.DEFAULT_STORE_DIR)
 
 
-def live_writer(store):
-    """The pid of the ckptkvd process that holds the store (OWNER names the
-    lock's holder), or None."""
-    try:
-        pid = int(open(os.path.join(store, "OWNER")).read().split()[0])
-        if b"ckptkvd" in open("/proc/%d/cmdline" % pid, "rb").read():
-            return pid
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+live_writer = bench_node.writer_pid
 
 
 def wait_writer_gone(store, timeout=30):

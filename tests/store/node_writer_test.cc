@@ -332,6 +332,14 @@ TEST_CASE("the writer answers hostile frames with errors and keeps serving", "[n
     REQUIRE(p != MAP_FAILED);
     std::memcpy(p, "abd", 3);
     CHECK(raw.BlockCall(block.Frame()).message().find("does not have digest") != std::string::npos);
+    // A block asked for and not sent (a save that failed half-way) is asked
+    // for again when the save is retried, not taken as present.
+    const Digest e = Digest::Of("xyz", 3);
+    std::string need_e = node::WireWriter(node::Msg::kNeed).Str("t").U32(1).Raw(e.Key()).Frame();
+    REQUIRE(raw.Call(need_e).ok());
+    CHECK(raw.last().payload == std::string(1, '\1'));
+    REQUIRE(raw.Call(need_e).ok());
+    CHECK(raw.last().payload == std::string(1, '\1'));
     // A record that fails its checks.
     CHECK(raw.Call(node::WireWriter(node::Msg::kStage)
                        .Str("t")
@@ -370,6 +378,13 @@ TEST_CASE("node options from the environment", "[node]") {
   ::setenv("LOCAL_RANK", "x", 1);
   CHECK(NodeOptionsFromEnv().status().IsInvalidArgument());
   ::unsetenv("LOCAL_WORLD_SIZE");
+  // DeepSpeed's launcher says LOCAL_SIZE.
+  ::setenv("LOCAL_SIZE", "8", 1);
+  ::setenv("LOCAL_RANK", "7", 1);
+  auto ds = NodeOptionsFromEnv();
+  REQUIRE(ds.ok());
+  CHECK((ds->enabled && ds->rank == 7 && ds->world_size == 8));
+  ::unsetenv("LOCAL_SIZE");
   ::unsetenv("LOCAL_RANK");
   auto none = NodeOptionsFromEnv();
   REQUIRE(none.ok());
