@@ -41,21 +41,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-struct Fd {
-  int fd = -1;
-  explicit Fd(int f = -1) : fd(f) {}
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int release() {
-    int f = fd;
-    fd = -1;
-    return f;
-  }
-};
-
 void AnchorForDladdr() {}
 
 bool IsExecutable(const fs::path& p) {
@@ -176,18 +161,18 @@ Status Client::StartWriter(int dir_fd) {
   if (::pipe2(pipefd, O_CLOEXEC) != 0) {
     return Status::IOError(std::string("pipe: ") + std::strerror(errno));
   }
-  Fd read_end(pipefd[0]);
+  ScopedFd read_end(pipefd[0]);
   // Above 3, so that the dup2 onto 3 below is a real one (it clears CLOEXEC).
-  Fd write_end(::fcntl(pipefd[1], F_DUPFD_CLOEXEC, 10));
+  ScopedFd write_end(::fcntl(pipefd[1], F_DUPFD_CLOEXEC, 10));
   ::close(pipefd[1]);
-  if (write_end.fd < 0) return Status::IOError(std::string("fcntl: ") + std::strerror(errno));
+  if (write_end.get() < 0) return Status::IOError(std::string("fcntl: ") + std::strerror(errno));
   const std::string log = dir_ + "/" + kLogName;
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
   posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
   posix_spawn_file_actions_adddup2(&fa, 1, 2);
-  posix_spawn_file_actions_adddup2(&fa, write_end.fd, 3);
+  posix_spawn_file_actions_adddup2(&fa, write_end.get(), 3);
   char idle[32];
   std::snprintf(idle, sizeof idle, "%g", options_.node.idle_exit_s);
   std::vector<std::string> args = {program, "--db", dir_, "--ready-fd", "3", "--idle-exit", idle};
@@ -214,11 +199,11 @@ Status Client::StartWriter(int dir_fd) {
         std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
     if (left <= 0) break;
     struct pollfd pfd {
-      read_end.fd, POLLIN, 0
+      read_end.get(), POLLIN, 0
     };
     if (::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left, 1000))) <= 0) continue;
     char buf[512];
-    const ssize_t n = ::read(read_end.fd, buf, sizeof buf);
+    const ssize_t n = ::read(read_end.get(), buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
     said.append(buf, static_cast<size_t>(n));
@@ -240,35 +225,36 @@ Status Client::StartWriter(int dir_fd) {
 }
 
 Status Client::Dial() {
-  Fd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir_fd.fd < 0) {
+  ScopedFd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dir_fd.get() < 0) {
     return Status::IOError("opening store directory '" + dir_ + "': " + std::strerror(errno));
   }
-  const std::string path = SocketPath(dir_, dir_fd.fd);
+  const std::string path = SocketPath(dir_, dir_fd.get());
   const auto deadline = Clock::now() + std::chrono::seconds(180);
   Status last;
   for (int attempt = 0;; ++attempt) {
     if (Clock::now() > deadline) {
       return Status::IOError("cannot reach " + peer_ + ": " + last.ToString());
     }
-    Fd sock(DialSocket(path));
-    if (sock.fd < 0) {
+    ScopedFd sock(DialSocket(path));
+    if (sock.get() < 0) {
       const int err = errno;
       if (err != ENOENT && err != ECONNREFUSED) {
         return Status::IOError("connecting to " + peer_ + ": " + std::strerror(err));
       }
       // No writer: start one, under the start lock, unless another rank
       // has just done so.
-      Fd lock(::open((dir_ + "/" + kStartLockName).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
-      if (lock.fd < 0) {
+      ScopedFd lock(
+          ::open((dir_ + "/" + kStartLockName).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+      if (lock.get() < 0) {
         return Status::IOError("opening '" + dir_ + "/" + kStartLockName +
                                "': " + std::strerror(errno));
       }
-      while (::flock(lock.fd, LOCK_EX) != 0 && errno == EINTR) {
+      while (::flock(lock.get(), LOCK_EX) != 0 && errno == EINTR) {
       }
-      Fd again(DialSocket(path));
-      if (again.fd < 0) {
-        Status started = StartWriter(dir_fd.fd);
+      ScopedFd again(DialSocket(path));
+      if (again.get() < 0) {
+        Status started = StartWriter(dir_fd.get());
         if (!started.ok()) {
           // Busy: another writer's process still holds the store (one
           // exiting, or a single-process writer): wait for it a while.
@@ -285,8 +271,8 @@ Status Client::Dial() {
         .I32(options_.node.rank)
         .I32(options_.node.world_size)
         .U64(static_cast<uint64_t>(::getpid()));
-    Status s = SendFrame(sock.fd, hello.Frame());
-    Result<Frame> reply = s.ok() ? RecvFrame(sock.fd, peer_) : Result<Frame>(s);
+    Status s = SendFrame(sock.get(), hello.Frame());
+    Result<Frame> reply = s.ok() ? RecvFrame(sock.get(), peer_) : Result<Frame>(s);
     if (!reply.ok()) {
       last = reply.status();
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -307,18 +293,18 @@ Status Client::Dial() {
     // The ring: sealed so that the writer may map it safely.
     const uint32_t slots = options_.node.ring_slots;
     const size_t bytes = static_cast<size_t>(slots) * chunk_size_;
-    Fd mem(::memfd_create("ckptkv-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-    if (mem.fd < 0 || ::ftruncate(mem.fd, static_cast<off_t>(bytes)) != 0 ||
-        ::fcntl(mem.fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    ScopedFd mem(::memfd_create("ckptkv-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    if (mem.get() < 0 || ::ftruncate(mem.get(), static_cast<off_t>(bytes)) != 0 ||
+        ::fcntl(mem.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
       return Status::IOError(std::string("making the shared-memory ring: ") + std::strerror(errno));
     }
-    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, mem.fd, 0);
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, mem.get(), 0);
     if (p == MAP_FAILED) {
       return Status::IOError(std::string("mapping the shared-memory ring: ") +
                              std::strerror(errno));
     }
-    RETURN_IF_ERROR(SendFrame(sock.fd, WireWriter(Msg::kRing).U32(slots).Frame(), mem.fd));
-    Result<Frame> ring_reply = RecvFrame(sock.fd, peer_);
+    RETURN_IF_ERROR(SendFrame(sock.get(), WireWriter(Msg::kRing).U32(slots).Frame(), mem.get()));
+    Result<Frame> ring_reply = RecvFrame(sock.get(), peer_);
     Status ring_ok = ring_reply.ok() ? ReplyStatus(*ring_reply, peer_) : ring_reply.status();
     if (!ring_ok.ok()) {
       ::munmap(p, bytes);
@@ -330,7 +316,7 @@ Status Client::Dial() {
     slots_ = slots;
     free_slots_.clear();
     for (uint32_t i = slots; i-- > 0;) free_slots_.push_back(i);
-    in_flight_ = 0;
+    busy_.assign(slots, 0);
     if (sock_ >= 0) ::close(sock_);
     sock_ = sock.release();
     broken_ = false;
@@ -385,14 +371,15 @@ Status Client::ReapBlock(WriteStats* stats) {
   const uint8_t code = r.U8();
   std::string message = r.Str();
   const uint64_t stored = r.U64();
-  if (!r.Done("block reply").ok() || slot >= slots_ ||
+  // A reply names a slot in flight (not one answered already).
+  if (!r.Done("block reply").ok() || slot >= slots_ || !busy_[slot] ||
       (reply->type != Msg::kOk && reply->type != Msg::kError)) {
     // Not a block reply: the writer refused the message as a whole.
     Status s = ReplyStatus(*reply, peer_);
     return Lost(s.ok() ? Status::IOError("malformed block reply") : s);
   }
+  busy_[slot] = 0;
   free_slots_.push_back(slot);
-  in_flight_ -= 1;
   if (reply->type == Msg::kError) return MakeStatus(code, std::move(message));
   stats->new_blocks += 1;
   stats->stored_new_bytes += stored;
@@ -405,7 +392,7 @@ Status Client::SendBlocks(const std::string& tag, const uint8_t* const* chunks,
   // The answers to the blocks still in flight come first: the next reply
   // read must be the query's.
   Status first;
-  while (in_flight_ > 0) {
+  while (InFlight() > 0) {
     Status s = ReapBlock(stats);
     if (broken_) return s;
     if (first.ok()) first = s;
@@ -427,12 +414,12 @@ Status Client::SendBlocks(const std::string& tag, const uint8_t* const* chunks,
     }
     const uint32_t slot = free_slots_.back();
     free_slots_.pop_back();
+    busy_[slot] = 1;
     std::memcpy(ring_ + static_cast<size_t>(slot) * chunk_size_, chunks[i], lens[i]);
     WireWriter b(Msg::kBlock);
     b.Str(tag).U32(slot).U32(static_cast<uint32_t>(lens[i])).U32(group).Raw(digests[i].Key());
     Status s = SendFrame(sock_, b.Frame());
     if (!s.ok()) return Lost(s);
-    in_flight_ += 1;
     stats->new_bytes += lens[i];
   }
   return first;
@@ -480,7 +467,7 @@ Result<WriteStats> Client::PutTensor(const std::string& tag, const std::string& 
       if (broken_) return failed.WithContext(where);
     }
     // Every block in flight is answered before this returns.
-    while (in_flight_ > 0) {
+    while (InFlight() > 0) {
       Status s = ReapBlock(&stats);
       if (broken_) return s.WithContext(where);
       if (failed.ok()) failed = s;

@@ -73,7 +73,8 @@ class Client {
   size_t ring_bytes_ = 0;
   uint32_t slots_ = 0;
   std::vector<uint32_t> free_slots_;
-  size_t in_flight_ = 0;
+  std::vector<char> busy_;  // per slot: a block in it awaits its reply
+  size_t InFlight() const { return slots_ - free_slots_.size(); }
   std::unique_ptr<ThreadPool> pool_;
   std::mutex view_mu_;
   std::shared_ptr<Store> view_;

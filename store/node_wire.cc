@@ -11,6 +11,10 @@
 
 namespace ckptkv::node {
 
+ScopedFd::~ScopedFd() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
 bool IsWriterFile(std::string_view name) {
   return name == kSocketName || name == kStartLockName || name == kLogName;
 }

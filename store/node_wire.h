@@ -91,6 +91,24 @@ class WireReader {
   bool ok_ = true;
 };
 
+// Owns a descriptor: closed when it goes (unless released).
+class ScopedFd {
+ public:
+  explicit ScopedFd(int fd = -1) : fd_(fd) {}
+  ~ScopedFd();
+  ScopedFd(const ScopedFd&) = delete;
+  ScopedFd& operator=(const ScopedFd&) = delete;
+  int get() const { return fd_; }
+  int release() {
+    const int f = fd_;
+    fd_ = -1;
+    return f;
+  }
+
+ private:
+  int fd_;
+};
+
 struct Frame {
   Msg type = Msg::kOk;
   std::string payload;

@@ -633,12 +633,7 @@ Result<std::string> Writer::Commit(Conn& conn, WireReader& r) {
 std::string Writer::Handle(Conn& conn, const Frame& f) {
   // A descriptor that came with the frame is closed after it, whatever it
   // was (the ring is mapped by then; a mapping outlives its descriptor).
-  struct FdCloser {
-    int fd;
-    ~FdCloser() {
-      if (fd >= 0) ::close(fd);
-    }
-  } passed{f.fd};
+  const ScopedFd passed(f.fd);
   WireReader r(f.payload);
   Result<std::string> reply = Status::OK();
   if (f.type != Msg::kHello && !conn.hello) {
@@ -792,17 +787,14 @@ Status Writer::Serve() {
   if (dir_fd < 0) {
     return ready(Status::IOError("opening '" + dir + "': " + std::strerror(errno)));
   }
-  struct FdCloser {
-    int fd;
-    ~FdCloser() { ::close(fd); }
-  } dir_closer{dir_fd};
+  const ScopedFd dir_closer(dir_fd);
   const std::string path = SocketPath(dir, dir_fd);
   // This process holds the store's lock: a socket already there was left
   // by a writer that died.
   ::unlink(path.c_str());
   const int listen_fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (listen_fd < 0) return ready(Status::IOError(std::string("socket: ") + std::strerror(errno)));
-  FdCloser listen_closer{listen_fd};
+  const ScopedFd listen_closer(listen_fd);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);

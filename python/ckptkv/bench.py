@@ -333,21 +333,21 @@ def difference(a, b, path=""):
 # ---------------------------------------------------------------------------
 # Process and machine figures.
 
-def io_counters():
-    """(read_bytes, write_bytes) of /proc/self/io: what this process (all of
+def io_counters(pid="self"):
+    """(read_bytes, write_bytes) of /proc/<pid>/io: what the process (all of
     its threads) fetched from / sent to the block layer; None if unreadable."""
     try:
-        with open("/proc/self/io") as f:
+        with open("/proc/%s/io" % pid) as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
         return int(fields["read_bytes"]), int(fields["write_bytes"])
     except (OSError, KeyError, ValueError):
         return None
 
 
-def status_bytes(key):
-    """A "Key:  123 kB" line of /proc/self/status in bytes, or None."""
+def status_bytes(key, pid="self"):
+    """A "Key:  123 kB" line of /proc/<pid>/status in bytes, or None."""
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/%s/status" % pid) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024

@@ -35,13 +35,14 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from . import bench
 
 ROWS = ("raw_write_files", "torch_save_files", "ckptkv_node_store")
 KINDS = (("raw", "raw_write_files"), ("torch", "torch_save_files"),
@@ -57,23 +58,8 @@ def _tensors(mib, rank):
 
 
 def _io_written(pid="self"):
-    try:
-        for line in open("/proc/%s/io" % pid):
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _peak_rss(pid):
-    try:
-        for line in open("/proc/%d/status" % pid):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    io = bench.io_counters(pid)
+    return io[1] if io else 0
 
 
 def _worker(args):
@@ -103,14 +89,10 @@ def _worker(args):
                     f.write(memoryview(t.numpy()).cast("B"))
         else:
             torch.save(state, path)
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        dfd = os.open(args.target, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
+        bench.fsync_path(path)
+        bench.fsync_path(args.target, directory=True)
     done = time.time()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = bench.status_bytes("VmHWM") or 0
     print("done %.6f %d %d" % (done - start, _io_written(), peak), flush=True)
     if store is not None:
         store.close()
@@ -126,25 +108,6 @@ def writer_pid(store):
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _disk_bytes(path):
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total
-
-
-def _drop_caches():
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
 
 
 def run_one(kind, work, ranks, mib):
@@ -167,7 +130,7 @@ def run_one(kind, work, ranks, mib):
         opened.append(float(line[1]))
     writer = writer_pid(target) if kind == "ckptkv" else None
     writer_io0 = _io_written(writer) if writer else 0
-    _drop_caches()
+    bench.drop_cache([work], "auto")
     with open(go, "w"):
         pass
     done = []
@@ -179,13 +142,13 @@ def run_one(kind, work, ranks, mib):
         done.append((float(line[1]), int(line[2]), int(line[3])))
     # The writer lingers a moment after its last client: read it first.
     writer_io = (_io_written(writer) - writer_io0) if writer else 0
-    writer_rss = _peak_rss(writer) if writer else 0
+    writer_rss = (bench.status_bytes("VmHWM", writer) or 0) if writer else 0
     for p in procs:
         p.wait()
     row = {
         "seconds": max(d[0] for d in done),
         "written_bytes": sum(d[1] for d in done) + writer_io,
-        "disk_bytes": _disk_bytes(target),
+        "disk_bytes": bench.tree_bytes(target),
         "rank_peak_rss": max(d[2] for d in done),
         "logical_bytes": ranks * (mib << 20),
     }

@@ -314,6 +314,17 @@ TEST_CASE("the writer answers hostile frames with errors and keeps serving", "[n
     REQUIRE(::ftruncate(ring, 2 * kChunk) == 0);
     REQUIRE(::fcntl(ring, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) == 0);
     REQUIRE(raw.Call(node::WireWriter(node::Msg::kRing).U32(2).Frame(), ring).ok());
+    // A slot outside the ring, a block longer than a chunk, a group that no
+    // dtype has.
+    node::WireWriter far(node::Msg::kBlock);
+    far.Str("t").U32(2).U32(3).U32(0).Raw(d.Key());
+    CHECK(raw.BlockCall(far.Frame()).message().find("of a ring of 2 slots") != std::string::npos);
+    node::WireWriter longer(node::Msg::kBlock);
+    longer.Str("t").U32(0).U32(kChunk + 1).U32(0).Raw(d.Key());
+    CHECK(raw.BlockCall(longer.Frame()).message().find("valid: 1 to") != std::string::npos);
+    node::WireWriter grouped(node::Msg::kBlock);
+    grouped.Str("t").U32(0).U32(3).U32(3).Raw(d.Key());
+    CHECK(raw.BlockCall(grouped.Frame()).message().find("group 0, 2, 4 or 8") != std::string::npos);
     // A block never asked for; a record naming a block never sent.
     CHECK(raw.BlockCall(block.Frame()).message().find("not asked for") != std::string::npos);
     TensorMeta meta;
@@ -348,7 +359,6 @@ TEST_CASE("the writer answers hostile frames with errors and keeps serving", "[n
                        .Str("not a record")
                        .Frame())
               .IsInvalidArgument());
-    // Commit: the tag has no bytes of that record, and commits empty.
     ::munmap(p, 2 * kChunk);
     ::close(ring);
   }
